@@ -1,0 +1,54 @@
+"""Saving and loading a DDPM as a diffusers pipeline directory (`unet/` + `scheduler/`, safetensors).
+
+A saved model loads with diffusers alone: `DDPMPipeline.from_pretrained(path)`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from utils import CraterdiffError
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
+
+
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> Path:
+    """Write `DDPMPipeline(unet, scheduler)` to `path` atomically (temp dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".old-{path.name}-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load (unet, scheduler) from a pipeline directory, from local files only.
+
+    A missing or incomplete directory is a CraterdiffError naming it; nothing is ever downloaded.
+    """
+    path = Path(path)
+    if not (path / "unet" / "config.json").is_file():
+        raise CraterdiffError(f"no DDPM model at '{path}' (expected {path}/unet/config.json); train one "
+                              f"with scripts.pretrain_ddpm or set model.pretrained to a saved model directory")
+    try:
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", local_files_only=True, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CraterdiffError(f"cannot load the DDPM model at '{path}': {first[:200]}") from None
+    return unet, scheduler

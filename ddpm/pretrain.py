@@ -1,0 +1,192 @@
+"""DDPM pretraining: ε-prediction with L_simple, EMA weights, a skewed training mix, exact resume.
+
+Notation: x0 a training image (B, C, H, W) in [-1, 1]; t ~ U{0..T_train−1}; ε ~ N(0, I);
+x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε (diffusers' `add_noise`); ε_θ the UNet.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ddpm.pipeline import load_pipeline, save_pipeline
+from ddpm.sampling import sample_images, unet_eps_fn
+from ddpm.schedulers import ddim_schedule, make_ddim_scheduler, make_train_scheduler
+from ddpm.unet import build_unet, count_parameters
+from reward.sources import load_image_set
+from utils import (Config, RunLogger, atomic_checkpoint, latest_checkpoint, load_state, prune_checkpoints,
+                   image_grid, resolve_device, resolve_path, rng_state, save_state, seed_everything,
+                   set_rng_state)
+
+
+def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:
+    """Sampling probabilities w_i for a training mix in which a fraction f of draws are small craters.
+
+    w_i = f / n_small for D_i < diameter_km, (1 − f) / n_large otherwise (uniform within each group);
+    f = None, or a group that is empty, gives the uniform mix w_i = 1/N.
+    """
+    n = diameters_km.numel()
+    small = diameters_km < diameter_km
+    n_small = int(small.sum())
+    if small_fraction is None or n_small in (0, n):
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    return torch.where(small, small_fraction / n_small, (1 - small_fraction) / (n - n_small)).double()
+
+
+def ddpm_loss(unet: UNet2DModel, x0: Tensor, scheduler: DDPMScheduler, *, generator: torch.Generator) -> Tensor:
+    """L_simple = E_{t, ε} ‖ε − ε_θ(x_t, t)‖² averaged over pixels (Ho et al. 2020, eq. 14)."""
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = scheduler.add_noise(x0, eps, t)
+    return torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate factor: linear warm-up to 1 over `warmup` steps, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Trainer:
+    """Everything that changes during pretraining, i.e. everything a checkpoint must hold."""
+    unet: UNet2DModel
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    scheduler: DDPMScheduler
+    generator: torch.Generator
+    step: int = 0
+    loss_window: tuple[float, int] = (0.0, 0)  # (sum, count) of losses since the last log line
+
+    def ema_unet(self) -> UNet2DModel:
+        """A copy of the UNet holding the EMA weights (what gets exported and sampled)."""
+        model = copy.deepcopy(self.unet)
+        self.ema.copy_to(model.parameters())
+        return model.eval()
+
+
+def build_trainer(cfg: Config, device: torch.device) -> Trainer:
+    """A fresh trainer: the UNet from `model.pretrained` if set, else a new preset UNet."""
+    generator = seed_everything(cfg.seed)
+    if cfg.model.pretrained:
+        unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+    else:
+        unet = build_unet(cfg.model.preset, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        scheduler = make_train_scheduler(num_train_timesteps=cfg.model.num_train_timesteps,
+                                         beta_schedule=cfg.model.beta_schedule)
+    unet.to(device).train()
+    p = cfg.pretrain
+    opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup=p.warmup_steps, total=p.steps))
+    ema = EMAModel(unet.parameters(), decay=p.ema_decay)
+    return Trainer(unet=unet, ema=ema, optimizer=opt, lr_schedule=sched, scheduler=scheduler, generator=generator)
+
+
+def save_checkpoint(tr: Trainer, checkpoint_dir: Path, *, keep: int) -> Path:
+    """checkpoints/step_N/: the EMA pipeline (loadable by scripts.sample and diffusers), the raw
+    training UNet (`train_unet/`), and `training_state.pt` (optimizer, LR schedule, EMA, RNG, step)."""
+    with atomic_checkpoint(checkpoint_dir, tr.step) as tmp:
+        save_pipeline(tr.ema_unet(), tr.scheduler, tmp / "ema")
+        tr.unet.save_pretrained(tmp / "train_unet", safe_serialization=True)
+        save_state({"step": tr.step, "optimizer": tr.optimizer.state_dict(),
+                    "lr_schedule": tr.lr_schedule.state_dict(), "ema": tr.ema.state_dict(),
+                    "rng": rng_state(tr.generator), "loss_window": list(tr.loss_window)},
+                   tmp / "training_state.pt")
+    prune_checkpoints(checkpoint_dir, keep)
+    return checkpoint_dir / f"step_{tr.step}"
+
+
+def load_checkpoint(tr: Trainer, path: Path) -> None:
+    """Restore a trainer in place from `save_checkpoint`'s directory."""
+    state = load_state(path / "training_state.pt")
+    trained = UNet2DModel.from_pretrained(path / "train_unet", local_files_only=True, use_safetensors=True)
+    tr.unet.load_state_dict(trained.state_dict())
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.lr_schedule.load_state_dict(state["lr_schedule"])
+    tr.ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"], tr.generator)
+    tr.step = int(state["step"])
+    tr.loss_window = (float(state["loss_window"][0]), int(state["loss_window"][1]))
+
+
+def sample_grid(tr: Trainer, cfg: Config, device: torch.device, *, n: int = 64, seed: int = 1234) -> Tensor:
+    """n EMA samples with the configured DDIM sampler, from a fixed seed (comparable across steps)."""
+    ddim = make_ddim_scheduler(tr.scheduler.config, num_steps=cfg.sampler.num_steps,
+                               clip_sample=cfg.sampler.clip_sample, clip_range=cfg.sampler.clip_range)
+    return sample_images(unet_eps_fn(tr.ema_unet()), ddim_schedule(ddim), n=n, batch_size=n,
+                         shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                         eta=cfg.sampler.eta, generator=torch.Generator().manual_seed(seed), device=device,
+                         clip_range=cfg.sampler.clip_range if cfg.sampler.clip_sample else None)
+
+
+def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = None) -> Path | None:
+    """Train the DDPM for `pretrain.steps` steps; return the directory of the final EMA pipeline.
+
+    `stop_at` ends this invocation early, right after step `stop_at` (checkpointed, returns None),
+    for time-boxed jobs and resume tests; the schedule still targets `pretrain.steps`.
+    """
+    device = resolve_device(cfg.device)
+    data = load_image_set(cfg.data, "train")
+    weights = (skew_weights(data.diameters_km, diameter_km=cfg.pretrain.skew.diameter_km,
+                            small_fraction=cfg.pretrain.skew.small_fraction)
+               if data.diameters_km is not None else torch.full((len(data),), 1.0 / len(data)))
+    images = data.images.to(device)
+    tr = build_trainer(cfg, device)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        load_checkpoint(tr, latest_checkpoint(ckpt_dir))
+    log = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=tr.step if resume else None)
+    p = cfg.pretrain
+    tqdm.write(f"pretraining {cfg.model.preset} UNet ({count_parameters(tr.unet) / 1e6:.2f}M parameters) on "
+               f"{len(data)} images for {p.steps} steps (from step {tr.step}) -> {run_dir}")
+    bar = tqdm(total=p.steps, initial=tr.step, desc="pretrain", dynamic_ncols=True)
+    t0, (loss_sum, loss_n) = time.perf_counter(), tr.loss_window
+    while tr.step < p.steps:
+        idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
+        loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
+        tr.optimizer.step()
+        tr.lr_schedule.step()
+        tr.ema.step(tr.unet.parameters())
+        tr.step += 1
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        bar.update(1)
+        if tr.step % p.log_every == 0 or tr.step == p.steps:
+            dt = (time.perf_counter() - t0) / max(1, loss_n)
+            log.log(tr.step, {"loss": loss_sum / loss_n, "lr": tr.lr_schedule.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "time_step_s": dt})
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", s_per_step=f"{dt:.2f}")
+            t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+        tr.loss_window = (loss_sum, loss_n)
+        if tr.step % p.sample_every == 0 or tr.step == p.steps:
+            grid = image_grid(sample_grid(tr, cfg, device), scale=2)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            grid.save(run_dir / "samples" / f"step_{tr.step}.png")
+            log.add_image("samples", grid, tr.step)
+        if tr.step % p.checkpoint_every == 0 or tr.step == p.steps or tr.step == stop_at:
+            save_checkpoint(tr, ckpt_dir, keep=p.keep_checkpoints)
+        if tr.step == stop_at:
+            break
+    bar.close()
+    log.close()
+    if tr.step < p.steps:
+        return None
+    final = save_pipeline(tr.ema_unet(), tr.scheduler, run_dir / "model")
+    if p.export_dir:
+        save_pipeline(tr.ema_unet(), tr.scheduler, resolve_path(p.export_dir))
+    return final

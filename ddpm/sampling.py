@@ -1,0 +1,114 @@
+"""Batched trajectory sampling: the first (no-grad) pass of the RL algorithms, and plain sampling.
+
+A trajectory of T DDIM steps visits states s_0 = x_T (pure noise), s_1, ..., s_T = x̂ (the image).
+Step k takes x_t = s_k to x_prev = s_{k+1}; `Trajectory` stores the T+1 states once and exposes
+`x_t` and `x_prev` as views, so nothing is kept twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from ddpm.ddim import Reduction, ddim_step_logprob
+from ddpm.schedulers import DDIMSchedule
+
+# ε̂ = eps_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Trajectory:
+    """B sampled trajectories of T steps.
+
+    states:    (T+1, B, C, H, W)  s_0 = x_T noise ... s_T = final sample (unclamped)
+    logp:      (T, B)             log π_old(s_{k+1} | s_k) under the sampling parameters
+    timesteps: (T,)               t_k of each step (long); ᾱ in `schedule`
+    images:    (B, C, H, W)       final samples clamped to [-1, 1], on the model's device
+    """
+    states: Tensor
+    logp: Tensor
+    timesteps: Tensor
+    schedule: DDIMSchedule
+    images: Tensor
+
+    @property
+    def x_t(self) -> Tensor:
+        """(T, B, C, H, W) state before each step."""
+        return self.states[:-1]
+
+    @property
+    def x_prev(self) -> Tensor:
+        """(T, B, C, H, W) state after each step."""
+        return self.states[1:]
+
+    @property
+    def num_steps(self) -> int:
+        return self.logp.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.logp.shape[1]
+
+
+def unet_eps_fn(unet) -> EpsFn:
+    """ε̂ from a diffusers UNet2DModel: unet(x_t, t).sample."""
+    return lambda x, t: unet(x, t).sample
+
+
+@torch.no_grad()
+def sample_trajectory(
+    eps_fn: EpsFn,
+    schedule: DDIMSchedule,
+    *,
+    shape: tuple[int, int, int, int],
+    eta: float,
+    sigma_floor: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    keep_on: Literal["cpu", "device"] = "cpu",
+    clip_range: float | None = 1.0,
+    reduction: Reduction = "mean",
+) -> Trajectory:
+    """Sample B = shape[0] DDIM trajectories and record every state and log-prob.
+
+    All noise (x_T and each step's z) is drawn on the CPU from `generator`, so a seed gives the
+    same trajectories on any device. `keep_on='cpu'` moves the cached states off the accelerator
+    as they are produced (memory stays O(B) on the device, O(T·B) on the host).
+    """
+    device = torch.device(device)
+    store = torch.device("cpu") if keep_on == "cpu" else device
+    x = torch.randn(shape, generator=generator).to(device)
+    states, logps = [x.to(store)], []
+    for k in range(schedule.num_steps):
+        t = schedule.timesteps[k]
+        eps = eps_fn(x, t.expand(shape[0]).to(device)).float()
+        step = ddim_step_logprob(
+            eps, x, alpha_bar_t=schedule.alpha_bar_t[k], alpha_bar_prev=schedule.alpha_bar_prev[k],
+            eta=eta, sigma_floor=sigma_floor, generator=generator, clip_range=clip_range,
+            reduction=reduction,
+        )
+        x = step.x_prev
+        states.append(x.to(store))
+        logps.append(step.logp.to(store))
+    return Trajectory(states=torch.stack(states), logp=torch.stack(logps), timesteps=schedule.timesteps,
+                      schedule=schedule, images=x.clamp(-1, 1))
+
+
+@torch.no_grad()
+def sample_images(eps_fn: EpsFn, schedule: DDIMSchedule, *, n: int, batch_size: int, shape: tuple[int, int, int],
+                  eta: float, generator: torch.Generator, device: torch.device | str = "cpu",
+                  clip_range: float | None = 1.0, progress: bool = False) -> Tensor:
+    """Draw n images (n, C, H, W) in [-1, 1] in batches, keeping no trajectory."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
+        b = min(batch_size, n - start)
+        # sigma_floor only enters the log-probs, which are discarded here.
+        traj = sample_trajectory(eps_fn, schedule, shape=(b, *shape), eta=eta, sigma_floor=1.0,
+                                 generator=generator, device=device, keep_on="device", clip_range=clip_range)
+        out.append(traj.images.cpu())
+    return torch.cat(out)

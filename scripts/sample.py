@@ -1,0 +1,48 @@
+"""Sample a saved DDPM: python -m scripts.sample --ckpt MODEL_DIR --n 64 --out DIR [--cfg CFG]
+
+Writes DIR/00000.png ... and DIR/grid.png. MODEL_DIR is a saved pipeline (e.g. ddpm/pretrained/mars32,
+runs/<name>/model) or a pretraining checkpoint (runs/<name>/checkpoints/step_N, which holds `ema/`).
+The sampler settings (steps, eta, clipping) come from --cfg (default: configs/default.yaml).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddpm.pipeline import load_pipeline
+from ddpm.sampling import sample_images, unet_eps_fn
+from ddpm.schedulers import ddim_schedule, make_ddim_scheduler
+from utils import (PROJECT_ROOT, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
+                   save_images, script_parser, seed_everything)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = script_parser(__doc__, cfg_required=False)
+    p.add_argument("--ckpt", required=True, help="saved model directory or pretraining checkpoint")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        raise CraterdiffError(f"--n must be at least 1, got {args.n}")
+    cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
+    ckpt = Path(args.ckpt)
+    unet, scheduler = load_pipeline(ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt)
+    device = resolve_device(cfg.device)
+    unet.to(device).eval()
+    s = cfg.sampler
+    ddim = make_ddim_scheduler(scheduler.config, num_steps=s.num_steps, clip_sample=s.clip_sample,
+                               clip_range=s.clip_range)
+    gen = seed_everything(cfg.seed if args.seed is None else args.seed)
+    c, size = unet.config.in_channels, unet.config.sample_size
+    images = sample_images(unet_eps_fn(unet), ddim_schedule(ddim), n=args.n, batch_size=s.batch_size,
+                           shape=(c, size, size), eta=s.eta, generator=gen, device=device,
+                           clip_range=s.clip_range if s.clip_sample else None, progress=True)
+    out = Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples"
+    save_images(images, out)
+    grid = save_image_grid(images, out / "grid.png", scale=2)
+    print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")
+
+
+if __name__ == "__main__":
+    run_main(main)

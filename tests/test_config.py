@@ -1,0 +1,113 @@
+"""Config loading: typed frozen tree, one-line errors naming key, file and closest key; --set."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from utils import Config, ConfigError, config_to_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and cfg.name == path.stem
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = load_config(_write(tmp_path, "seed: 3\n"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 4  # type: ignore[misc]
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    p = _write(tmp_path, "pretrain:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(p) in msg and "'pretrain.lrr'" in msg and "did you mean 'pretrain.lr'" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'sampelr' \(did you mean 'sampler'\?\)"):
+        load_config(_write(tmp_path, "sampelr:\n  eta: 1.0\n"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("seed: abc\n", "key 'seed' must be int, got 'abc'"),
+    ("seed: 1.5\n", "key 'seed' must be int"),
+    ("sampler:\n  eta: yes\n", "key 'sampler.eta' must be float"),
+    ("sampler:\n  clip_sample: 1\n", "key 'sampler.clip_sample' must be bool"),
+    ("data: 5\n", "key 'data' must be a mapping"),
+])
+def test_wrong_type(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("'", "'")):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_enum_value_lists_choices_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, "sampler:\n  logprob_reduction: maen\n"))
+    msg = str(e.value)
+    assert "'sampler.logprob_reduction' must be one of 'mean', 'sum'" in msg and "did you mean 'mean'" in msg
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("pretrain:\n  lr: -0.001\n", "'pretrain.lr' must be > 0.0"),
+    ("sampler:\n  sigma_floor: 0\n", "'sampler.sigma_floor' must be > 0.0"),
+    ("pretrain:\n  ema_decay: 1.0\n", "'pretrain.ema_decay' must be < 1.0"),
+    ("sampler:\n  num_steps: 0\n", "'sampler.num_steps' must be >= 1"),
+])
+def test_out_of_range(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(_write(tmp_path, text))
+
+
+def test_int_is_accepted_for_float(tmp_path):
+    assert load_config(_write(tmp_path, "sampler:\n  eta: 1\n")).sampler.eta == 1.0
+
+
+def test_set_overrides_nested_values_with_type_checks(tmp_path):
+    p = _write(tmp_path, "pretrain:\n  lr: 0.001\n")
+    cfg = load_config(p, ["pretrain.lr=3e-4", "sampler.num_steps=20", "model.pretrained=null",
+                          "pretrain.skew.small_fraction=0.5", "name=exp1"])
+    assert cfg.pretrain.lr == 3e-4 and cfg.sampler.num_steps == 20 and cfg.model.pretrained is None
+    assert cfg.pretrain.skew.small_fraction == 0.5 and cfg.name == "exp1"
+    with pytest.raises(ConfigError, match=r"with --set.*'sampler.num_steps' must be int"):
+        load_config(p, ["sampler.num_steps=ten"])
+    with pytest.raises(ConfigError, match="did you mean 'sampler.eta'"):
+        load_config(p, ["sampler.etaa=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(p, ["sampler.eta"])
+
+
+def test_base_inheritance_and_override(tmp_path):
+    _write(tmp_path, "seed: 7\nsampler:\n  eta: 0.5\n  num_steps: 20\n", "parent.yaml")
+    cfg = load_config(_write(tmp_path, "base: parent.yaml\nsampler:\n  num_steps: 5\n"))
+    assert (cfg.seed, cfg.sampler.eta, cfg.sampler.num_steps) == (7, 0.5, 5)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["pretrain.lr=0.01"])
+    again = load_config(save_config(cfg, tmp_path / "resolved.yaml"))
+    assert again == cfg
+    assert config_to_dict(again) == config_to_dict(cfg)

@@ -1,0 +1,680 @@
+"""Shared plumbing: errors, config loading, seeding, run directories, logging, checkpoints, images.
+
+Everything a script needs besides the algorithm itself lives here, so that the scripts stay thin
+and the library modules (`ddpm/`, `rl/`, `reward/`) take explicit arguments instead of reading
+globals or environment variables.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+
+class CraterdiffError(Exception):
+    """A user-facing error: bad config, bad data, missing file.
+
+    Scripts catch it and print its message as one line (no traceback) and exit with status 2.
+    The message names what is wrong and what to do about it.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Map model-space images in [-1, 1] to uint8 HWC arrays.
+
+    images: (B, C, H, W) float in [-1, 1], C in {1, 3}  ->  (B, H, W, C) uint8
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (B, 1|3, H, W) images, got shape {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8 -> PIL image ('L' for one channel, 'RGB' for three)."""
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_images(images: torch.Tensor, out_dir: str | Path, *, prefix: str = "", start: int = 0) -> list[Path]:
+    """Write each image of a (B, C, H, W) batch in [-1, 1] as `out_dir/{prefix}{start+i:05d}.png`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images)):
+        p = out / f"{prefix}{start + i:05d}.png"
+        _pil(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def image_grid(images: torch.Tensor, *, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile a (B, C, H, W) batch in [-1, 1] into one PIL image, `nrow` images per row.
+
+    `scale` enlarges each tile by nearest-neighbour so that 32 px images stay readable.
+    """
+    arrays = to_uint8(images)
+    b, h, w, c = arrays.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
+    hs, ws = h * scale, w * scale
+    canvas = np.full((ncol * (hs + pad) + pad, nrow * (ws + pad) + pad, c), 255, dtype=np.uint8)
+    for i, arr in enumerate(arrays):
+        if scale > 1:
+            arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (hs + pad), pad + col * (ws + pad)
+        canvas[y:y + hs, x:x + ws] = arr
+    return _pil(canvas)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, **kwargs) -> Path:
+    """Save `image_grid(images, **kwargs)` as a PNG at `path` (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, **kwargs).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: YAML -> typed, frozen dataclass tree
+# ----------------------------------------------------------------------------------------------
+# Hand-written rather than OmegaConf: we need one-line errors that name the key, the file and the
+# closest valid key, `Literal` enums and numeric ranges, which OmegaConf structured configs do not
+# report in that form.
+
+def _f(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,
+       lt: float | None = None, le: float | None = None):
+    """A config field with its documentation and an optional numeric range."""
+    meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults; configs are frozen")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images the model is trained on and the reward refers to."""
+    source: Literal["mars", "folder", "procedural"] = _f(
+        "mars", "'mars': the embedded Mars crater set; 'folder': your own images in `root`; "
+        "'procedural': the procedural crater generator (tests, ablations)")
+    root: Optional[str] = _f(None, "image folder for source='folder' (PNG/JPEG/TIFF, any size, "
+                                   "grayscale or RGB); held-out images go in `heldout_root`")
+    heldout_root: Optional[str] = _f(None, "held-out image folder for source='folder' (evaluation only)")
+    image_size: int = _f(32, "side of the square images the model sees, in pixels (32 CPU, 64 GPU)", ge=8)
+    channels: int = _f(1, "1 for grayscale (the Mars map is grayscale), 3 for RGB", ge=1, le=3)
+    procedural_n: int = _f(256, "number of images when source='procedural'", ge=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The diffusion model: a diffusers UNet2DModel preset, or a saved pipeline."""
+    kind: Literal["ddpm"] = _f("ddpm", "'ddpm': pixel-space diffusers UNet2DModel")
+    preset: Literal["tiny", "small", "base", "large"] = _f(
+        "small", "UNet size: tiny (tests, ~0.1M), small (CPU default, ~1M), base (~9M, GPU 32 px), "
+                 "large (~35M, GPU 64 px)")
+    pretrained: Optional[str] = _f(
+        None, "directory of a saved DDPM pipeline (diffusers save_pretrained) to start from; "
+              "relative paths are taken from the project root")
+    num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule", ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
+        "squaredcos_cap_v2", "noise schedule of the training scheduler (cosine works best at 32 px)")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """DDIM sampling, which is also the RL policy (DESIGN.md, 'Policy')."""
+    num_steps: int = _f(10, "DDIM denoising steps per trajectory (RL actions per sample), usually 10-50", ge=1)
+    eta: float = _f(1.0, "DDIM stochasticity eta; must be > 0 for a stochastic RL policy (1.0 = DDPM-like)",
+                    ge=0.0)
+    sigma_floor: float = _f(1e-3, "lower bound on the policy std used in log-probs (keeps the last, "
+                                  "deterministic step's log-prob finite), usually 1e-4 to 1e-2", gt=0.0)
+    clip_sample: bool = _f(True, "clip the predicted x0 to [-clip_range, clip_range]")
+    clip_range: float = _f(1.0, "bound for clip_sample", gt=0.0)
+    logprob_reduction: Literal["mean", "sum"] = _f(
+        "mean", "how per-pixel Gaussian log-densities are reduced: 'mean' (DDPO; keeps ratios usable) or "
+                "'sum' (the true log-density)")
+    keep_on: Literal["cpu", "device"] = _f("cpu", "where trajectories are cached between RL passes")
+    batch_size: int = _f(64, "images per sampling batch (scripts.sample)", ge=1)
+
+
+@dataclass(frozen=True)
+class SkewConfig:
+    """A deliberately skewed training mix, so that the base model under-covers part of the data."""
+    diameter_km: float = _f(100.0, "craters narrower than this count as 'small'", gt=0.0)
+    small_fraction: Optional[float] = _f(
+        0.9, "fraction of training draws that are small craters (null: uniform over images)", ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """DDPM pretraining (scripts.pretrain_ddpm): epsilon-prediction, L_simple."""
+    steps: int = _f(2500, "optimizer steps", ge=1)
+    batch_size: int = _f(32, "images per step", ge=1)
+    lr: float = _f(1e-3, "AdamW learning rate (1e-4 to 2e-3 for ~1M-parameter UNets)", gt=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = _f(100, "linear learning-rate warm-up steps, then cosine decay to 10%", ge=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value", gt=0.0)
+    ema_decay: float = _f(0.999, "EMA decay of the exported weights (0.995-0.9999)", ge=0.0, lt=1.0)
+    skew: SkewConfig = field(default_factory=SkewConfig, metadata={"help": "training-mix skew (source='mars')"})
+    checkpoint_every: int = _f(500, "steps between checkpoints", ge=1)
+    keep_checkpoints: int = _f(2, "most recent checkpoints kept", ge=1)
+    sample_every: int = _f(500, "steps between sample grids", ge=1)
+    log_every: int = _f(25, "steps between log lines", ge=1)
+    export_dir: Optional[str] = _f(None, "also save the final EMA pipeline here (e.g. the shipped model)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Root of a craterdiff config; one subtree per stage."""
+    name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
+    seed: int = _f(0, "seed for Python, NumPy and torch", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' takes CUDA when present")
+    precision: Literal["fp32", "fp16", "bf16"] = _f("fp32", "autocast dtype for UNet passes on CUDA")
+    tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training / reference images"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the diffusion model"})
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "DDIM sampler / policy"})
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata={"help": "DDPM pretraining"})
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+class ConfigError(CraterdiffError):
+    """A bad config: unknown key, wrong type, value out of range."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: key '{key}' must be one of {', '.join(map(repr, choices))}, "
+                          f"got {value!r}{hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, f"{key}.", where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads '3e-4' as a string; accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _check_range(value: Any, meta: dict, key: str, where: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for op, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                         ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(op)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{where}: key '{key}' must be {word} {bound}, got {value!r} "
+                              f"({meta.get('help', '').split(';')[0]})")
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, naming `prefix + key` in every error."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = (f" (did you mean '{prefix}{close[0]}'?)" if close
+                    else f" (valid keys: {', '.join(fields)})")
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        kwargs[name] = _coerce(value, hints[name], key, where)
+        _check_range(kwargs[name], fields[name].metadata, key, where)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping; a top-level `base: other.yaml` is loaded first and overridden."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file with --cfg "
+                          f"(see configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'base' must be a path to another config file")
+        data = _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+    return data
+
+
+def _apply_override(data: dict, item: str) -> dict:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested mapping."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key=value, e.g. --set pretrain.lr=3e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out = dict(data)
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[p] = child
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict, *, where: str = "<dict>", cls: type = Config) -> Any:
+    """Build and validate a config tree from a plain mapping (errors name `where`)."""
+    return _build(cls, data, "", where)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config, apply `--set` overrides, validate, and return the frozen tree.
+
+    The run name defaults to the file's stem. Any problem raises ConfigError with one line naming
+    the file, the key and (for unknown keys) the closest valid key.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    where = str(path)
+    for item in overrides:
+        data = _apply_override(data, item)
+        where = f"{path} (with --set)"
+    return config_from_dict(data, where=where)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-safe data (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Config paths are relative to the project root unless absolute."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, device, precision
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CraterdiffError("device 'cuda' requested but no CUDA GPU is visible; use --set device=cpu "
+                              "or a CPU config (configs/default.yaml)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for UNet passes: fp16/bf16 on CUDA, a no-op in fp32 or on CPU."""
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG state needed for an exact resume, as tensors/ints (safe for weights_only loading)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    """Inverse of `rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that readers see either the old or the new content, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
+    """Yield a temporary directory to fill; on success it is renamed to `checkpoint_dir/step_N`.
+
+    A crash inside the block leaves only a hidden `.tmp-*` directory, which `latest_checkpoint`
+    ignores, so a reader never sees a half-written checkpoint.
+    """
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    try:
+        yield tmp
+        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            trash = Path(tempfile.mkdtemp(dir=root, prefix=f".old-{final.name}-"))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete checkpoints `step_N` under `checkpoint_dir`, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "COMPLETE").is_file():
+            with contextlib.suppress(ValueError):
+                found.append((int(p.name[len(CHECKPOINT_PREFIX):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(checkpoint_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` most recent complete checkpoints, and stale temporary dirs."""
+    root = Path(checkpoint_dir)
+    for p in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_state(obj: dict, path: str | Path) -> None:
+    """torch.save a dict of tensors / numbers / strings (loadable with weights_only=True)."""
+    torch.save(obj, path)
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a state written by `save_state`; never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CraterdiffError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
+                              f"delete it or resume from an earlier one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or a pickle that would run code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CraterdiffError(f"cannot load checkpoint file '{path}' safely ({first[:160]}); "
+                              f"it is corrupt or not a craterdiff checkpoint") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory and logging
+# ----------------------------------------------------------------------------------------------
+
+def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool) -> Path:
+    """Create the run directory (default runs/<name>) and save the resolved config in it.
+
+    Without --resume, a directory that already holds checkpoints is refused rather than clobbered.
+    With --resume, the directory must hold a checkpoint.
+    """
+    run = Path(out) if out else PROJECT_ROOT / "runs" / cfg.name
+    ckpts = list_checkpoints(run / "checkpoints")
+    if resume and not ckpts:
+        raise CraterdiffError(f"--resume: no complete checkpoint in '{run / 'checkpoints'}'; "
+                              f"start without --resume or pass the right --out")
+    if not resume and ckpts:
+        raise CraterdiffError(f"run directory '{run}' already has checkpoints; pass --resume to continue "
+                              f"it or --out NEW_DIR to start a new run")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CraterdiffError(f"cannot write to run directory '{run}' ({e.strerror}); "
+                              f"choose a writable --out") from None
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+class RunLogger:
+    """Scalars to `metrics.csv` (one row per logged step) and to TensorBoard under `tb/`.
+
+    The CSV header is the union of keys seen so far; a new key rewrites the file with the wider
+    header. On resume, rows after the checkpoint's step are dropped so that the file matches an
+    uninterrupted run.
+    """
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.rows: list[dict] = []
+        self.keys: list[str] = ["step"]
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.keys = list(reader.fieldnames or ["step"])
+                self.rows = [r for r in reader if int(float(r["step"])) <= resume_step]
+            self._rewrite()
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.keys, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": step, **{k: _fmt(v) for k, v in scalars.items()}}
+        new = [k for k in row if k not in self.keys]
+        self.rows.append(row)
+        if new:
+            self.keys += new
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.keys, restval="").writerow(row)
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def add_image(self, tag: str, grid: Image.Image, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Script entry points
+# ----------------------------------------------------------------------------------------------
+
+def script_parser(description: str, *, cfg_required: bool = True) -> argparse.ArgumentParser:
+    """The arguments every script shares: --cfg, --set, --out, --resume."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--cfg", required=cfg_required, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.lr=3e-4 (repeatable)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    return p
+
+
+def run_main(main: typing.Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's main; a CraterdiffError becomes one 'error: ...' line and exit status 2."""
+    try:
+        main(argv)
+    except CraterdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        sys.exit(130)
