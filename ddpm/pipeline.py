@@ -4,36 +4,20 @@ A saved model loads with diffusers alone: `DDPMPipeline.from_pretrained(path)`.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from utils import CraterdiffError
+from utils import CraterdiffError, atomic_directory
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
 
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> Path:
     """Write `DDPMPipeline(unet, scheduler)` to `path` atomically (temp dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    try:
+    with atomic_directory(path) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".old-{path.name}-"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:

@@ -18,8 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.pipeline import load_pipeline, save_pipeline
-from ddpm.sampling import sample_images, unet_eps_fn
-from ddpm.schedulers import ddim_schedule, make_ddim_scheduler, make_train_scheduler
+from ddpm.sampling import sample_model
+from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from reward.sources import load_image_set
 from utils import (Config, RunLogger, atomic_checkpoint, latest_checkpoint, load_state, prune_checkpoints,
@@ -78,10 +78,10 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, device: torch.device) -> Trainer:
-    """A fresh trainer: the UNet from `model.pretrained` if set, else a new preset UNet."""
+    """A fresh trainer: the UNet from `pretrain.init_from` if set, else a new `model.preset` UNet."""
     generator = seed_everything(cfg.seed)
-    if cfg.model.pretrained:
-        unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+    if cfg.pretrain.init_from:
+        unet, scheduler = load_pipeline(resolve_path(cfg.pretrain.init_from))
     else:
         unet = build_unet(cfg.model.preset, image_size=cfg.data.image_size, channels=cfg.data.channels)
         scheduler = make_train_scheduler(num_train_timesteps=cfg.model.num_train_timesteps,
@@ -124,12 +124,8 @@ def load_checkpoint(tr: Trainer, path: Path) -> None:
 
 def sample_grid(tr: Trainer, cfg: Config, device: torch.device, *, n: int = 64, seed: int = 1234) -> Tensor:
     """n EMA samples with the configured DDIM sampler, from a fixed seed (comparable across steps)."""
-    ddim = make_ddim_scheduler(tr.scheduler.config, num_steps=cfg.sampler.num_steps,
-                               clip_sample=cfg.sampler.clip_sample, clip_range=cfg.sampler.clip_range)
-    return sample_images(unet_eps_fn(tr.ema_unet()), ddim_schedule(ddim), n=n, batch_size=n,
-                         shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                         eta=cfg.sampler.eta, generator=torch.Generator().manual_seed(seed), device=device,
-                         clip_range=cfg.sampler.clip_range if cfg.sampler.clip_sample else None)
+    return sample_model(tr.ema_unet(), tr.scheduler.config, cfg.sampler, n=n,
+                        generator=torch.Generator().manual_seed(seed), device=device)
 
 
 def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = None) -> Path | None:

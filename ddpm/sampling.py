@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ddpm.ddim import Reduction, ddim_step_logprob
-from ddpm.schedulers import DDIMSchedule
+from ddpm.schedulers import DDIMSchedule, sampler_schedule
 
 # ε̂ = eps_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -112,3 +112,13 @@ def sample_images(eps_fn: EpsFn, schedule: DDIMSchedule, *, n: int, batch_size: 
                                  generator=generator, device=device, keep_on="device", clip_range=clip_range)
         out.append(traj.images.cpu())
     return torch.cat(out)
+
+
+def sample_model(unet, train_config, sampler, *, n: int, generator: torch.Generator,
+                 device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+    """n images (n, C, H, W) in [-1, 1] from a UNet2DModel with the settings of a `SamplerConfig`."""
+    c, size = unet.config.in_channels, unet.config.sample_size
+    return sample_images(unet_eps_fn(unet), sampler_schedule(train_config, sampler), n=n,
+                         batch_size=sampler.batch_size, shape=(c, size, size), eta=sampler.eta,
+                         generator=generator, device=device,
+                         clip_range=sampler.clip_range if sampler.clip_sample else None, progress=progress)

@@ -58,3 +58,10 @@ def ddim_schedule(scheduler: DDIMScheduler) -> DDIMSchedule:
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
     a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
     return DDIMSchedule(timesteps=ts, prev_timesteps=prev, alpha_bar_t=ac[ts], alpha_bar_prev=a_prev)
+
+
+def sampler_schedule(train_config, sampler) -> DDIMSchedule:
+    """The DDIM table for a `SamplerConfig` (steps, clipping) on a model's training scheduler config."""
+    ddim = make_ddim_scheduler(train_config, num_steps=sampler.num_steps, clip_sample=sampler.clip_sample,
+                               clip_range=sampler.clip_range)
+    return ddim_schedule(ddim)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ddpm.pipeline import load_pipeline
-from ddpm.sampling import sample_images, unet_eps_fn
-from ddpm.schedulers import ddim_schedule, make_ddim_scheduler
+from ddpm.sampling import sample_model
 from utils import (PROJECT_ROOT, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
                    save_images, script_parser, seed_everything)
 
@@ -31,13 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(cfg.device)
     unet.to(device).eval()
     s = cfg.sampler
-    ddim = make_ddim_scheduler(scheduler.config, num_steps=s.num_steps, clip_sample=s.clip_sample,
-                               clip_range=s.clip_range)
     gen = seed_everything(cfg.seed if args.seed is None else args.seed)
+    images = sample_model(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True)
     c, size = unet.config.in_channels, unet.config.sample_size
-    images = sample_images(unet_eps_fn(unet), ddim_schedule(ddim), n=args.n, batch_size=s.batch_size,
-                           shape=(c, size, size), eta=s.eta, generator=gen, device=device,
-                           clip_range=s.clip_range if s.clip_sample else None, progress=True)
     out = Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples"
     save_images(images, out)
     grid = save_image_grid(images, out / "grid.png", scale=2)
