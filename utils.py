@@ -264,6 +264,86 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    """Two-pass PPO (DESIGN.md, "RL algorithms")."""
+    ratio: Literal["per_step", "trajectory"] = _f(
+        "per_step", "'per_step': DDPO, one clipped ratio per denoising step; 'trajectory': the seed's PPO-DDPM, "
+                    "one ratio per trajectory from clipped per-step log-ratios")
+    clip_range: float = _f(1e-2, "per_step: ρ is clipped to 1 ± this (DDPO uses 1e-4 with LoRA on SD; 1e-3 to "
+                                 "1e-1 for a small full DDPM)", gt=0.0)
+    per_step_clip: float = _f(0.05, "trajectory: each log r_t is clipped to ± this", gt=0.0)
+    global_clip: float = _f(0.2, "trajectory: the summed log-ratio is clipped to ± this", gt=0.0)
+    epochs: int = _f(1, "passes over the sampled batch per iteration (1-4)", ge=1)
+    timestep_fraction: float = _f(1.0, "fraction of each trajectory's steps trained on per pass (DDPO: 0.5-1)",
+                                  gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class TRPOConfig:
+    """Trust-region policy optimisation: natural gradient by conjugate gradient, line search on the KL."""
+    mode: Literal["trpo", "penalty"] = _f("trpo", "'trpo': the constrained step; 'penalty': adaptive-β KL penalty")
+    max_kl: float = _f(1e-3, "trust-region radius δ on the mean per-state KL (mean over dimensions)", gt=0.0)
+    cg_iters: int = _f(10, "conjugate-gradient iterations (10-20)", ge=1)
+    cg_tol: float = _f(1e-10, "stop CG when the squared residual falls below this", gt=0.0)
+    damping: float = _f(0.1, "Fisher damping: F v + damping · v (0.01-0.1 of F's scale)", ge=0.0)
+    backtrack_coeff: float = _f(0.5, "line search shrinks the step by this factor each try", gt=0.0, lt=1.0)
+    backtrack_iters: int = _f(10, "line-search tries before keeping the old weights", ge=1)
+    accept_ratio: float = _f(0.1, "accept when the surrogate improves by at least this x the expected gᵀ step",
+                             ge=0.0)
+    kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products and the KL (0: all)", ge=0)
+    penalty_beta: float = _f(1.0, "penalty mode: initial β of L(θ) − β·KL", gt=0.0)
+    penalty_steps: int = _f(4, "penalty mode: gradient steps per iteration", ge=1)
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """From rewards to advantages."""
+    normalize: Literal["batch", "per_prompt", "none"] = _f(
+        "batch", "'batch': (r − mean)/std over the batch; 'per_prompt': per prompt with a history buffer (SD); "
+                 "'none': raw rewards")
+    clip: float = _f(5.0, "advantages are clipped to ± this", gt=0.0)
+    history: int = _f(256, "per_prompt: rewards kept per prompt for the statistics", ge=2)
+    gae: bool = _f(False, "per-step advantages by GAE with a learned critic V(x_t, t) instead of one per trajectory")
+    gamma: float = _f(1.0, "GAE discount γ", ge=0.0, le=1.0)
+    lam: float = _f(0.95, "GAE λ", ge=0.0, le=1.0)
+    critic_lr: float = _f(1e-3, "critic learning rate", gt=0.0)
+    critic_width: int = _f(32, "critic conv width", ge=4)
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """peft LoRA on the UNet (policy_mode: lora)."""
+    rank: int = _f(8, "LoRA rank r", ge=1)
+    alpha: float = _f(8.0, "LoRA scaling α (update scaled by α/r)", gt=0.0)
+    dropout: float = _f(0.0, "LoRA dropout", ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = _f(("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+                                         "module names that get adapters (attention projections and resnet convs)")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """The policy stage (scripts.finetune)."""
+    algorithm: Literal["ppo", "trpo", "reinforce"] = _f("ppo", "ppo (two-pass), trpo (or its penalty mode), reinforce")
+    policy_mode: Literal["full", "lora"] = _f("full", "train every UNet weight, or peft LoRA adapters")
+    iterations: int = _f(60, "RL iterations (sample, reward, update)", ge=1)
+    batch_size: int = _f(64, "trajectories sampled per iteration (the set the diversity reward sees)", ge=4)
+    microbatch: int = _f(16, "trajectories per backward pass", ge=1)
+    gradient_accumulation: int = _f(4, "microbatches per optimizer step", ge=1)
+    lr: float = _f(3e-5, "Adam learning rate (PPO, REINFORCE, TRPO penalty mode, the critic uses its own)", gt=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this", gt=0.0)
+    kl_base_coef: float = _f(0.0, "β_KL of the KL(π_θ ‖ π_base) regulariser per step (0 = off)", ge=0.0)
+    max_nonfinite: int = _f(3, "stop with an error after this many skipped (non-finite) updates in a row", ge=1)
+    checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
+    keep_checkpoints: int = _f(2, "most recent checkpoints kept", ge=1)
+    sample_every: int = _f(10, "iterations between sample grids", ge=1)
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO settings"})
+    trpo: TRPOConfig = field(default_factory=TRPOConfig, metadata={"help": "TRPO settings"})
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={"help": "advantages"})
+    lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "LoRA settings"})
+
+
+@dataclass(frozen=True)
 class Config:
     """Root of a craterdiff config; one subtree per stage."""
     name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
@@ -276,6 +356,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "DDIM sampler / policy"})
     pretrain: PretrainConfig = field(default_factory=PretrainConfig, metadata={"help": "DDPM pretraining"})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "reward stage"})
+    rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "policy stage"})
     dataset: DatasetBuildConfig = field(default_factory=DatasetBuildConfig,
                                         metadata={"help": "building the Mars crater set"})
 

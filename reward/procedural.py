@@ -216,13 +216,16 @@ def procedural_set(
     seed: int = 0,
     n_distinct: int | None = None,
     base: CraterFactors = CraterFactors(),
+    same_noise: bool = True,
 ) -> torch.Tensor:
     """n procedural craters as model-space images (n, channels, size, size) float32 in [-1, 1].
 
     Draws m = n_distinct (or n when None) settings (factors from `sample_factors`, plus a noise
     seed each) from default_rng(seed); image i shows setting i mod m, so n_distinct=1 repeats one
-    crater n times and n_distinct=None makes every image distinct. x = 2 v - 1; for channels=3
-    the gray image is repeated.
+    crater n times and n_distinct=None makes every image distinct. With same_noise=False each
+    image draws its own terrain-noise seed, so repeats of a setting are near-duplicates (same
+    crater, different terrain) rather than identical. x = 2 v - 1; for channels=3 the gray image
+    is repeated.
     """
     if n < 1 or size < 1 or channels not in (1, 3):
         raise ValueError(f"need n >= 1, size >= 1, channels in (1, 3); got {n}, {size}, {channels}")
@@ -232,7 +235,11 @@ def procedural_set(
     vary = _check_vary(vary)
     rng = np.random.default_rng(seed)
     settings = [(sample_factors(rng, vary=vary, base=base), int(rng.integers(2**31))) for _ in range(m)]
-    rendered = [render_crater(f, size=size, seed=s) for f, s in settings[: min(m, n)]]
-    v = np.stack([rendered[i % len(rendered)] for i in range(n)])[:, None]
+    if same_noise:
+        rendered = [render_crater(f, size=size, seed=s) for f, s in settings[: min(m, n)]]
+        v = np.stack([rendered[i % len(rendered)] for i in range(n)])[:, None]
+    else:
+        noise_seeds = rng.integers(2**31, size=n)
+        v = np.stack([render_crater(settings[i % m][0], size=size, seed=int(noise_seeds[i])) for i in range(n)])[:, None]
     x = torch.from_numpy(v * 2.0 - 1.0)
     return x.repeat(1, channels, 1, 1) if channels == 3 else x

@@ -1,0 +1,263 @@
+"""The frozen reward model: build it from reference images, save it as a directory, load it exactly.
+
+Artifact directory:
+
+| file | holds |
+|---|---|
+| `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, reference description, realism metrics, SHA-256 of every file below |
+| `reference_features.npy` | φ(Y), (m, D) float64, loaded with allow_pickle=False |
+| `pca.npz` | the PCA fitted on φ(Y) (mean, components, explained variance), allow_pickle=False |
+| `realism.safetensors` | the realism CNN (only when trained) |
+
+Calling the model on images gives `RewardOutput(rewards, components, values)`, which also unpacks
+as `rewards, components = model(images)`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from reward.composite import composite_reward
+from reward.features import FeatureExtractor, build_extractor, extract_features
+from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, median_bandwidth, mmd2_unbiased_loo, \
+    ot_rewards
+from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
+from utils import CraterdiffError, atomic_directory
+
+ARTIFACT_FORMAT = 1
+DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot")
+FILES = ("reference_features.npy", "pca.npz", "realism.safetensors")
+
+
+@dataclass
+class RewardOutput:
+    """rewards: (n,) composite reward; components: per-sample reward of each component (n,),
+    higher = better; values: each component's set-level statistic (MMD², MI, entropy, FID, OT cost,
+    mean realism logit) for logging."""
+    rewards: Tensor
+    components: dict[str, Tensor]
+    values: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator:
+        yield self.rewards
+        yield self.components
+
+
+class RewardModel:
+    """images (n, C, H, W) in [-1, 1] -> RewardOutput, frozen.
+
+    Set-level components are computed on the whole batch against the reference features φ(Y);
+    each sample is credited its leave-one-out marginal (OT: minus the cost it carries).
+    """
+
+    def __init__(self, *, extractor: FeatureExtractor, reference: Tensor, bandwidth: float, pca: PCA,
+                 weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
+                 realism: RealismCNN | None = None, info: dict | None = None):
+        self.extractor = extractor
+        self.reference = reference.double()  # φ(Y): (m, D)
+        self.bandwidth = float(bandwidth)
+        self.pca = pca
+        self.reference_pca = pca.project(self.reference)  # (m, k)
+        self.weights = dict(weights)
+        self.mi_noise, self.knn_k = float(mi_noise), int(knn_k)
+        self.ot_method, self.ot_reg = ot_method, float(ot_reg)
+        self.realism = realism
+        self.info = dict(info or {})
+        if self.weights.get("realism", 0) > 0 and realism is None:
+            raise CraterdiffError("reward.weights.realism > 0 but the artifact has no realism scorer; rebuild it "
+                                  "with reward.realism.enabled: true")
+
+    @property
+    def extractor_name(self) -> str:
+        return self.extractor.name
+
+    def features(self, images: Tensor, *, batch_size: int = 64) -> Tensor:
+        """φ(X): (n, D) float64 on the CPU."""
+        return extract_features(self.extractor, images, batch_size=batch_size).double()
+
+    def realism_logits(self, images: Tensor) -> Tensor:
+        """(n,) logits of the realism scorer (higher = more like the reference craters)."""
+        if self.realism is None:
+            raise CraterdiffError("this reward artifact has no realism scorer")
+        return realism_logits(self.realism, images).double()
+
+    def score(self, feats: Tensor, *, realism: Tensor | None = None) -> RewardOutput:
+        """The reward of a batch from its features φ(X) (n, D) and, optionally, realism logits (n,).
+
+        With several processes, gather every process's features first: the components are
+        set-level, so they must see the whole batch (DESIGN.md, "Rewards").
+        """
+        x = feats.double()
+        if x.shape[0] < max(4, self.knn_k + 2):
+            raise CraterdiffError(f"a reward batch needs at least {max(4, self.knn_k + 2)} images for the set-level "
+                                  f"metrics, got {x.shape[0]}")
+        z = self.pca.project(x)
+        results = {
+            "mmd": mmd2_unbiased_loo(x, self.reference, bandwidth=self.bandwidth),
+            "mi": gp_mi_loo(x, bandwidth=self.bandwidth, noise=self.mi_noise),
+            "knn_entropy": knn_entropy_loo(z, k=self.knn_k),
+            "fid": fid_loo(z, self.reference_pca),
+            "ot": ot_rewards(x, self.reference, method=self.ot_method, reg=self.ot_reg),
+        }
+        components = {name: r.rewards.double() for name, r in results.items()}
+        values = {name: float(r.value) for name, r in results.items()}
+        if realism is not None:
+            components["realism"] = realism.double()
+            values["realism"] = float(realism.double().mean())
+        return RewardOutput(composite_reward(components, self.weights), components, values)
+
+    def __call__(self, images: Tensor) -> RewardOutput:
+        feats = self.features(images)
+        logits = self.realism_logits(images) if self.realism is not None else None
+        return self.score(feats, realism=logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------------------------------
+
+def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | None, device="cpu",
+                       reference_info: dict | None = None, progress: bool = False) -> RewardModel:
+    """Fit the frozen reward model of `cfg.reward` to reference images (N, C, H, W) in [-1, 1].
+
+    The RBF bandwidth is `bandwidth_scale` × the median pairwise distance of φ(Y) (median heuristic,
+    fixed here once); the PCA (for kNN entropy and FID) is fitted on φ(Y); the realism CNN is
+    trained on reference vs. `fake_images` (base-model samples) when `reward.realism.enabled`.
+    """
+    r = cfg.reward
+    if r.weights.realism > 0 and not r.realism.enabled:
+        raise CraterdiffError("reward.weights.realism > 0 needs reward.realism.enabled: true")
+    extractor = build_extractor(r.features.name, input_size=r.features.input_size, path=r.features.path,
+                                seed=cfg.seed, device=device)
+    ref = extract_features(extractor, reference_images, batch_size=r.features.batch_size).double()
+    m = ref.shape[0]
+    if m < 8:
+        raise CraterdiffError(f"the reward reference needs at least 8 images, got {m}: add reference images")
+    bandwidth = r.bandwidth_scale * float(median_bandwidth(ref))
+    pca = fit_pca(ref, k=min(r.pca_dim, m - 1, ref.shape[1]))
+    realism, realism_info = None, {"enabled": False}
+    if r.realism.enabled:
+        from reward.realism import train_realism
+        if fake_images is None:
+            raise CraterdiffError("reward.realism.enabled needs base-model images: set model.pretrained or "
+                                  "reward.realism.fake_dir")
+        realism, metrics = train_realism(reference_images, fake_images, heldout_fraction=r.realism.heldout_fraction,
+                                         epochs=r.realism.epochs, batch_size=r.realism.batch_size, lr=r.realism.lr,
+                                         width=r.realism.width, seed=cfg.seed, progress=progress)
+        realism_info = {"enabled": True, **{k: _plain(v) for k, v in vars(metrics).items()}}
+    info = {"reference": dict(reference_info or {}, n=m), "realism": realism_info,
+            "extractor_path": r.features.path, "extractor_seed": cfg.seed}
+    return RewardModel(extractor=extractor, reference=ref, bandwidth=bandwidth, pca=pca,
+                       weights=vars(r.weights).copy(), mi_noise=r.mi_noise, knn_k=r.knn_k,
+                       ot_method=r.ot_method, ot_reg=r.ot_reg, realism=realism, info=info)
+
+
+def _plain(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_artifact(model: RewardModel, path: str | Path) -> Path:
+    """Write the artifact directory atomically; see the module docstring for its files."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        np.save(tmp / "reference_features.npy", model.reference.numpy())
+        np.savez(tmp / "pca.npz", mean=model.pca.mean.numpy(), components=model.pca.components.numpy(),
+                 explained_variance=model.pca.explained_variance.numpy(),
+                 total_variance=np.float64(model.pca.total_variance))
+        if model.realism is not None:
+            save_realism(model.realism, tmp / "realism.safetensors")
+        ex = model.extractor
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "extractor": {"name": ex.name, "input_size": int(ex.input_size), "dim": int(ex.dim),
+                          "path": model.info.get("extractor_path"), "seed": int(model.info.get("extractor_seed", 0))},
+            "weights": model.weights,
+            "bandwidth": model.bandwidth,
+            "mi_noise": model.mi_noise,
+            "pca": {"dim": int(model.pca.components.shape[0]),
+                    "explained_variance_ratio": float(model.pca.explained_variance_ratio)},
+            "knn_k": model.knn_k,
+            "ot": {"method": model.ot_method, "reg": model.ot_reg},
+            "reference": model.info.get("reference", {}),
+            "realism": model.info.get("realism", {"enabled": False}),
+            "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},
+        }
+        (tmp / "reward.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return path
+
+
+def artifact_dir(path: str | Path) -> Path:
+    """Accept an artifact directory or a run directory that holds one in `reward/`."""
+    path = Path(path)
+    if not (path / "reward.yaml").is_file() and (path / "reward" / "reward.yaml").is_file():
+        return path / "reward"
+    return path
+
+
+def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu") -> RewardModel:
+    """Rebuild the frozen reward model saved by `save_artifact`, exactly.
+
+    Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum
+    mismatch or unreadable), or an artifact built with another extractor than `expect_extractor`.
+    """
+    path = artifact_dir(path)
+    meta_path = path / "reward.yaml"
+    if not meta_path.is_file():
+        raise CraterdiffError(f"no reward artifact at '{path}' (missing reward.yaml); build one with "
+                              f"python -m scripts.train_reward_model --cfg CFG")
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+        fmt, ex = meta["format"], meta["extractor"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise CraterdiffError(f"reward artifact file '{meta_path}' is corrupted; rebuild the artifact") from None
+    if fmt != ARTIFACT_FORMAT:
+        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads {ARTIFACT_FORMAT}; "
+                              f"rebuild it")
+    if expect_extractor is not None and ex["name"] != expect_extractor:
+        raise CraterdiffError(f"reward artifact '{path}' was built with extractor '{ex['name']}' but the config asks "
+                              f"for '{expect_extractor}'; rebuild it (scripts.train_reward_model) or set "
+                              f"reward.features.name: {ex['name']}")
+    for name, digest in meta.get("sha256", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CraterdiffError(f"reward artifact file '{f}' is missing; rebuild the artifact")
+        if _sha256(f) != digest:
+            raise CraterdiffError(f"reward artifact file '{f}' is corrupted (checksum mismatch); rebuild the artifact")
+    try:
+        reference = torch.from_numpy(np.load(path / "reference_features.npy", allow_pickle=False))
+        with np.load(path / "pca.npz", allow_pickle=False) as z:
+            pca = PCA(mean=torch.from_numpy(z["mean"]), components=torch.from_numpy(z["components"]),
+                      explained_variance=torch.from_numpy(z["explained_variance"]),
+                      total_variance=float(z["total_variance"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CraterdiffError(f"reward artifact '{path}' cannot be read ({type(e).__name__}); rebuild it") from None
+    extractor = build_extractor(ex["name"], input_size=ex["input_size"], path=ex.get("path"), seed=ex.get("seed", 0),
+                                device=device)
+    if extractor.dim != reference.shape[1]:
+        raise CraterdiffError(f"reward artifact '{path}': extractor '{ex['name']}' gives {extractor.dim}-d features "
+                              f"but the reference has {reference.shape[1]}; rebuild the artifact")
+    realism = load_realism(path / "realism.safetensors") if meta.get("realism", {}).get("enabled") else None
+    info = {"reference": meta.get("reference", {}), "realism": meta.get("realism", {}),
+            "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0)}
+    return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
+                       weights=meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
+                       ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], realism=realism, info=info)

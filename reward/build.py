@@ -1,0 +1,54 @@
+"""Building the reward artifact from a config: reference images, base-model images, fit, save."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.pipeline import load_pipeline
+from ddpm.sampling import sample_model
+from reward.artifact import RewardModel, build_reward_model, save_artifact
+from reward.datasets import load_image_folder
+from reward.sources import load_image_set
+from utils import Config, CraterdiffError, resolve_device, resolve_path
+
+
+def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -> torch.Tensor:
+    """n samples (n, C, H, W) of the base model `model.pretrained` with the configured sampler."""
+    if not cfg.model.pretrained:
+        raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
+                              "or reward.realism.fake_dir to a folder of its samples")
+    unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+    unet.to(device).eval()
+    if (unet.config.sample_size, unet.config.in_channels) != (cfg.data.image_size, cfg.data.channels):
+        raise CraterdiffError(f"the base model makes {unet.config.in_channels}x{unet.config.sample_size}px images but "
+                              f"data is {cfg.data.channels}x{cfg.data.image_size}px; match data.image_size and "
+                              f"data.channels to the model")
+    return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=torch.Generator().manual_seed(seed),
+                        device=device, progress=True)
+
+
+def artifact_path(cfg: Config, run_dir: Path) -> Path:
+    """`reward.artifact` if set, else <run dir>/reward."""
+    return resolve_path(cfg.reward.artifact) if cfg.reward.artifact else run_dir / "reward"
+
+
+def build_and_save(cfg: Config, out: Path) -> RewardModel:
+    """Build the reward model of `cfg` on the train split and save the artifact to `out`."""
+    device = resolve_device(cfg.device)
+    ref = load_image_set(cfg.data, "train")
+    fake = None
+    if cfg.reward.realism.enabled:
+        rc = cfg.reward.realism
+        if rc.fake_dir:
+            fake, _ = load_image_folder(resolve_path(rc.fake_dir), size=cfg.data.image_size, channels=cfg.data.channels)
+        else:
+            fake = base_model_images(cfg, rc.n_fake or len(ref), seed=cfg.seed + 1, device=device).cpu()
+    tqdm.write(f"building the reward model: {len(ref)} reference images, extractor {cfg.reward.features.name}"
+               + (f", realism on {len(fake)} base-model images" if fake is not None else ""))
+    model = build_reward_model(cfg, reference_images=ref.images, fake_images=fake, device=device, progress=True,
+                               reference_info={"source": cfg.data.source, "split": "train",
+                                               "image_size": cfg.data.image_size, "channels": cfg.data.channels})
+    save_artifact(model, out)
+    return model

@@ -1,0 +1,162 @@
+"""The diffusion policy π_θ: a UNet whose ε̂ defines the DDIM Gaussian of every denoising step.
+
+Modes (`rl.policy_mode`):
+- `full`: every UNet weight is trained; the KL regulariser's base is a frozen copy of the start.
+- `lora`: the UNet is frozen and peft LoRA adapters are trained; the base is the same UNet with its
+  adapters disabled (no second copy in memory). Saved as a peft adapter.
+
+Step index k runs over the T DDIM steps (k = 0 is the noisiest); `schedule` holds t_k, ᾱ_k, ᾱ_prev,k.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import Tensor, nn
+
+from ddpm.ddim import DDIMStep, ddim_step_logprob
+from ddpm.pipeline import save_pipeline
+from ddpm.sampling import Trajectory, sample_trajectory
+from ddpm.schedulers import sampler_schedule
+from utils import LoRASettings, SamplerConfig
+
+
+class DiffusionPolicy(nn.Module):
+    """π_θ(x_prev | x_t) for each DDIM step, plus sampling and saving."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, sampler: SamplerConfig, *, mode: str = "full",
+                 lora: LoRASettings | None = None, keep_base: bool = False):
+        super().__init__()
+        self.mode = mode
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.schedule = sampler_schedule(scheduler.config, sampler)
+        self.base_unet: UNet2DModel | None = None
+        if mode == "full":
+            self.unet = unet
+            self.unet.requires_grad_(True)
+            if keep_base:
+                self.base_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        elif mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = lora or LoRASettings()
+            unet.requires_grad_(False)
+            config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                target_modules=list(lora.target_modules), init_lora_weights=True)
+            self.unet = get_peft_model(unet, config)
+        else:
+            raise ValueError(f"unknown policy mode {mode!r}; choose 'full' or 'lora'")
+
+    # --- parameters ---------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """θ: the UNet's weights (full) or the LoRA adapters' (lora), in a fixed order."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # --- ε̂ and the step ------------------------------------------------------------------------
+
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε̂_θ(x_t, t): (B, C, H, W), t (B,) long."""
+        return self.unet(x_t, t).sample.float()
+
+    @torch.no_grad()
+    def base_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε̂ of the frozen base model π_base (for the KL regulariser)."""
+        if self.mode == "lora":
+            with self.unet.disable_adapter():
+                return self.unet(x_t, t).sample.float()
+        if self.base_unet is None:
+            raise RuntimeError("the policy was built without keep_base=True; no base model for the KL term")
+        return self.base_unet(x_t, t).sample.float()
+
+    def _t(self, k: int, batch: int) -> Tensor:
+        return self.schedule.timesteps[k].expand(batch).to(self.device)
+
+    def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, eps: Tensor | None = None) -> DDIMStep:
+        """log π_θ(x_prev | x_t) at step k (with grad if enabled); x_t, x_prev: (B, C, H, W)."""
+        x_t, x_prev = x_t.to(self.device), x_prev.to(self.device)
+        if eps is None:
+            eps = self.eps(x_t, self._t(k, x_t.shape[0]))
+        return ddim_step_logprob(eps, x_t, alpha_bar_t=self.schedule.alpha_bar_t[k],
+                                 alpha_bar_prev=self.schedule.alpha_bar_prev[k], eta=self.sampler.eta,
+                                 sigma_floor=self.sampler.sigma_floor, x_prev=x_prev, clip_range=self.clip_range,
+                                 reduction=self.sampler.logprob_reduction)
+
+    def base_mean(self, k: int, x_t: Tensor, x_prev: Tensor) -> Tensor:
+        """μ_base at step k: (B, C, H, W), no grad."""
+        x_t = x_t.to(self.device)
+        return self.step(k, x_t, x_prev, eps=self.base_eps(x_t, self._t(k, x_t.shape[0]))).mu
+
+    def sigma_tilde(self, k: int) -> float:
+        """σ̃_k = max(σ_k, sigma_floor)."""
+        from ddpm.ddim import ddim_sigma
+        s = ddim_sigma(self.schedule.alpha_bar_t[k], self.schedule.alpha_bar_prev[k], self.sampler.eta)
+        return max(float(s), self.sampler.sigma_floor)
+
+    @property
+    def clip_range(self) -> float | None:
+        return self.sampler.clip_range if self.sampler.clip_sample else None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config if self.mode == "full" else self.unet.get_base_model().config
+        return cfg.in_channels, cfg.sample_size, cfg.sample_size
+
+    # --- sampling ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None) -> Trajectory:
+        """Pass 1: B trajectories under the current θ, with every state and log π_old (no grad)."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            return sample_trajectory(self.eps, self.schedule, shape=(batch_size, *self.image_shape),
+                                     eta=self.sampler.eta, sigma_floor=self.sampler.sigma_floor, generator=generator,
+                                     device=self.device, keep_on=keep_on or self.sampler.keep_on,
+                                     clip_range=self.clip_range, reduction=self.sampler.logprob_reduction)
+        finally:
+            self.unet.train(was_training)
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def merged_unet(self) -> UNet2DModel:
+        """A plain UNet2DModel with θ folded in (LoRA merged), loadable by diffusers alone."""
+        if self.mode == "full":
+            return self.unet
+        merged = copy.deepcopy(self.unet).merge_and_unload()
+        return merged
+
+    def save(self, path: str | Path) -> None:
+        """`path/model/`: the (merged) pipeline; LoRA also `path/adapter/` (peft adapter_config.json +
+        adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
+        path = Path(path)
+        save_pipeline(self.merged_unet(), self.scheduler, path / "model")
+        if self.mode == "lora":
+            self.unet.save_pretrained(path / "adapter", safe_serialization=True)
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """θ by name (for checkpoints and for restoring the last good weights)."""
+        return {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        was = self.unet.training
+        self.unet.eval()
+        try:
+            yield
+        finally:
+            self.unet.train(was)

@@ -1,0 +1,120 @@
+"""The composite reward and the frozen reward artifact: build, save, load exactly, refuse bad files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reward
+from reward.artifact import build_reward_model, save_artifact
+from reward.composite import composite_reward, zscore
+from reward.procedural import procedural_set
+from utils import CraterdiffError, load_config
+
+from .conftest import ROOT, run_script
+
+
+def test_zscore_and_composite_against_hand_computation():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    z = zscore(r)
+    expected = (r - 3.0) / torch.tensor(3.5).sqrt()  # population std of [1,2,3,6] = sqrt(3.5)
+    torch.testing.assert_close(z, expected.double())
+    assert torch.equal(zscore(torch.full((5,), 2.0)), torch.zeros(5, dtype=torch.float64))
+    comps = {"a": r, "b": -r * 100, "c": torch.randn(4)}
+    total = composite_reward(comps, {"a": 0.7, "b": 0.3, "c": 0.0})
+    torch.testing.assert_close(total, 0.7 * z + 0.3 * (-z))
+    with pytest.raises(KeyError, match="realism"):
+        composite_reward(comps, {"realism": 1.0})
+    with pytest.raises(ValueError, match="every reward weight is 0"):
+        composite_reward(comps, {"a": 0.0})
+
+
+def _cfg(*over):
+    return load_config(ROOT / "configs" / "smoke.yaml",
+                       ["reward.features.name=pixels", "reward.realism.epochs=2", "reward.weights.mmd=0.7",
+                        "reward.weights.mi=0.3", "reward.weights.ot=1.0", "reward.weights.realism=0.5", *over])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cfg = _cfg()
+    real = procedural_set(40, size=32, channels=1, seed=0)
+    fake = procedural_set(40, size=32, channels=1, seed=1, n_distinct=4)
+    model = build_reward_model(cfg, reference_images=real, fake_images=fake)
+    path = save_artifact(model, tmp_path_factory.mktemp("art") / "reward")
+    return model, path
+
+
+def test_save_load_gives_identical_rewards(built):
+    model, path = built
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    rewards, components = model(batch)
+    loaded = reward.load(path, expect_extractor="pixels")
+    rewards2, components2 = loaded(batch)
+    assert torch.equal(rewards, rewards2)
+    assert set(components) == {"mmd", "mi", "knn_entropy", "fid", "ot", "realism"}
+    for k in components:
+        assert torch.equal(components[k], components2[k]), k
+    assert rewards.shape == (16,) and torch.isfinite(rewards).all()
+    assert loaded.bandwidth == model.bandwidth and loaded.weights == model.weights
+    # a run directory holding reward/ loads too
+    assert reward.load(path.parent).bandwidth == model.bandwidth
+
+
+def test_diverse_batch_outscores_collapsed_batch(built):
+    model, _ = built
+    diverse = procedural_set(16, size=32, channels=1, seed=9)
+    collapsed = procedural_set(16, size=32, channels=1, seed=9, n_distinct=1)
+    d, c = model(diverse), model(collapsed)
+    assert d.values["mmd"] < c.values["mmd"] and d.values["ot"] < c.values["ot"]
+    assert d.values["mi"] > c.values["mi"]
+
+
+def test_other_extractor_is_refused(built):
+    _, path = built
+    with pytest.raises(CraterdiffError, match="built with extractor 'pixels' but the config asks for 'efficientnet_lite0'"):
+        reward.load(path, expect_extractor="efficientnet_lite0")
+
+
+@pytest.mark.parametrize("victim", ["reference_features.npy", "pca.npz", "realism.safetensors"])
+def test_corrupted_or_missing_file_is_refused(built, tmp_path, victim):
+    import shutil
+    _, path = built
+    copy = tmp_path / "reward"
+    shutil.copytree(path, copy)
+    data = (copy / victim).read_bytes()
+    (copy / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CraterdiffError, match="corrupted"):
+        reward.load(copy)
+    (copy / victim).unlink()
+    with pytest.raises(CraterdiffError, match="missing"):
+        reward.load(copy)
+
+
+def test_missing_artifact_and_garbled_yaml(tmp_path):
+    with pytest.raises(CraterdiffError, match="no reward artifact"):
+        reward.load(tmp_path)
+    (tmp_path / "reward.yaml").write_text("format: [1\n")
+    with pytest.raises(CraterdiffError, match="corrupted"):
+        reward.load(tmp_path)
+
+
+def test_realism_weight_without_scorer_is_refused():
+    cfg = _cfg("reward.realism.enabled=false")
+    with pytest.raises(CraterdiffError, match="realism"):
+        build_reward_model(cfg, reference_images=procedural_set(12, size=32, channels=1), fake_images=None)
+
+
+def test_train_reward_model_script_smoke(tmp_path, smoke_cfg):
+    proc = run_script("scripts.train_reward_model", "--cfg", smoke_cfg, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for f in ("reward.yaml", "reference_features.npy", "pca.npz", "realism.safetensors"):
+        assert (tmp_path / "reward" / f).is_file(), f
+    ref = np.load(tmp_path / "reward" / "reference_features.npy")
+    assert ref.shape == (130, 1280)  # the train split, EfficientNet-Lite0 pooled features
+    model = reward.load(tmp_path / "reward", expect_extractor="efficientnet_lite0")
+    assert model.info["realism"]["enabled"] and 0.0 <= model.info["realism"]["heldout_auc"] <= 1.0
+    # a config asking for another extractor is refused with one line
+    proc = run_script("scripts.train_reward_model", "--cfg", smoke_cfg, "--out", tmp_path / "x",
+                      "--set", "reward.features.name=clip")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
