@@ -351,6 +351,8 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' takes CUDA when present")
     precision: Literal["fp32", "fp16", "bf16"] = _f("fp32", "autocast dtype for UNet passes on CUDA")
     tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
+    num_threads: Optional[int] = _f(None, "torch CPU threads (null: torch's default; 1 is faster when other "
+                                          "jobs share the cores)", ge=1)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training / reference images"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the diffusion model"})
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "DDIM sampler / policy"})
@@ -574,6 +576,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def apply_threads(cfg: Config) -> None:
+    """Set torch's CPU thread count from `num_threads` (if given)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from ddpm.pretrain import pretrain
-from utils import load_config, prepare_run_dir, run_main, script_parser
+from utils import apply_threads, load_config, prepare_run_dir, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
+    apply_threads(cfg)
     run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)
     final = pretrain(cfg, run_dir, resume=args.resume)
     print(f"saved the EMA model to {final}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ddpm.pipeline import load_pipeline
 from ddpm.sampling import sample_model
-from utils import (PROJECT_ROOT, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
+from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
                    save_images, script_parser, seed_everything)
 
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         raise CraterdiffError(f"--n must be at least 1, got {args.n}")
     cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
+    apply_threads(cfg)
     ckpt = Path(args.ckpt)
     unet, scheduler = load_pipeline(ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt)
     device = resolve_device(cfg.device)

@@ -6,12 +6,13 @@ reward.yaml, reference_features.npy, pca.npz, realism.safetensors. `reward.load(
 from __future__ import annotations
 
 from reward.build import artifact_path, build_and_save
-from utils import load_config, prepare_run_dir, run_main, script_parser
+from utils import apply_threads, load_config, prepare_run_dir, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
+    apply_threads(cfg)
     run_dir = prepare_run_dir(args.out, cfg, resume=False, guard_checkpoints=False, config_name="config_reward.yaml")
     out = artifact_path(cfg, run_dir)
     model = build_and_save(cfg, out)

@@ -1,0 +1,234 @@
+"""The policy stage's loop: sample (pass 1), reward, advantages, update (pass 2), log, checkpoint.
+
+One iteration: B trajectories are sampled without grad under the current θ; the frozen reward model
+scores the final images as a set; the rewards become advantages; PPO, TRPO or REINFORCE updates θ.
+A non-finite reward, log-prob or gradient skips the update and keeps the last good weights;
+`rl.max_nonfinite` such iterations in a row stop the run with an error.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ddpm.pipeline import load_pipeline
+from reward.artifact import RewardModel, load_artifact
+from reward.build import artifact_path, build_and_save
+from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
+                           normalize_batch, terminal_rewards)
+from rl.policy import DiffusionPolicy
+from rl.ppo import UpdateStats, ppo_update, reinforce_update
+from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
+from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
+                   prune_checkpoints, resolve_device, resolve_path, rng_state, save_state, seed_everything,
+                   set_rng_state)
+
+
+@dataclass
+class RLState:
+    """Everything a checkpoint holds besides θ."""
+    iteration: int = 0
+    nonfinite_in_row: int = 0
+    penalty: PenaltyState = field(default_factory=lambda: PenaltyState(beta=1.0))
+
+
+class Finetuner:
+    """Wires the policy, reward model, optimizer and advantage estimator of a config together."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, device: torch.device | None = None):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = device or resolve_device(cfg.device)
+        self.generator = seed_everything(cfg.seed)
+        self.reward = self._reward_model()
+        if not cfg.model.pretrained:
+            raise CraterdiffError("model.pretrained is not set: the policy stage fine-tunes a saved base model "
+                                  "(e.g. ddpm/pretrained/mars32)")
+        unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+        r = cfg.rl
+        self.policy = DiffusionPolicy(unet.to(self.device), scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora,
+                                      keep_base=r.kl_base_coef > 0 and r.policy_mode == "full")
+        self.policy.to(self.device)
+        needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
+        self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)
+                          if needs_optimizer else None)
+        self.critic = self.critic_opt = None
+        if r.advantages.gae:
+            c = unet.config
+            self.critic = Critic(c.in_channels, width=r.advantages.critic_width,
+                                 num_train_timesteps=scheduler.config.num_train_timesteps).to(self.device)
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=r.advantages.critic_lr)
+        self.tracker = PerPromptStatTracker(history=r.advantages.history)
+        self.state = RLState(penalty=PenaltyState(beta=r.trpo.penalty_beta))
+
+    # --- pieces -----------------------------------------------------------------------------------
+
+    def _reward_model(self) -> RewardModel:
+        path = artifact_path(self.cfg, self.run_dir)
+        if not (path / "reward.yaml").is_file():
+            tqdm.write(f"no reward artifact at {path}: building it first")
+            build_and_save(self.cfg, path)
+        return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device)
+
+    def advantages(self, rewards: torch.Tensor, traj) -> torch.Tensor:
+        """(B,) rewards -> (B,) advantages, or (T, B) with GAE."""
+        a = self.cfg.rl.advantages
+        if a.normalize == "batch":
+            r = normalize_batch(rewards)
+        elif a.normalize == "per_prompt":
+            r = self.tracker(rewards, [""] * rewards.shape[0])
+        else:
+            r = rewards.double()
+        if a.gae:
+            values = critic_values(self.critic, traj.states, traj.timesteps)
+            adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=a.gamma, lam=a.lam)
+            fit_critic(self.critic, self.critic_opt, traj.states, traj.timesteps, (adv + values[:-1]).float())
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            return clip_advantages(adv, a.clip)
+        return clip_advantages(r, a.clip)
+
+    def update(self, traj, adv: torch.Tensor) -> UpdateStats:
+        r = self.cfg.rl
+        if r.algorithm == "ppo":
+            return ppo_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator)
+        if r.algorithm == "reinforce":
+            return reinforce_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator)
+        if r.trpo.mode == "penalty":
+            return kl_penalty_update(self.policy, self.optimizer, traj, adv, r, self.state.penalty,
+                                     generator=self.generator)
+        return trpo_update(self.policy, traj, adv, r, generator=self.generator)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        ckpt_dir = self.run_dir / "checkpoints"
+        with atomic_checkpoint(ckpt_dir, self.state.iteration) as tmp:
+            self.policy.save(tmp)
+            save_file({k: v.contiguous().cpu() for k, v in self.policy.trainable_state().items()},
+                      tmp / "policy.safetensors")
+            save_state({
+                "iteration": self.state.iteration, "nonfinite_in_row": self.state.nonfinite_in_row,
+                "penalty_beta": self.state.penalty.beta,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "critic": self.critic.state_dict() if self.critic else None,
+                "critic_optimizer": self.critic_opt.state_dict() if self.critic_opt else None,
+                "tracker": self.tracker.state_dict(), "rng": rng_state(self.generator),
+            }, tmp / "training_state.pt")
+        prune_checkpoints(ckpt_dir, self.cfg.rl.keep_checkpoints)
+        return ckpt_dir / f"step_{self.state.iteration}"
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_state(path / "training_state.pt")
+        try:
+            theta = load_file(path / "policy.safetensors")
+        except Exception as e:  # truncated or foreign file
+            raise CraterdiffError(f"cannot read '{path / 'policy.safetensors'}' ({type(e).__name__}); "
+                                  f"delete that checkpoint to resume from an earlier one") from None
+        self.policy.load_trainable_state({k: v.to(self.device) for k, v in theta.items()})
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic and state["critic"]:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.state = RLState(iteration=int(state["iteration"]), nonfinite_in_row=int(state["nonfinite_in_row"]),
+                             penalty=PenaltyState(beta=float(state["penalty_beta"])))
+        set_rng_state(state["rng"], self.generator)
+
+    # --- one iteration ----------------------------------------------------------------------------
+
+    def iteration(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Sample, reward, update once; returns the log row and the batch's images."""
+        r = self.cfg.rl
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        traj = self.policy.sample(r.batch_size, generator=self.generator)
+        t1 = time.perf_counter()
+        out = self.reward(traj.images)
+        t2 = time.perf_counter()
+        row: dict[str, float] = {}
+        weighted = sum(self.reward.weights.get(c, 0.0) * v for c, v in out.components.items())
+        row["reward_mean"], row["reward_std"] = float(weighted.mean()), float(weighted.std())
+        for c, v in out.components.items():
+            row[f"reward_{c}"] = float(v.mean())
+        for c, v in out.values.items():
+            row[f"value_{c}"] = v
+        finite = bool(torch.isfinite(out.rewards).all() and torch.isfinite(traj.logp).all())
+        stats = UpdateStats(nonfinite=True)
+        if finite:
+            snapshot = self.policy.trainable_state()
+            stats = self.update(traj, self.advantages(out.rewards, traj))
+            if not all(torch.isfinite(p).all() for p in self.policy.trainable_parameters()):
+                stats.nonfinite = True
+            if stats.nonfinite:
+                self.policy.load_trainable_state(snapshot)
+        t3 = time.perf_counter()
+        self.state.nonfinite_in_row = self.state.nonfinite_in_row + 1 if stats.nonfinite else 0
+        row.update({k: v for k, v in stats.as_dict().items() if k != "nonfinite"})
+        row["skipped"] = float(stats.nonfinite)
+        row.update(time_sample_s=t1 - t0, time_reward_s=t2 - t1, time_update_s=t3 - t2, peak_mem_mb=peak_mem_mb(self.device))
+        return row, traj.images
+
+    def run(self, *, resume: bool, stop_at: int | None = None) -> Path | None:
+        """Train for rl.iterations; `stop_at` ends this call after that iteration (checkpointed)."""
+        r = self.cfg.rl
+        if resume:
+            self.load_checkpoint(latest_checkpoint(self.run_dir / "checkpoints"))
+        log = RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
+                        resume_step=self.state.iteration if resume else None)
+        bar = tqdm(total=r.iterations, initial=self.state.iteration, desc=f"finetune ({r.algorithm})",
+                   dynamic_ncols=True)
+        try:
+            while self.state.iteration < r.iterations:
+                row, images = self.iteration()
+                self.state.iteration += 1
+                it = self.state.iteration
+                log.log(it, row)
+                bar.update(1)
+                tqdm.write(summary_line(it, r.iterations, row))
+                if self.state.nonfinite_in_row >= r.max_nonfinite:
+                    raise CraterdiffError(f"{self.state.nonfinite_in_row} iterations in a row had non-finite rewards, "
+                                          f"log-probs or gradients; the last good weights are in the latest checkpoint. "
+                                          f"Lower rl.lr or raise sampler.sigma_floor")
+                if it % r.sample_every == 0 or it == r.iterations:
+                    grid = image_grid(images[:64], scale=2)
+                    (self.run_dir / "samples").mkdir(exist_ok=True)
+                    grid.save(self.run_dir / "samples" / f"iter_{it}.png")
+                    log.add_image("samples", grid, it)
+                if it % r.checkpoint_every == 0 or it == r.iterations or it == stop_at:
+                    self.save_checkpoint()
+                if it == stop_at:
+                    break
+        finally:
+            bar.close()
+            log.close()
+        if self.state.iteration < r.iterations:
+            return None
+        self.policy.save(self.run_dir)
+        return self.run_dir / "model"
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak since the iteration began, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary_line(it: int, total: int, row: dict[str, float]) -> str:
+    parts = [f"iter {it}/{total}", f"reward {row['reward_mean']:+.4f}"]
+    for c in ("ot", "mmd", "realism"):
+        if f"value_{c}" in row:
+            parts.append(f"{c} {row[f'value_{c}']:.4g}")
+    parts += [f"kl {row['kl']:.2e}", f"clip {row['clip_frac']:.2f}", f"|g| {row['grad_norm']:.3g}"]
+    if "accepted" in row:
+        parts.append(f"accepted {int(row['accepted'])}")
+    parts.append(f"t {row['time_sample_s'] + row['time_reward_s'] + row['time_update_s']:.1f}s")
+    if row.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    return " | ".join(parts)
