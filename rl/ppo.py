@@ -129,7 +129,7 @@ def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, step
             acc.nonfinite = True
             continue
         (loss * scale).backward()
-        acc.loss += float(loss) * scale
+        acc.loss += float(loss.detach()) * scale
         acc.log_ratios.append((out.logp.detach().cpu() - traj.logp[k, idx].cpu()).double())
 
 

@@ -171,7 +171,7 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
             share = gaussian_kl(out.mu, mu_old[k], policy.sigma_tilde(k)).sum() / n
             if backward_fn:
                 backward_fn(share)
-        total += float(share)
+        total += float(share.detach())
     return total
 
 

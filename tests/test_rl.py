@@ -1,0 +1,298 @@
+"""RL numerics: PPO loss, trajectory ratio, two-pass = full graph, CG, Fisher-vector product, line search, GAE."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddpm.schedulers import make_train_scheduler
+from ddpm.unet import build_unet
+from rl.advantages import gae, normalize_batch, PerPromptStatTracker
+from rl.objectives import approx_kl, gaussian_kl, ppo_clip_loss, trajectory_log_ratio
+from rl.policy import DiffusionPolicy
+from rl.ppo import ppo_update, reinforce_update
+from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
+                     old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
+from utils import RLConfig, SamplerConfig, config_from_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_policy(seed: int = 0, *, mode: str = "full", steps: int = 3, floor: float = 0.05) -> DiffusionPolicy:
+    torch.manual_seed(seed)
+    unet = build_unet("tiny", image_size=8, channels=1)
+    sched = make_train_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    sampler = SamplerConfig(num_steps=steps, eta=1.0, sigma_floor=floor)
+    return DiffusionPolicy(unet, sched, sampler, mode=mode)
+
+
+def rl_cfg(**kw) -> RLConfig:
+    return config_from_dict(kw, cls=RLConfig)
+
+
+# --- objectives -------------------------------------------------------------------------------
+
+def test_ppo_clip_loss_against_hand_computed_values():
+    # ρ = exp(logp − logp_old) = [1.2, 0.5, 1.0, 2.0]; ε = 0.1
+    logp_old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.2, 0.5, 1.0, 2.0]))
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    res = ppo_clip_loss(logp, logp_old, adv, clip_range=0.1)
+    # per sample max(−Aρ, −A clip(ρ)): A>0,ρ=1.2: max(−1.2, −1.1) = −1.1 (clipped); A>0,ρ=0.5: max(−0.5, −0.9) = −0.5;
+    # A<0,ρ=1: max(2, 2) = 2; A<0,ρ=2: max(2, 1.1) = 2
+    expected = (-1.1 - 0.5 + 2.0 + 2.0) / 4
+    assert res.loss.item() == pytest.approx(expected)
+    assert res.clipped.tolist() == [True, False, False, False]
+    # gradient is zero exactly where the clipped branch is active
+    logp = logp.clone().requires_grad_(True)
+    ppo_clip_loss(logp, logp_old, adv, clip_range=0.1).loss.backward()
+    assert logp.grad[0] == 0 and logp.grad[1] != 0 and logp.grad[3] != 0
+
+
+def test_trajectory_ratio_clips_and_zeroes_gradients_where_clipped():
+    log_r = torch.tensor([[0.01, 0.2, -0.01], [0.02, 0.01, -0.3], [0.03, 0.01, 0.0]], requires_grad=True)  # (T=3, B=3)
+    out = trajectory_log_ratio(log_r, per_step_clip=0.05, global_clip=0.1)
+    # column 0: steps 0.01,0.02,0.03 → sum 0.06 inside both clips
+    # column 1: 0.2 → clipped to 0.05; sum 0.05+0.01+0.01 = 0.07, inside the global clip
+    # column 2: −0.3 → −0.05; sum −0.01−0.05+0 = −0.06
+    torch.testing.assert_close(out.log_r.detach(), torch.tensor([0.06, 0.07, -0.06]))
+    assert out.step_active[:, 1].tolist() == [False, True, True]
+    assert out.active.all()
+    adv = torch.tensor([1.0, 1.0, 1.0])
+    (adv * out.log_r.exp()).sum().backward()
+    assert log_r.grad[0, 1] == 0 and log_r.grad[1, 2] == 0  # per-step clipped entries get no gradient
+    assert log_r.grad[0, 0] != 0
+    # global clip: a trajectory whose clipped sum exceeds the bound gets no gradient at all
+    lr2 = torch.full((3, 1), 0.04, requires_grad=True)
+    out2 = trajectory_log_ratio(lr2, per_step_clip=0.05, global_clip=0.1)
+    assert not out2.active.item() and out2.log_r.item() == pytest.approx(0.1)
+    out2.log_r.exp().sum().backward()
+    assert (lr2.grad == 0).all()
+
+
+def test_approx_kl_and_gaussian_kl():
+    lr = torch.tensor([0.0, 0.1, -0.1])
+    assert approx_kl(lr).item() == pytest.approx(((lr.exp() - 1) - lr).mean().item())
+    assert approx_kl(torch.zeros(5)).item() == 0.0
+    mu, mu_ref = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    # KL between N(0, σ²) and N(1, σ²) per dimension = 1/(2σ²); mean over dims keeps it
+    torch.testing.assert_close(gaussian_kl(mu, mu_ref, 0.5), torch.full((2,), 2.0))
+    # against torch.distributions (sum over dims / d)
+    d = torch.distributions
+    ref = d.kl_divergence(d.Normal(mu_ref, 0.5), d.Normal(mu, 0.5)).flatten(1).mean(1)
+    torch.testing.assert_close(gaussian_kl(mu, mu_ref, 0.5), ref)
+
+
+# --- the two-pass trick changes nothing -----------------------------------------------------------
+
+class Capture(torch.optim.Optimizer):
+    """An optimizer that records the gradients it is asked to apply, and applies nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append(torch.cat([p.grad.reshape(-1).clone() for g in self.param_groups for p in g["params"]]))
+
+
+def _perturb(policy, scale=1e-2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("ratio", ["per_step", "trajectory"])
+def test_two_pass_gradient_equals_single_graph_gradient(ratio):
+    policy = tiny_policy()
+    traj = policy.sample(6, generator=torch.Generator().manual_seed(0))
+    _perturb(policy)  # θ ≠ θ_old, so ratios differ from 1 and some clips are active
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5, 0.3, 0.7])
+    cfg = rl_cfg(microbatch=2, gradient_accumulation=3, grad_clip=1e9,
+                 ppo={"ratio": ratio, "clip_range": 0.02, "per_step_clip": 0.05, "global_clip": 0.1})
+    params = policy.trainable_parameters()
+    opt = Capture(params)
+    ppo_update(policy, opt, traj, adv, cfg, generator=torch.Generator().manual_seed(1))
+    assert len(opt.grads) == 1
+    two_pass = opt.grads[0]
+
+    # reference: the whole objective in one autograd graph
+    for p in params:
+        p.grad = None
+    T = traj.num_steps
+    logps = torch.stack([policy.step(k, traj.x_t[k], traj.x_prev[k]).logp for k in range(T)])  # (T, B)
+    if ratio == "per_step":
+        loss = torch.stack([ppo_clip_loss(logps[k], traj.logp[k], adv, clip_range=0.02).loss for k in range(T)]).mean()
+    else:
+        out = trajectory_log_ratio(logps - traj.logp, per_step_clip=0.05, global_clip=0.1)
+        assert (~out.step_active).any()  # the test exercises the clipping
+        loss = -(adv * out.log_r.exp()).mean()
+    loss.backward()
+    full = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(two_pass, full, rtol=1e-4, atol=1e-7)
+
+
+def test_reinforce_gradient_equals_single_graph_gradient():
+    policy = tiny_policy()
+    traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    opt = Capture(policy.trainable_parameters())
+    reinforce_update(policy, opt, traj, adv, rl_cfg(microbatch=4, gradient_accumulation=1, grad_clip=1e9),
+                     generator=torch.Generator().manual_seed(1))
+    for p in policy.trainable_parameters():
+        p.grad = None
+    logps = torch.stack([policy.step(k, traj.x_t[k], traj.x_prev[k]).logp for k in range(traj.num_steps)])
+    (-(adv * logps).mean()).backward()
+    full = torch.cat([p.grad.reshape(-1) for p in policy.trainable_parameters()])
+    torch.testing.assert_close(opt.grads[0], full, rtol=1e-4, atol=1e-7)
+
+
+# --- TRPO pieces --------------------------------------------------------------------------------
+
+def test_conjugate_gradient_against_linalg_solve():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    spd = a @ a.T + 0.5 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    res = conjugate_gradient(lambda v: spd @ v, b, iters=100, tol=1e-20)
+    torch.testing.assert_close(res.x, torch.linalg.solve(spd, b), rtol=1e-6, atol=1e-8)
+    few = conjugate_gradient(lambda v: spd @ v, b, iters=3)
+    assert few.iters == 3 and few.residual > res.residual
+
+
+def test_fisher_vector_product_against_explicit_fisher():
+    # Only conv_out is trainable, so the Fisher matrix F = Jᵀ W J is small enough to build explicitly:
+    # J = ∂μ/∂θ over the states of S (every dimension), W = 1/(σ̃_k² · d · |S|) (the KL is a mean).
+    policy = tiny_policy()
+    for name, p in policy.unet.named_parameters():
+        p.requires_grad_(name.startswith("conv_out"))
+    params = policy.trainable_parameters()
+    traj = policy.sample(3, generator=torch.Generator().manual_seed(0))
+    states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=torch.Generator().manual_seed(0))
+    mu_old = old_means(policy, traj, states)
+    n_states = sum(len(v) for v in states.values())
+    n = sum(p.numel() for p in params)
+    fisher = torch.zeros(n, n, dtype=torch.float64)
+    for k, idx in states.items():
+        mu = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu.reshape(-1)
+        rows = []
+        for j in range(mu.numel()):
+            grads = torch.autograd.grad(mu[j], params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        jac = torch.stack(rows).double()  # (len(idx)·d, n)
+        d = mu.numel() // len(idx)
+        fisher += jac.T @ jac / (policy.sigma_tilde(k) ** 2 * d * n_states)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    fv = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.0)
+    torch.testing.assert_close(fv.double(), fisher @ v.double(), rtol=1e-3, atol=1e-6)
+    fv_damped = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.1)
+    torch.testing.assert_close(fv_damped, fv + 0.1 * v, rtol=1e-5, atol=1e-6)
+
+
+def test_line_search_rejects_over_limit_steps_and_restores():
+    state = {"frac": None}
+    trace = []
+
+    def set_step(f):
+        state["frac"] = f
+        trace.append(f)
+
+    # KL grows as 8δ·f²: f = 1 and 0.5 are over the limit, 0.25 is inside
+    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: state["frac"],
+                                   kl=lambda: 8e-3 * state["frac"] ** 2, expected_full=1.0, max_kl=1e-3,
+                                   coeff=0.5, max_iters=5, accept_ratio=0.1)
+    assert res.accepted and res.step_fraction == 0.25 and res.kl <= 1e-3 and res.iters == 3
+    # a single try over the limit is rejected and θ_old restored
+    trace.clear()
+    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: state["frac"],
+                                   kl=lambda: 8e-3 * state["frac"] ** 2, expected_full=1.0, max_kl=1e-3,
+                                   coeff=0.5, max_iters=1, accept_ratio=0.1)
+    assert not res.accepted and trace[-1] == 0.0
+    # a step that does not improve the surrogate enough is rejected too
+    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: -1.0, kl=lambda: 0.0,
+                                   expected_full=1.0, max_kl=1e-3, coeff=0.5, max_iters=3, accept_ratio=0.1)
+    assert not res.accepted and trace[-1] == 0.0
+
+
+def test_every_accepted_trpo_step_is_inside_the_trust_region():
+    policy = tiny_policy()
+    params = policy.trainable_parameters()
+    cfg = rl_cfg(microbatch=8, trpo={"max_kl": 1e-3, "kl_states": 0, "cg_iters": 5})
+    gen = torch.Generator().manual_seed(0)
+    accepted = 0
+    for it in range(3):
+        traj = policy.sample(8, generator=gen)
+        adv = normalize_batch(traj.images.mean((1, 2, 3)))
+        before = flat_params(params)
+        states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=gen)
+        mu_old = old_means(policy, traj, states)
+        stats = trpo_update(policy, traj, adv, cfg, generator=gen)
+        kl_after = subsample_kl(policy, traj, states, mu_old)
+        if stats.extra["accepted"]:
+            accepted += 1
+            assert kl_after <= 1e-3 * (1 + 1e-6)
+            assert not torch.equal(before, flat_params(params))
+        else:
+            assert torch.equal(before, flat_params(params))
+    assert accepted >= 1
+    # an impossible radius (tiny δ with accept_ratio demanding more than possible) keeps θ_old
+    cfg_tight = rl_cfg(microbatch=8, trpo={"max_kl": 1e-12, "kl_states": 0, "cg_iters": 3, "backtrack_iters": 1,
+                                           "accept_ratio": 10.0})
+    before = flat_params(params)
+    stats = trpo_update(policy, traj, adv, cfg_tight, generator=gen)
+    assert not stats.extra["accepted"] and torch.equal(before, flat_params(params))
+    set_flat_params(params, before)
+
+
+# --- advantages ---------------------------------------------------------------------------------
+
+def test_gae_against_brute_force_sum():
+    g = torch.Generator().manual_seed(0)
+    T, B, gamma, lam = 5, 3, 0.9, 0.8
+    r = torch.randn(T, B, generator=g, dtype=torch.float64)
+    v = torch.randn(T + 1, B, generator=g, dtype=torch.float64)
+    adv = gae(r, v, gamma=gamma, lam=lam)
+    for k in range(T):
+        for b in range(B):
+            expected = sum((gamma * lam) ** l * (r[k + l, b] + gamma * v[k + l + 1, b] - v[k + l, b])
+                           for l in range(T - k))
+            assert adv[k, b].item() == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+    # λ = 1, γ = 1, V = 0: the advantage is the reward-to-go
+    torch.testing.assert_close(gae(r, torch.zeros(T + 1, B, dtype=torch.float64), gamma=1.0, lam=1.0),
+                               r.flip(0).cumsum(0).flip(0))
+
+
+def test_normalisation_and_per_prompt_tracker():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    a = normalize_batch(r)
+    assert a.mean().abs() < 1e-12 and a.std(unbiased=False).item() == pytest.approx(1.0)
+    tr = PerPromptStatTracker(history=8, min_count=2)
+    out = tr(torch.tensor([1.0, 3.0, 10.0, 30.0]), ["a", "a", "b", "b"])
+    torch.testing.assert_close(out, torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
+
+
+# --- learning -------------------------------------------------------------------------------------
+
+def test_short_ppo_run_raises_its_reward():
+    # A tiny problem: reward = mean brightness of the image. PPO must raise it within a few iterations.
+    policy = tiny_policy(steps=3, floor=0.1)
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=3e-3)
+    cfg = rl_cfg(microbatch=16, gradient_accumulation=1, ppo={"clip_range": 0.2, "epochs": 2})
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(20):
+        traj = policy.sample(32, generator=gen)
+        reward = traj.images.mean((1, 2, 3))
+        history.append(reward.mean().item())
+        ppo_update(policy, opt, traj, normalize_batch(reward), cfg, generator=gen)
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert last > first + 0.1, history
+    assert math.isfinite(last)
