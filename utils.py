@@ -149,8 +149,10 @@ class SamplerConfig:
     num_steps: int = _f(10, "DDIM denoising steps per trajectory (RL actions per sample), usually 10-50", ge=1)
     eta: float = _f(1.0, "DDIM stochasticity eta; must be > 0 for a stochastic RL policy (1.0 = DDPM-like)",
                     ge=0.0)
-    sigma_floor: float = _f(1e-3, "lower bound on the policy std used in log-probs (keeps the last, "
-                                  "deterministic step's log-prob finite), usually 1e-4 to 1e-2", gt=0.0)
+    sigma_floor: float = _f(0.05, "lower bound σ_min on the policy std used in log-probs: keeps the last, "
+                                  "deterministic step (σ_t = 0) finite and its log-ratio no more sensitive "
+                                  "than the other steps'; about half the smallest non-zero σ_t (0.01-0.1)",
+                            gt=0.0)
     clip_sample: bool = _f(True, "clip the predicted x0 to [-clip_range, clip_range]")
     clip_range: float = _f(1.0, "bound for clip_sample", gt=0.0)
     logprob_reduction: Literal["mean", "sum"] = _f(

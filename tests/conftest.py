@@ -18,6 +18,17 @@ def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """In-process tests run tiny tensors, which are faster on one thread (and far faster when another
+    job shares the two cores: two threads then wait on each other). Subprocesses keep the default."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def smoke_cfg() -> Path:
     return ROOT / "configs" / "smoke.yaml"

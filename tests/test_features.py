@@ -40,16 +40,6 @@ class FakeFIDInception(torch.nn.Module):
         return means if return_features else means[:, :1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here: on 2 CPU cores shared with a training run, 2 OpenMP threads spend
-    most of a small forward pass waiting for each other (measured: 4 s instead of 0.05 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

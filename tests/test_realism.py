@@ -29,13 +29,6 @@ SIZE, N = 16, 48
 TRAIN = dict(epochs=15, batch_size=16, lr=3e-3, width=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a CPU shared with other jobs run 3-10x faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smooth_noise(n: int, size: int, seed: int) -> torch.Tensor:

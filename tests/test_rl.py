@@ -17,12 +17,6 @@ from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector
 from utils import RLConfig, SamplerConfig, config_from_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_policy(seed: int = 0, *, mode: str = "full", steps: int = 3, floor: float = 0.05) -> DiffusionPolicy:

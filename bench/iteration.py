@@ -1,0 +1,91 @@
+"""Where the time of one RL iteration goes, against the UNet-evaluation bound.
+
+    python -m bench.iteration --out DIR [--cfg configs/default.yaml] [--repeats 3]
+
+Runs `repeats` iterations of the configured fine-tuning (after one warm-up) and splits each into
+sampling, reward and update time. The bound counts the UNet evaluations an iteration cannot avoid:
+sampling makes T forward passes at batch B; a PPO update makes, per epoch, T forward+backward
+passes per microbatch (TRPO and the trajectory ratio make more, and say so). Each is multiplied by
+the measured time of one such pass. overhead = measured / bound (1.0 = nothing but UNet work).
+Writes DIR/iteration.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rl.trainer import Finetuner
+from utils import PROJECT_ROOT, apply_threads, load_config
+
+
+def time_call(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cfg", default=str(PROJECT_ROOT / "configs" / "default.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.cfg, args.overrides)
+    apply_threads(cfg)
+    ft = Finetuner(cfg, out / "run")
+    r = cfg.rl
+    T, B, mb = cfg.sampler.num_steps, r.batch_size, r.microbatch
+    c, s, _ = ft.policy.image_shape
+    unet, dev = ft.policy.unet, ft.device
+    t_b = ft.policy.schedule.timesteps[0]
+
+    x_b = torch.randn(B, c, s, s, device=dev)
+    x_mb = torch.randn(mb, c, s, s, device=dev)
+
+    def fwd():
+        with torch.no_grad():
+            unet(x_b, t_b.expand(B).to(dev))
+
+    def fwd_bwd():
+        unet(x_mb, t_b.expand(mb).to(dev)).sample.mean().backward()
+
+    t_fwd, t_fwd_bwd = time_call(fwd), time_call(fwd_bwd)
+    unet.zero_grad(set_to_none=True)
+    ft.iteration()  # warm-up
+    rows = [ft.iteration()[0] for _ in range(args.repeats)]
+    med = {k: statistics.median(row[k] for row in rows) for k in ("time_sample_s", "time_reward_s", "time_update_s")}
+    n_mb = -(-B // mb)
+    passes = r.ppo.epochs * (2 if r.ppo.ratio == "trajectory" else 1) if r.algorithm == "ppo" else 1
+    bound_sample = T * t_fwd
+    bound_update = passes * n_mb * T * t_fwd_bwd
+    result = {
+        "config": args.cfg, "algorithm": r.algorithm, "policy_mode": r.policy_mode, "T": T, "batch": B,
+        "microbatch": mb, "device": str(dev), "threads": torch.get_num_threads(),
+        "unet_forward_batch_s": t_fwd, "unet_forward_backward_microbatch_s": t_fwd_bwd,
+        **med, "bound_sample_s": bound_sample, "bound_update_s": bound_update,
+        "overhead_sample": med["time_sample_s"] / bound_sample,
+        "overhead_update": med["time_update_s"] / bound_update,
+        "overhead_total": (med["time_sample_s"] + med["time_update_s"]) / (bound_sample + bound_update),
+        "reward_share": med["time_reward_s"] / sum(med.values()),
+        "update_bound_note": ("TRPO adds CG Fisher-vector products and line-search passes beyond this bound"
+                              if r.algorithm == "trpo" else "PPO/REINFORCE: one forward+backward per step"),
+    }
+    (out / "iteration.json").write_text(json.dumps(result, indent=2))
+    for k, v in result.items():
+        print(f"{k:<36} {v:.4g}" if isinstance(v, float) else f"{k:<36} {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The policy stage end to end: resume exactness, the non-finite guard, and scripts.finetune on smoke.yaml."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from safetensors.torch import load_file
+
+from ddpm.pipeline import save_pipeline
+from ddpm.schedulers import make_train_scheduler
+from ddpm.unet import build_unet
+from rl.trainer import Finetuner
+from utils import CraterdiffError, load_config, prepare_run_dir
+
+from .conftest import ROOT, run_script
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random 32 px DDPM saved as a pipeline: fast stand-in for the shipped base model."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "model"
+    save_pipeline(build_unet("tiny", image_size=32, channels=1),
+                  make_train_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), path)
+    return path
+
+
+def _cfg(base, *over):
+    return load_config(ROOT / "configs" / "smoke.yaml",
+                       [f"model.pretrained={base}", "reward.features.name=pixels", "reward.realism.enabled=false",
+                        "tensorboard=false", "rl.iterations=4", "rl.batch_size=8", "rl.microbatch=4",
+                        "sampler.num_steps=3", "num_threads=1", *over])
+
+
+def _rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if not (k.startswith("time_") or k == "peak_mem_mb")}
+                for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+def test_resume_is_exact(tmp_path, tiny_base, algo):
+    cfg = _cfg(tiny_base, f"rl.algorithm={algo}", "rl.checkpoint_every=100", "rl.advantages.gae=true",
+               "rl.trpo.kl_states=8", "rl.trpo.cg_iters=2")
+    full = Finetuner(cfg, prepare_run_dir(tmp_path / "full", cfg, resume=False)).run(resume=False)
+    split_dir = tmp_path / "split"
+    assert Finetuner(cfg, prepare_run_dir(split_dir, cfg, resume=False)).run(resume=False, stop_at=2) is None
+    resumed = Finetuner(cfg, prepare_run_dir(split_dir, cfg, resume=True)).run(resume=True)
+    a = load_file(full.parent / "checkpoints" / "step_4" / "policy.safetensors")
+    b = load_file(resumed.parent / "checkpoints" / "step_4" / "policy.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _rows(tmp_path / "full" / "metrics.csv") == _rows(split_dir / "metrics.csv")
+
+
+def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_base, monkeypatch):
+    cfg = _cfg(tiny_base, "rl.max_nonfinite=2")
+    ft = Finetuner(cfg, prepare_run_dir(tmp_path, cfg, resume=False))
+    real_call = type(ft.reward).__call__
+
+    def poisoned(self, images):
+        out = real_call(self, images)
+        out.rewards[0] = float("nan")
+        return out
+
+    before = ft.policy.trainable_state()
+    monkeypatch.setattr(type(ft.reward), "__call__", poisoned)
+    row, _ = ft.iteration()
+    assert row["skipped"] == 1.0
+    for k, v in ft.policy.trainable_state().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(CraterdiffError, match="non-finite"):
+        ft.run(resume=False)
+    monkeypatch.setattr(type(ft.reward), "__call__", real_call)
+
+
+def test_nonfinite_gradient_restores_weights(tmp_path, tiny_base, monkeypatch):
+    cfg = _cfg(tiny_base)
+    ft = Finetuner(cfg, prepare_run_dir(tmp_path, cfg, resume=False))
+    before = ft.policy.trainable_state()
+    import rl.trainer as trainer
+
+    def nan_update(policy, optimizer, traj, adv, cfg_, *, generator):
+        for p in policy.trainable_parameters():
+            p.data.fill_(float("nan"))
+        return trainer.UpdateStats()
+    monkeypatch.setattr(trainer, "ppo_update", nan_update)
+    row, _ = ft.iteration()
+    assert row["skipped"] == 1.0
+    for k, v in ft.policy.trainable_state().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.fixture(scope="module")
+def smoke_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward_run")
+    proc = run_script("scripts.train_reward_model", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out / "reward"
+
+
+REQUIRED_COLUMNS = {"step", "reward_mean", "reward_std", "reward_ot", "reward_mmd", "reward_mi", "reward_fid",
+                    "reward_knn_entropy", "reward_realism", "kl", "clip_frac", "grad_norm", "time_sample_s",
+                    "time_reward_s", "time_update_s", "peak_mem_mb"}
+
+
+@pytest.mark.parametrize("algo, mode", [("ppo", "full"), ("trpo", "full"), ("reinforce", "full"), ("ppo", "lora"),
+                                        ("trpo", "lora")])
+def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
+    proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path,
+                      "--set", f"rl.algorithm={algo}", "--set", f"rl.policy_mode={mode}",
+                      "--set", f"reward.artifact={smoke_artifact}")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and REQUIRED_COLUMNS <= set(rows[0])
+    assert all(float(r["skipped"]) == 0 for r in rows)
+    assert "iter 2/2" in proc.stderr + proc.stdout
+    for f in ("config.yaml", "samples/iter_2.png", "checkpoints/step_2/COMPLETE", "checkpoints/step_2/policy.safetensors",
+              "checkpoints/step_2/training_state.pt", "model/model_index.json"):
+        assert (tmp_path / f).is_file(), f
+    assert any((tmp_path / "tb").iterdir())
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "model")  # diffusers alone
+    assert pipe.unet.config.sample_size == 32
+    if mode == "lora":
+        from peft import PeftModel
+        from diffusers import UNet2DModel
+        base = UNet2DModel.from_pretrained(ROOT / "ddpm" / "pretrained" / "mars32" / "unet")
+        lora = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        assert any("lora_A" in n for n, _ in lora.named_parameters())
+    if algo == "trpo":
+        assert "accepted" in rows[0] and "backtrack_iters" in rows[0] and "cg_residual" in rows[0]
+
+
+def test_finetune_builds_missing_artifact_and_resumes(tmp_path):
+    over = ["--set", "reward.realism.epochs=1", "--set", "rl.iterations=1"]
+    proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path, *over)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "reward" / "reward.yaml").is_file()
+    proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path, "--resume",
+                      "--set", "reward.realism.epochs=1", "--set", "rl.iterations=2")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
