@@ -346,6 +346,28 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (scripts.eval): base vs fine-tuned samples against the held-out split (DESIGN.md, "Evaluation")."""
+    n: int = _f(150, "generated images per model and seed (fixed n: metrics are only comparable at equal n); the "
+                     "real set is min(n, held-out size) images (131 for the Mars set); at least 6 (density and "
+                     "coverage use the 5th neighbour)", ge=6)
+    seeds: tuple[int, ...] = _f((0, 1, 2), "sampling seeds, the same for every model; reports give mean ± std "
+                                           "over them (3-5; recall at n = 150 is noisy)")
+    extractors: tuple[str, ...] = _f(("efficientnet_lite0", "random_cnn"),
+                                     "feature extractors to evaluate in: the reward's and an independent one, so "
+                                     "that a gain cannot be only the reward being gamed")
+    input_size: Optional[int] = _f(None, "side images are resized to before each extractor (null: "
+                                         "reward.features.input_size for the reward's extractor, the extractor's "
+                                         "default for the others)", ge=8)
+    kid_subsets: int = _f(100, "random subsets KID is averaged over (Bińkowski et al. use 100)", ge=1)
+    n_modes: int = _f(20, "k-means clusters of the real set for mode coverage (capped at the number of real images)",
+                      ge=1)
+    run_dir: Optional[str] = _f(None, "the fine-tuning run to evaluate (its model/, reward/, metrics.csv); "
+                                      "null: runs/<config name>")
+    tsne: bool = _f(True, "write a t-SNE plot of real and generated features per extractor")
+
+
+@dataclass(frozen=True)
 class Config:
     """Root of a craterdiff config; one subtree per stage."""
     name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
@@ -363,6 +385,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "policy stage"})
     dataset: DatasetBuildConfig = field(default_factory=DatasetBuildConfig,
                                         metadata={"help": "building the Mars crater set"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent
