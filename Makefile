@@ -21,9 +21,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-# Until the fine-tuning stage lands, the main job samples the shipped base model.
+# The main job: RL fine-tuning on the embedded default. A run interrupted earlier is resumed
+# from its last checkpoint (a finished one is left as it is).
+RUN_DIR := runs/default
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m scripts.sample --cfg configs/default.yaml --ckpt ddpm/pretrained/mars32 --n 64 --out runs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m scripts.finetune --cfg configs/default.yaml --out $(RUN_DIR) \
+		$(if $(wildcard $(RUN_DIR)/checkpoints/step_*/COMPLETE),--resume)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

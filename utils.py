@@ -685,6 +685,9 @@ def atomic_directory(final: str | Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); give it normal directory rights
     try:
         yield tmp
         if final.exists():  # replacing (re-saving a step after a resume, rebuilding an artifact)

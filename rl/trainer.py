@@ -179,6 +179,9 @@ class Finetuner:
         r = self.cfg.rl
         if resume:
             self.load_checkpoint(latest_checkpoint(self.run_dir / "checkpoints"))
+            if self.state.iteration >= r.iterations:
+                tqdm.write(f"{self.run_dir} already finished its {r.iterations} iterations; raise rl.iterations "
+                           f"(--set rl.iterations=N) to continue it")
         log = RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
                         resume_step=self.state.iteration if resume else None)
         bar = tqdm(total=r.iterations, initial=self.state.iteration, desc=f"finetune ({r.algorithm})",
