@@ -124,18 +124,20 @@ class RewardModel:
 # ----------------------------------------------------------------------------------------------
 
 def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | None, device="cpu",
-                       reference_info: dict | None = None, progress: bool = False) -> RewardModel:
+                       reference_info: dict | None = None, progress: bool = False,
+                       extractor: FeatureExtractor | None = None) -> RewardModel:
     """Fit the frozen reward model of `cfg.reward` to reference images (N, C, H, W) in [-1, 1].
 
     The RBF bandwidth is `bandwidth_scale` × the median pairwise distance of φ(Y) (median heuristic,
     fixed here once); the PCA (for kNN entropy and FID) is fitted on φ(Y); the realism CNN is
     trained on reference vs. `fake_images` (base-model samples) when `reward.realism.enabled`.
+    `extractor` reuses an extractor already built from `reward.features`.
     """
     r = cfg.reward
     if r.weights.realism > 0 and not r.realism.enabled:
         raise CraterdiffError("reward.weights.realism > 0 needs reward.realism.enabled: true")
-    extractor = build_extractor(r.features.name, input_size=r.features.input_size, path=r.features.path,
-                                seed=cfg.seed, device=device)
+    extractor = extractor or build_extractor(r.features.name, input_size=r.features.input_size,
+                                             path=r.features.path, seed=cfg.seed, device=device)
     ref = extract_features(extractor, reference_images, batch_size=r.features.batch_size).double()
     m = ref.shape[0]
     if m < 8:

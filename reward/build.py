@@ -10,6 +10,7 @@ from ddpm.pipeline import load_pipeline
 from ddpm.sampling import sample_model
 from reward.artifact import RewardModel, build_reward_model, save_artifact
 from reward.datasets import load_image_folder
+from reward.features import build_extractor
 from reward.sources import load_image_set
 from utils import Config, CraterdiffError, resolve_device, resolve_path
 
@@ -37,6 +38,8 @@ def artifact_path(cfg: Config, run_dir: Path) -> Path:
 def build_and_save(cfg: Config, out: Path) -> RewardModel:
     """Build the reward model of `cfg` on the train split and save the artifact to `out`."""
     device = resolve_device(cfg.device)
+    f = cfg.reward.features
+    extractor = build_extractor(f.name, input_size=f.input_size, path=f.path, seed=cfg.seed, device=device)
     ref = load_image_set(cfg.data, "train")
     fake = None
     if cfg.reward.realism.enabled:
@@ -48,6 +51,7 @@ def build_and_save(cfg: Config, out: Path) -> RewardModel:
     tqdm.write(f"building the reward model: {len(ref)} reference images, extractor {cfg.reward.features.name}"
                + (f", realism on {len(fake)} base-model images" if fake is not None else ""))
     model = build_reward_model(cfg, reference_images=ref.images, fake_images=fake, device=device, progress=True,
+                               extractor=extractor,
                                reference_info={"source": cfg.data.source, "split": "train",
                                                "image_size": cfg.data.image_size, "channels": cfg.data.channels})
     save_artifact(model, out)
