@@ -141,6 +141,9 @@ class ModelConfig:
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule", ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
         "squaredcos_cap_v2", "noise schedule of the training scheduler (cosine works best at 32 px)")
+    prediction_type: Literal["v_prediction", "epsilon"] = _f(
+        "v_prediction", "what a newly trained UNet predicts: v (well conditioned at every noise level; the "
+                        "cosine schedule's ᾱ_999 ≈ 2e-9 makes x̂0 from ε̂ ill-conditioned) or ε")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Notation (variable -> symbol of DESIGN.md, "Policy"; Song et al. 2021, eq. 12 an
 | variable         | symbol          | meaning |
 |------------------|-----------------|---------|
 | `x_t`            | x_t             | noisy state before the step, (B, C, H, W) |
-| `eps`            | ε̂ = ε_θ(x_t,t) | the network's noise prediction, (B, C, H, W) |
+| `output`         | ε̂ or v̂          | the network's output, (B, C, H, W): noise (ε-prediction) or velocity (v-prediction) |
+| `eps`            | ε̂               | the noise prediction, from the output |
 | `alpha_bar_t`    | ᾱ_t             | cumulative signal fraction at t, (B,) or scalar |
 | `alpha_bar_prev` | ᾱ_prev          | the same at the next (less noisy) timestep |
 | `x0`             | x̂0              | predicted clean image |
@@ -43,6 +44,26 @@ def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor | float) -> Tensor:
     """x̂0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)   (Song et al. 2021, eq. 12, first term)."""
     a = _per_sample(alpha_bar_t, x_t)
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def x0_eps_from_v(x_t: Tensor, v: Tensor, alpha_bar_t: Tensor | float) -> tuple[Tensor, Tensor]:
+    """v-prediction (Salimans & Ho 2022): x̂0 = sqrt(ᾱ_t) x_t − sqrt(1 − ᾱ_t) v̂,
+    ε̂ = sqrt(1 − ᾱ_t) x_t + sqrt(ᾱ_t) v̂.
+
+    Unlike x̂0 from ε̂, which divides by sqrt(ᾱ_t) (≈ 5e-5 at t = 999 of the cosine schedule, so a
+    change of 1e-4 in ε̂ moves x̂0 by 2), both are well conditioned at every noise level.
+    """
+    a = _per_sample(alpha_bar_t, x_t)
+    return a.sqrt() * x_t - (1 - a).sqrt() * v, (1 - a).sqrt() * x_t + a.sqrt() * v
+
+
+def x0_eps(output: Tensor, x_t: Tensor, alpha_bar_t: Tensor | float, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x̂0, ε̂) from the network's output under its prediction type ('epsilon' or 'v_prediction')."""
+    if prediction_type == "epsilon":
+        return predict_x0(x_t, output, alpha_bar_t), output
+    if prediction_type == "v_prediction":
+        return x0_eps_from_v(x_t, output, alpha_bar_t)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
 
 
 def ddim_sigma(alpha_bar_t: Tensor | float, alpha_bar_prev: Tensor | float, eta: float) -> Tensor:
@@ -88,7 +109,7 @@ class DDIMStep:
 
 
 def ddim_step_logprob(
-    eps: Tensor,
+    output: Tensor,
     x_t: Tensor,
     *,
     alpha_bar_t: Tensor | float,
@@ -100,8 +121,9 @@ def ddim_step_logprob(
     generator: torch.Generator | None = None,
     clip_range: float | None = 1.0,
     reduction: Reduction = "mean",
+    prediction_type: str = "epsilon",
 ) -> DDIMStep:
-    """One DDIM step x_t → x_prev and log π_θ(x_prev | x_t).
+    """One DDIM step x_t → x_prev and log π_θ(x_prev | x_t), from the network output ε̂ or v̂.
 
     x_prev = μ_θ + σ_t z with z = `noise` (or drawn from `generator` on the CPU). If `x_prev` is
     given (PPO's second pass, TRPO), it is not sampled: only its log-prob under the current
@@ -110,7 +132,7 @@ def ddim_step_logprob(
     """
     if sigma_floor <= 0:
         raise ValueError(f"sigma_floor must be > 0, got {sigma_floor}")
-    x0 = predict_x0(x_t, eps, alpha_bar_t)
+    x0, eps = x0_eps(output, x_t, alpha_bar_t, prediction_type)
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     sigma64 = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta).to(x_t.device)

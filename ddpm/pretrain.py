@@ -1,7 +1,8 @@
-"""DDPM pretraining: ε-prediction with L_simple, EMA weights, a skewed training mix, exact resume.
+"""DDPM pretraining: v- or ε-prediction with L_simple, EMA weights, a skewed training mix, exact resume.
 
 Notation: x0 a training image (B, C, H, W) in [-1, 1]; t ~ U{0..T_train−1}; ε ~ N(0, I);
-x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε (diffusers' `add_noise`); ε_θ the UNet.
+x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε (diffusers' `add_noise`); f_θ the UNet, predicting ε or
+v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0 (diffusers' `get_velocity`).
 """
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: fl
 
 
 def ddpm_loss(unet: UNet2DModel, x0: Tensor, scheduler: DDPMScheduler, *, generator: torch.Generator) -> Tensor:
-    """L_simple = E_{t, ε} ‖ε − ε_θ(x_t, t)‖² averaged over pixels (Ho et al. 2020, eq. 14)."""
+    """L_simple = E_{t, ε} ‖target − f_θ(x_t, t)‖² averaged over pixels (Ho et al. 2020, eq. 14), with
+    target = ε (ε-prediction) or v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0 (v-prediction, Salimans & Ho 2022)."""
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
-    return torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+    target = eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
+    return torch.nn.functional.mse_loss(unet(x_t, t).sample, target)
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -85,7 +88,8 @@ def build_trainer(cfg: Config, device: torch.device) -> Trainer:
     else:
         unet = build_unet(cfg.model.preset, image_size=cfg.data.image_size, channels=cfg.data.channels)
         scheduler = make_train_scheduler(num_train_timesteps=cfg.model.num_train_timesteps,
-                                         beta_schedule=cfg.model.beta_schedule)
+                                         beta_schedule=cfg.model.beta_schedule,
+                                         prediction_type=cfg.model.prediction_type)
     unet.to(device).train()
     p = cfg.pretrain
     opt = torch.optim.AdamW(unet.parameters(), lr=p.lr, weight_decay=p.weight_decay)

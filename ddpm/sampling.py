@@ -15,7 +15,7 @@ from torch import Tensor
 from ddpm.ddim import Reduction, ddim_step_logprob
 from ddpm.schedulers import DDIMSchedule, sampler_schedule
 
-# ε̂ = eps_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
+# the network output (ε̂ or v̂, see DDIMSchedule.prediction_type): eps_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -54,7 +54,7 @@ class Trajectory:
 
 
 def unet_eps_fn(unet) -> EpsFn:
-    """ε̂ from a diffusers UNet2DModel: unet(x_t, t).sample."""
+    """The output of a diffusers UNet2DModel: unet(x_t, t).sample (ε̂ or v̂)."""
     return lambda x, t: unet(x, t).sample
 
 
@@ -88,7 +88,7 @@ def sample_trajectory(
         step = ddim_step_logprob(
             eps, x, alpha_bar_t=schedule.alpha_bar_t[k], alpha_bar_prev=schedule.alpha_bar_prev[k],
             eta=eta, sigma_floor=sigma_floor, generator=generator, clip_range=clip_range,
-            reduction=reduction,
+            reduction=reduction, prediction_type=schedule.prediction_type,
         )
         x = step.x_prev
         states.append(x.to(store))

@@ -13,10 +13,11 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 
-def make_train_scheduler(*, num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
-    """The ε-prediction training scheduler saved with every model."""
+def make_train_scheduler(*, num_train_timesteps: int, beta_schedule: str,
+                         prediction_type: str = "v_prediction") -> DDPMScheduler:
+    """The training scheduler saved with every model (its `prediction_type` says what the UNet outputs)."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type=prediction_type, clip_sample=True)
 
 
 def make_ddim_scheduler(train_config, *, num_steps: int, clip_sample: bool = True,
@@ -34,11 +35,13 @@ def make_ddim_scheduler(train_config, *, num_steps: int, clip_sample: bool = Tru
 
 @dataclass(frozen=True)
 class DDIMSchedule:
-    """The per-step table of a DDIM trajectory; every field is (T,), ᾱ values in float64."""
+    """The per-step table of a DDIM trajectory; every tensor is (T,), ᾱ values in float64;
+    `prediction_type` is what the network outputs ('epsilon' or 'v_prediction')."""
     timesteps: Tensor
     prev_timesteps: Tensor
     alpha_bar_t: Tensor
     alpha_bar_prev: Tensor
+    prediction_type: str = "epsilon"
 
     @property
     def num_steps(self) -> int:
@@ -57,7 +60,8 @@ def ddim_schedule(scheduler: DDIMScheduler) -> DDIMSchedule:
     ac = scheduler.alphas_cumprod.to(torch.float64).cpu()
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
     a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-    return DDIMSchedule(timesteps=ts, prev_timesteps=prev, alpha_bar_t=ac[ts], alpha_bar_prev=a_prev)
+    return DDIMSchedule(timesteps=ts, prev_timesteps=prev, alpha_bar_t=ac[ts], alpha_bar_prev=a_prev,
+                        prediction_type=scheduler.config.prediction_type)
 
 
 def sampler_schedule(train_config, sampler) -> DDIMSchedule:

@@ -59,6 +59,17 @@ def _mpl():
 # t-SNE
 # ----------------------------------------------------------------------------------------------
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """tight_layout, write `path` as PNG (parents created), close the figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 def tsne_plot(real: Tensor, gen_sets: Mapping[str, Tensor], path: str | Path, *, seed: int = 0,
               title: str | None = None) -> Path:
     """A 2-d t-SNE of the real features and every generated set, embedded together, saved as PNG.
@@ -89,12 +100,7 @@ def tsne_plot(real: Tensor, gen_sets: Mapping[str, Tensor], path: str | Path, *,
     ax.set_yticks([])
     ax.set_title(title or f"t-SNE (perplexity {perplexity:.3g})")
     ax.legend(loc="best", fontsize=8, frameon=True)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,12 +189,7 @@ def training_curves(metrics_csv: str | Path, path: str | Path, *, title: str | N
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ Step index k runs over the T DDIM steps (k = 0 is the noisiest); `schedule` hold
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-from ddpm.ddim import DDIMStep, ddim_step_logprob
+from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
 from ddpm.pipeline import save_pipeline
 from ddpm.sampling import Trajectory, sample_trajectory
 from ddpm.schedulers import sampler_schedule
@@ -63,13 +62,13 @@ class DiffusionPolicy(nn.Module):
 
     # --- ε̂ and the step ------------------------------------------------------------------------
 
-    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """ε̂_θ(x_t, t): (B, C, H, W), t (B,) long."""
+    def model_output(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The UNet output (ε̂ or v̂, per `schedule.prediction_type`): (B, C, H, W), t (B,) long."""
         return self.unet(x_t, t).sample.float()
 
     @torch.no_grad()
-    def base_eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """ε̂ of the frozen base model π_base (for the KL regulariser)."""
+    def base_model_output(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The frozen base model's output (π_base, for the KL regulariser)."""
         if self.mode == "lora":
             with self.unet.disable_adapter():
                 return self.unet(x_t, t).sample.float()
@@ -80,24 +79,24 @@ class DiffusionPolicy(nn.Module):
     def _t(self, k: int, batch: int) -> Tensor:
         return self.schedule.timesteps[k].expand(batch).to(self.device)
 
-    def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, eps: Tensor | None = None) -> DDIMStep:
+    def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, output: Tensor | None = None) -> DDIMStep:
         """log π_θ(x_prev | x_t) at step k (with grad if enabled); x_t, x_prev: (B, C, H, W)."""
         x_t, x_prev = x_t.to(self.device), x_prev.to(self.device)
-        if eps is None:
-            eps = self.eps(x_t, self._t(k, x_t.shape[0]))
-        return ddim_step_logprob(eps, x_t, alpha_bar_t=self.schedule.alpha_bar_t[k],
+        if output is None:
+            output = self.model_output(x_t, self._t(k, x_t.shape[0]))
+        return ddim_step_logprob(output, x_t, alpha_bar_t=self.schedule.alpha_bar_t[k],
                                  alpha_bar_prev=self.schedule.alpha_bar_prev[k], eta=self.sampler.eta,
                                  sigma_floor=self.sampler.sigma_floor, x_prev=x_prev, clip_range=self.clip_range,
-                                 reduction=self.sampler.logprob_reduction)
+                                 reduction=self.sampler.logprob_reduction,
+                                 prediction_type=self.schedule.prediction_type)
 
     def base_mean(self, k: int, x_t: Tensor, x_prev: Tensor) -> Tensor:
         """μ_base at step k: (B, C, H, W), no grad."""
         x_t = x_t.to(self.device)
-        return self.step(k, x_t, x_prev, eps=self.base_eps(x_t, self._t(k, x_t.shape[0]))).mu
+        return self.step(k, x_t, x_prev, output=self.base_model_output(x_t, self._t(k, x_t.shape[0]))).mu
 
     def sigma_tilde(self, k: int) -> float:
         """σ̃_k = max(σ_k, sigma_floor)."""
-        from ddpm.ddim import ddim_sigma
         s = ddim_sigma(self.schedule.alpha_bar_t[k], self.schedule.alpha_bar_prev[k], self.sampler.eta)
         return max(float(s), self.sampler.sigma_floor)
 
@@ -118,7 +117,7 @@ class DiffusionPolicy(nn.Module):
         was_training = self.unet.training
         self.unet.eval()
         try:
-            return sample_trajectory(self.eps, self.schedule, shape=(batch_size, *self.image_shape),
+            return sample_trajectory(self.model_output, self.schedule, shape=(batch_size, *self.image_shape),
                                      eta=self.sampler.eta, sigma_floor=self.sampler.sigma_floor, generator=generator,
                                      device=self.device, keep_on=keep_on or self.sampler.keep_on,
                                      clip_range=self.clip_range, reduction=self.sampler.logprob_reduction)
@@ -131,8 +130,7 @@ class DiffusionPolicy(nn.Module):
         """A plain UNet2DModel with θ folded in (LoRA merged), loadable by diffusers alone."""
         if self.mode == "full":
             return self.unet
-        merged = copy.deepcopy(self.unet).merge_and_unload()
-        return merged
+        return copy.deepcopy(self.unet).merge_and_unload()
 
     def save(self, path: str | Path) -> None:
         """`path/model/`: the (merged) pipeline; LoRA also `path/adapter/` (peft adapter_config.json +
@@ -151,12 +149,3 @@ class DiffusionPolicy(nn.Module):
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
-
-    @contextlib.contextmanager
-    def eval_mode(self):
-        was = self.unet.training
-        self.unet.eval()
-        try:
-            yield
-        finally:
-            self.unet.train(was)

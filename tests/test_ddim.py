@@ -11,8 +11,8 @@ from ddpm.sampling import sample_trajectory
 from ddpm.schedulers import ddim_schedule, make_ddim_scheduler, make_train_scheduler
 
 
-def _schedule(num_steps=10, beta="squaredcos_cap_v2", clip=True):
-    train = make_train_scheduler(num_train_timesteps=1000, beta_schedule=beta)
+def _schedule(num_steps=10, beta="squaredcos_cap_v2", clip=True, prediction="epsilon"):
+    train = make_train_scheduler(num_train_timesteps=1000, beta_schedule=beta, prediction_type=prediction)
     ddim = make_ddim_scheduler(train.config, num_steps=num_steps, clip_sample=clip)
     return ddim, ddim_schedule(ddim)
 
@@ -20,9 +20,10 @@ def _schedule(num_steps=10, beta="squaredcos_cap_v2", clip=True):
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("beta", ["linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("clip", [True, False])
-def test_sample_matches_diffusers_ddim_step(eta, beta, clip):
-    # Reference: diffusers' DDIMScheduler.step with the same ε̂, x_t, η and noise.
-    ddim, sched = _schedule(beta=beta, clip=clip)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sample_matches_diffusers_ddim_step(eta, beta, clip, prediction):
+    # Reference: diffusers' DDIMScheduler.step with the same network output, x_t, η and noise.
+    ddim, sched = _schedule(beta=beta, clip=clip, prediction=prediction)
     g = torch.Generator().manual_seed(0)
     for k in range(sched.num_steps):
         x = torch.randn(3, 2, 8, 8, generator=g)
@@ -30,7 +31,8 @@ def test_sample_matches_diffusers_ddim_step(eta, beta, clip):
         z = torch.randn(3, 2, 8, 8, generator=g)
         ref = ddim.step(eps, sched.timesteps[k], x, eta=eta, variance_noise=z).prev_sample
         ours = ddim_step_logprob(eps, x, alpha_bar_t=sched.alpha_bar_t[k], alpha_bar_prev=sched.alpha_bar_prev[k],
-                                 eta=eta, sigma_floor=1e-3, noise=z, clip_range=1.0 if clip else None)
+                                 eta=eta, sigma_floor=1e-3, noise=z, clip_range=1.0 if clip else None,
+                                 prediction_type=sched.prediction_type)
         torch.testing.assert_close(ours.x_prev, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -124,3 +126,16 @@ def test_trajectory_sampler_records_consistent_steps():
     again = sample_trajectory(eps_fn, sched, shape=(3, 1, 8, 8), eta=1.0, sigma_floor=1e-3,
                               generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(again.states, traj.states)
+
+
+def test_v_prediction_is_well_conditioned_at_the_first_step():
+    # At t = 999 of the cosine schedule ᾱ ≈ 2e-9: a 1e-4 change of ε̂ moves x̂0 by ~2 (so clipping
+    # decides it), while the same change of v̂ moves x̂0 by 1e-4.
+    from ddpm.ddim import predict_x0, x0_eps_from_v
+    _, sched = _schedule()
+    a = sched.alpha_bar_t[0]
+    assert a < 1e-8
+    x, out = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    d_eps = (predict_x0(x, out + 1e-4, a) - predict_x0(x, out, a)).abs().max()
+    d_v = (x0_eps_from_v(x, out + 1e-4, a)[0] - x0_eps_from_v(x, out, a)[0]).abs().max()
+    assert d_eps > 1.0 and d_v < 2e-4

@@ -34,7 +34,7 @@ def test_warmup_cosine_schedule():
 
 def test_ddpm_loss_is_the_noise_mse():
     # A "UNet" that returns the true noise has zero loss; one that returns zeros has loss E[ε²] ≈ 1.
-    sched = make_train_scheduler(num_train_timesteps=1000, beta_schedule="linear")
+    sched = make_train_scheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     x0 = torch.rand(64, 1, 8, 8) * 2 - 1
 
     class Zero(torch.nn.Module):
@@ -42,6 +42,16 @@ def test_ddpm_loss_is_the_noise_mse():
             return type("Out", (), {"sample": torch.zeros_like(x)})()
     loss = ddpm_loss(Zero(), x0, sched, generator=torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(1.0, abs=0.05)
+    # v-prediction: the target is v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x0 (diffusers' get_velocity); a network
+    # that outputs exactly v has zero loss
+    vsched = make_train_scheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction")
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t):
+            a = vsched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+            return type("Out", (), {"sample": a.sqrt() * eps - (1 - a).sqrt() * x0})()
+    assert ddpm_loss(Oracle(), x0, vsched, generator=torch.Generator().manual_seed(0)).item() < 1e-10
 
 
 def test_presets_build_and_small_is_about_one_million():
