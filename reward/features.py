@@ -39,6 +39,7 @@ x      an image in model space [-1, 1];  v = (x + 1) / 2 in [0, 1];  the network
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import difflib
 import json
@@ -71,7 +72,7 @@ MIN_INPUT_SIZE: int = 8
 # The common contract
 # ----------------------------------------------------------------------------------------------
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """A frozen image embedding φ: (B, C, H, W) in [-1, 1] -> (B, D) float32.
 
     Subclasses set `name`, `dim`, `input_size` and implement `embed` on preprocessed input.
@@ -118,9 +119,9 @@ class FeatureExtractor(nn.Module):
         v = (x + 1.0) * 0.5
         return (v - self.mean) / self.std
 
+    @abc.abstractmethod
     def embed(self, x: Tensor) -> Tensor:
-        """(B, 3, S, S) preprocessed input -> (B, D) features."""
-        raise NotImplementedError
+        """(B, 3, S, S) preprocessed input -> (B, D) features; each extractor defines it."""
 
     def forward(self, images: Tensor) -> Tensor:
         """φ(images): (B, C, H, W) in [-1, 1], C in {1, 3} -> (B, D) float32."""
