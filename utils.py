@@ -175,7 +175,7 @@ class SkewConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """DDPM pretraining (scripts.pretrain_ddpm): epsilon-prediction, L_simple."""
+    """DDPM pretraining (scripts.pretrain_ddpm): L_simple on model.prediction_type (v or ε)."""
     steps: int = _f(2500, "optimizer steps", ge=1)
     batch_size: int = _f(32, "images per step", ge=1)
     lr: float = _f(1e-3, "AdamW learning rate (1e-4 to 2e-3 for ~1M-parameter UNets)", gt=0.0)

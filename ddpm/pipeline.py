@@ -20,6 +20,17 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path)
     return Path(path)
 
 
+def load_matching_pipeline(path: str | Path, *, image_size: int, channels: int, name: str = "model"
+                           ) -> tuple[UNet2DModel, DDPMScheduler]:
+    """`load_pipeline`, refusing a model whose images are not channels x image_size px (the data's)."""
+    unet, scheduler = load_pipeline(path)
+    c, size = unet.config.in_channels, unet.config.sample_size
+    if (size, c) != (image_size, channels):
+        raise CraterdiffError(f"{name} at '{path}' makes {c}x{size}px images but data is {channels}x{image_size}px; "
+                              f"match data.image_size and data.channels to the model")
+    return unet, scheduler
+
+
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load (unet, scheduler) from a pipeline directory, from local files only.
 

@@ -186,7 +186,8 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
     log.close()
     if tr.step < p.steps:
         return None
-    final = save_pipeline(tr.ema_unet(), tr.scheduler, run_dir / "model")
+    ema = tr.ema_unet()
+    final = save_pipeline(ema, tr.scheduler, run_dir / "model")
     if p.export_dir:
-        save_pipeline(tr.ema_unet(), tr.scheduler, resolve_path(p.export_dir))
+        save_pipeline(ema, tr.scheduler, resolve_path(p.export_dir))
     return final

@@ -15,8 +15,8 @@ from torch import Tensor
 from ddpm.ddim import Reduction, ddim_step_logprob
 from ddpm.schedulers import DDIMSchedule, sampler_schedule
 
-# the network output (ε̂ or v̂, see DDIMSchedule.prediction_type): eps_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
-EpsFn = Callable[[Tensor, Tensor], Tensor]
+# the network output (ε̂ or v̂, see DDIMSchedule.prediction_type): output_fn(x_t (B, C, H, W), t (B,) long) -> (B, C, H, W)
+OutputFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -30,9 +30,13 @@ class Trajectory:
     """
     states: Tensor
     logp: Tensor
-    timesteps: Tensor
     schedule: DDIMSchedule
     images: Tensor
+
+    @property
+    def timesteps(self) -> Tensor:
+        """(T,) t_k of each step (long)."""
+        return self.schedule.timesteps
 
     @property
     def x_t(self) -> Tensor:
@@ -53,14 +57,14 @@ class Trajectory:
         return self.logp.shape[1]
 
 
-def unet_eps_fn(unet) -> EpsFn:
+def unet_output_fn(unet) -> OutputFn:
     """The output of a diffusers UNet2DModel: unet(x_t, t).sample (ε̂ or v̂)."""
     return lambda x, t: unet(x, t).sample
 
 
 @torch.no_grad()
 def sample_trajectory(
-    eps_fn: EpsFn,
+    output_fn: OutputFn,
     schedule: DDIMSchedule,
     *,
     shape: tuple[int, int, int, int],
@@ -84,21 +88,20 @@ def sample_trajectory(
     states, logps = [x.to(store)], []
     for k in range(schedule.num_steps):
         t = schedule.timesteps[k]
-        eps = eps_fn(x, t.expand(shape[0]).to(device)).float()
+        out = output_fn(x, t.expand(shape[0]).to(device)).float()
         step = ddim_step_logprob(
-            eps, x, alpha_bar_t=schedule.alpha_bar_t[k], alpha_bar_prev=schedule.alpha_bar_prev[k],
+            out, x, alpha_bar_t=schedule.alpha_bar_t[k], alpha_bar_prev=schedule.alpha_bar_prev[k],
             eta=eta, sigma_floor=sigma_floor, generator=generator, clip_range=clip_range,
             reduction=reduction, prediction_type=schedule.prediction_type,
         )
         x = step.x_prev
         states.append(x.to(store))
         logps.append(step.logp.to(store))
-    return Trajectory(states=torch.stack(states), logp=torch.stack(logps), timesteps=schedule.timesteps,
-                      schedule=schedule, images=x.clamp(-1, 1))
+    return Trajectory(states=torch.stack(states), logp=torch.stack(logps), schedule=schedule, images=x.clamp(-1, 1))
 
 
 @torch.no_grad()
-def sample_images(eps_fn: EpsFn, schedule: DDIMSchedule, *, n: int, batch_size: int, shape: tuple[int, int, int],
+def sample_images(output_fn: OutputFn, schedule: DDIMSchedule, *, n: int, batch_size: int, shape: tuple[int, int, int],
                   eta: float, generator: torch.Generator, device: torch.device | str = "cpu",
                   clip_range: float | None = 1.0, progress: bool = False) -> Tensor:
     """Draw n images (n, C, H, W) in [-1, 1] in batches, keeping no trajectory."""
@@ -108,7 +111,7 @@ def sample_images(eps_fn: EpsFn, schedule: DDIMSchedule, *, n: int, batch_size: 
     for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
         b = min(batch_size, n - start)
         # sigma_floor only enters the log-probs, which are discarded here.
-        traj = sample_trajectory(eps_fn, schedule, shape=(b, *shape), eta=eta, sigma_floor=1.0,
+        traj = sample_trajectory(output_fn, schedule, shape=(b, *shape), eta=eta, sigma_floor=1.0,
                                  generator=generator, device=device, keep_on="device", clip_range=clip_range)
         out.append(traj.images.cpu())
     return torch.cat(out)
@@ -118,7 +121,7 @@ def sample_model(unet, train_config, sampler, *, n: int, generator: torch.Genera
                  device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
     """n images (n, C, H, W) in [-1, 1] from a UNet2DModel with the settings of a `SamplerConfig`."""
     c, size = unet.config.in_channels, unet.config.sample_size
-    return sample_images(unet_eps_fn(unet), sampler_schedule(train_config, sampler), n=n,
+    return sample_images(unet_output_fn(unet), sampler_schedule(train_config, sampler), n=n,
                          batch_size=sampler.batch_size, shape=(c, size, size), eta=sampler.eta,
                          generator=generator, device=device,
                          clip_range=sampler.clip_range if sampler.clip_sample else None, progress=progress)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.pipeline import load_pipeline
+from ddpm.pipeline import load_matching_pipeline
 from ddpm.sampling import sample_model
 from reward.artifact import RewardModel, build_reward_model, save_artifact
 from reward.datasets import load_image_folder
@@ -20,12 +20,9 @@ def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -
     if not cfg.model.pretrained:
         raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
                               "or reward.realism.fake_dir to a folder of its samples")
-    unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+    unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
+                                             channels=cfg.data.channels, name="the base model")
     unet.to(device).eval()
-    if (unet.config.sample_size, unet.config.in_channels) != (cfg.data.image_size, cfg.data.channels):
-        raise CraterdiffError(f"the base model makes {unet.config.in_channels}x{unet.config.sample_size}px images but "
-                              f"data is {cfg.data.channels}x{cfg.data.image_size}px; match data.image_size and "
-                              f"data.channels to the model")
     return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=torch.Generator().manual_seed(seed),
                         device=device, progress=True)
 

@@ -166,13 +166,10 @@ def _check_eval_config(ev: EvalConfig) -> None:
 
 
 def _load_model(spec: ModelSpec, cfg: Config, device: torch.device):
-    from ddpm.pipeline import load_pipeline
+    from ddpm.pipeline import load_matching_pipeline
 
-    unet, scheduler = load_pipeline(spec.path)
-    c, size = unet.config.in_channels, unet.config.sample_size
-    if (size, c) != (cfg.data.image_size, cfg.data.channels):
-        raise CraterdiffError(f"model '{spec.name}' at '{spec.path}' makes {c}x{size}px images but data is "
-                              f"{cfg.data.channels}x{cfg.data.image_size}px; match data.image_size and data.channels")
+    unet, scheduler = load_matching_pipeline(spec.path, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                             name=f"model '{spec.name}'")
     return unet.to(device).eval(), scheduler
 
 

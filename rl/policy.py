@@ -1,4 +1,4 @@
-"""The diffusion policy π_θ: a UNet whose ε̂ defines the DDIM Gaussian of every denoising step.
+"""The diffusion policy π_θ: a UNet whose output (ε̂ or v̂) defines the DDIM Gaussian of every denoising step.
 
 Modes (`rl.policy_mode`):
 - `full`: every UNet weight is trained; the KL regulariser's base is a frozen copy of the start.

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ddpm.pipeline import load_pipeline
+from ddpm.pipeline import load_matching_pipeline
 from reward.artifact import RewardModel, load_artifact
 from reward.build import artifact_path, build_and_save
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
@@ -48,7 +48,8 @@ class Finetuner:
         if not cfg.model.pretrained:
             raise CraterdiffError("model.pretrained is not set: the policy stage fine-tunes a saved base model "
                                   "(e.g. ddpm/pretrained/mars32)")
-        unet, scheduler = load_pipeline(resolve_path(cfg.model.pretrained))
+        unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
+                                                 channels=cfg.data.channels, name="the base model")
         r = cfg.rl
         self.policy = DiffusionPolicy(unet.to(self.device), scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora,
                                       keep_base=r.kl_base_coef > 0 and r.policy_mode == "full")
