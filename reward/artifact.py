@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -215,8 +215,13 @@ def artifact_dir(path: str | Path) -> Path:
     return path
 
 
-def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu") -> RewardModel:
+def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
+                  weights: Mapping[str, float] | None = None) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
+
+    `weights` replaces the component weights saved in the artifact: every component is computed
+    from the same frozen features, reference and scorer, so reweighting needs no rebuild (the
+    reward ablation reuses one artifact). None keeps the saved weights.
 
     Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum
     mismatch or unreadable), or an artifact built with another extractor than `expect_extractor`.
@@ -261,5 +266,5 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     info = {"reference": meta.get("reference", {}), "realism": meta.get("realism", {}),
             "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0)}
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
-                       weights=meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
+                       weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], realism=realism, info=info)

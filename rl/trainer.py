@@ -73,7 +73,9 @@ class Finetuner:
         if not (path / "reward.yaml").is_file():
             tqdm.write(f"no reward artifact at {path}: building it first")
             build_and_save(self.cfg, path)
-        return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device)
+        # The config's weights rule, so --set reward.weights.X=... takes effect on an existing artifact.
+        return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device,
+                             weights=vars(self.cfg.reward.weights))
 
     def advantages(self, rewards: torch.Tensor, traj) -> torch.Tensor:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE."""

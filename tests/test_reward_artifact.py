@@ -118,3 +118,20 @@ def test_train_reward_model_script_smoke(tmp_path, smoke_cfg):
     proc = run_script("scripts.train_reward_model", "--cfg", smoke_cfg, "--out", tmp_path / "x",
                       "--set", "reward.features.name=clip")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_load_with_other_weights_reweights_the_same_components(built):
+    """The ablation reuses one artifact: new weights change only the composite, not the components."""
+    from reward.artifact import load_artifact
+
+    _, path = built
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    saved = load_artifact(path)
+    ot_only = load_artifact(path, weights={"mmd": 0.0, "mi": 0.0, "knn_entropy": 0.0, "fid": 0.0, "ot": 1.0,
+                                           "realism": 0.0})
+    a, b = saved(batch), ot_only(batch)
+    for k in a.components:
+        assert torch.equal(a.components[k], b.components[k]), k
+    torch.testing.assert_close(b.rewards, zscore(b.components["ot"]))
+    assert not torch.allclose(a.rewards, b.rewards)
+    assert saved.weights["mmd"] == 0.7 and ot_only.weights["mmd"] == 0.0

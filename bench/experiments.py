@@ -1,0 +1,260 @@
+"""Run and evaluate a set of fine-tuning experiments: the published result and the reward ablation.
+
+    python -m bench.experiments main     [--train-seeds 0 1 2] [--runs runs/bench] [--out docs/results/main]
+    python -m bench.experiments ablation [--train-seeds 0] [--realism-weight 0.5] [--variants ot ot+realism]
+
+Sets:
+
+* `main`: the base model against PPO (`configs/default.yaml`) and TRPO (`configs/trpo.yaml`).
+* `ablation`: `configs/default.yaml` (same iterations, step sizes, batch) with the reward weights
+  of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
+  term (`+realism`, weight --realism-weight).
+
+Every variant is fine-tuned once per training seed into RUNS/<set>/<variant>/seed_<s>; a finished
+run (model/ saved) is reused, an interrupted one resumed from its last checkpoint, so the command
+can be re-run after a crash or with more seeds. The runs of a set share one reward artifact
+(RUNS/<set>/reward, built once: the weights are applied when it is loaded, the features, reference
+and realism scorer do not depend on them).
+
+Then every model and the base model are evaluated together by `reward.eval_run.evaluate_run` (the
+`scripts.eval` code) at the same sampling seeds, against the held-out split, in the reward's
+extractor and an independent one; OUT gets that full report (report.json/.md/.html) and
+summary.json/summary.md: per variant the headline metrics, mean ± std over training seeds (over
+sampling seeds when there is one training seed), the mean wall time of a run, and for `main` the
+target check of DESIGN.md (coverage and KID halfway from the base model to the train-split ceiling,
+precision down by at most 0.1, at most 15 minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reward.eval_run import BASE, CEILING, ModelSpec, evaluate_run
+from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
+
+DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
+TRPO_CFG = PROJECT_ROOT / "configs" / "trpo.yaml"
+REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 1.0}, "fid": {"fid": 1.0},
+           "ot": {"ot": 1.0}}
+"""The ablation's rewards: component weights (every other component 0)."""
+COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
+HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
+            ("efficientnet_lite0", "kid_mean"), ("efficientnet_lite0", "fid"), ("efficientnet_lite0", "vendi"),
+            ("random_cnn", "coverage"), ("random_cnn", "precision"), ("random_cnn", "kid_mean")]
+TARGET_MINUTES = 15.0
+MAX_PRECISION_DROP = 0.1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuning recipe: a config file plus --set overrides."""
+    name: str
+    cfg: Path
+    overrides: tuple[str, ...] = ()
+
+
+def variants(which: str, *, realism_weight: float) -> list[Variant]:
+    if which == "main":
+        return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG)]
+    out = []
+    for name, w in REWARDS.items():
+        weights = tuple(f"reward.weights.{c}={w.get(c, 0.0)}" for c in COMPONENTS if c != "realism")
+        out.append(Variant(name, DEFAULT_CFG, weights + ("reward.weights.realism=0.0",)))
+        out.append(Variant(f"{name}+realism", DEFAULT_CFG, weights + (f"reward.weights.realism={realism_weight}",)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def shared_artifact(root: Path) -> Path:
+    """RUNS/<set>/reward, built from configs/default.yaml if missing; returns its path."""
+    from reward.build import build_and_save
+
+    path = root / "reward"
+    if not (path / "reward.yaml").is_file():
+        t0 = time.perf_counter()
+        build_and_save(load_config(DEFAULT_CFG), path)
+        (root / "reward_build_s.json").write_text(json.dumps({"reward_build_s": time.perf_counter() - t0}))
+    return path
+
+
+def train(variant: Variant, seed: int, run_dir: Path, artifact: Path) -> float:
+    """Fine-tune (or resume, or reuse) one run; returns its accumulated wall time in seconds."""
+    from rl.trainer import Finetuner
+    from utils import latest_checkpoint, list_checkpoints, prepare_run_dir
+
+    timing = run_dir / "timing.json"
+    spent = json.loads(timing.read_text())["train_s"] if timing.is_file() else 0.0
+    if (run_dir / "model" / "unet" / "config.json").is_file():
+        print(f"{run_dir}: finished, reused")
+        return spent
+    cfg = load_config(variant.cfg, [*variant.overrides, f"seed={seed}", f"reward.artifact={artifact}"])
+    apply_threads(cfg)
+    resume = bool(list_checkpoints(run_dir / "checkpoints"))
+    print(f"{run_dir}: {'resuming from ' + latest_checkpoint(run_dir / 'checkpoints').name if resume else 'training'}")
+    t0 = time.perf_counter()
+    prepare_run_dir(run_dir, cfg, resume=resume)
+    Finetuner(cfg, run_dir).run(resume=resume)
+    spent += time.perf_counter() - t0
+    timing.write_text(json.dumps({"train_s": spent}))
+    return spent
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+
+def _stat(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str, list[float]]) -> dict:
+    """Per variant (and base, ceiling): each headline metric over training seeds, or over sampling
+    seeds when the variant has one run; realism logit; wall time."""
+    models = report["models"]
+    realism = report.get("realism_logit", {})
+    out: dict = {}
+    for variant, names in {BASE: [BASE], **runs, CEILING: [CEILING]}.items():
+        row: dict = {}
+        for ex, metric in HEADLINE:
+            if ex not in models[names[0]]:
+                continue
+            per_run = [models[m][ex][metric] for m in names]
+            vals = [r["mean"] for r in per_run] if len(names) > 1 else per_run[0]["values"]
+            row[f"{ex}/{metric}"] = _stat(vals)
+        if all(m in realism for m in names):
+            vals = [realism[m]["mean"] for m in names] if len(names) > 1 else realism[names[0]]["values"]
+            row["realism_logit"] = _stat(vals)
+        if variant in wall:
+            row["wall_min"] = _stat([w / 60 for w in wall[variant]])
+        row["spread_over"] = "training seeds" if len(names) > 1 else "sampling seeds"
+        out[variant] = row
+    return out
+
+
+def target_check(summary: dict, variant: str) -> dict:
+    """DESIGN.md's target for `variant` against the base model and the ceiling (reward's extractor)."""
+    ex = "efficientnet_lite0"
+    b, c, v = summary[BASE], summary[CEILING], summary[variant]
+    get = lambda row, m: row[f"{ex}/{m}"]["mean"]  # noqa: E731
+    cov_t = get(b, "coverage") + (get(c, "coverage") - get(b, "coverage")) / 2
+    kid_t = get(b, "kid_mean") + (get(c, "kid_mean") - get(b, "kid_mean")) / 2
+    prec_t = get(b, "precision") - MAX_PRECISION_DROP
+    checks = {
+        "coverage": {"value": get(v, "coverage"), "target": cov_t, "met": get(v, "coverage") >= cov_t},
+        "kid_mean": {"value": get(v, "kid_mean"), "target": kid_t, "met": get(v, "kid_mean") <= kid_t},
+        "precision": {"value": get(v, "precision"), "target": prec_t, "met": get(v, "precision") >= prec_t},
+    }
+    if "wall_min" in v:
+        checks["wall_min"] = {"value": v["wall_min"]["mean"], "target": TARGET_MINUTES,
+                              "met": v["wall_min"]["mean"] <= TARGET_MINUTES}
+    return {"variant": variant, "checks": checks, "met": all(c["met"] for c in checks.values())}
+
+
+def _fmt(stat: dict | None, digits: int) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def summary_markdown(which: str, summary: dict, target: dict | None, settings: dict) -> str:
+    cols = [("efficientnet_lite0/coverage", "coverage ↑", 3), ("efficientnet_lite0/recall", "recall ↑", 3),
+            ("efficientnet_lite0/precision", "precision ↑", 3), ("efficientnet_lite0/kid_mean", "KID ↓", 2),
+            ("efficientnet_lite0/fid", "FID ↓", 0), ("efficientnet_lite0/vendi", "Vendi ↑", 2),
+            ("realism_logit", "realism ↑", 2), ("random_cnn/coverage", "coverage (rand. CNN) ↑", 3),
+            ("random_cnn/precision", "precision (rand. CNN) ↑", 3), ("random_cnn/kid_mean", "KID (rand. CNN) ↓", 4),
+            ("wall_min", "wall time (min)", 1)]
+    lines = [f"# craterdiff experiments: {which}", "",
+             "| model | " + " | ".join(c[1] for c in cols) + " | spread over |",
+             "|---|" + "---:|" * len(cols) + "---|"]
+    for variant, row in summary.items():
+        cells = [_fmt(row.get(key), d) for key, _, d in cols]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {row['spread_over']} |")
+    lines += ["", f"EfficientNet-Lite0 is the reward's own feature space; the random CNN is independent of it. "
+                  f"{CEILING} is the ceiling: real train craters against real held-out craters."]
+    if target:
+        lines += ["", f"## Target ({target['variant']}): {'met' if target['met'] else 'NOT met'}", "",
+                  "| check | value | target | met |", "|---|---:|---:|---|"]
+        for k, c in target["checks"].items():
+            op = {"coverage": "≥", "kid_mean": "≤", "precision": "≥", "wall_min": "≤"}[k]
+            lines.append(f"| {k} | {c['value']:.3f} | {op} {c['target']:.3f} | {'yes' if c['met'] else 'no'} |")
+    lines += ["", "## Settings", ""] + [f"- **{k}**: {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("set", choices=["main", "ablation"])
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="training seeds per variant (default: main 0 1 2, ablation 0)")
+    p.add_argument("--variants", nargs="+", default=None, help="run only these variants")
+    p.add_argument("--realism-weight", type=float, default=0.5, help="weight of the realism term in '+realism'")
+    p.add_argument("--runs", default=str(PROJECT_ROOT / "runs" / "bench"), help="where the runs go")
+    p.add_argument("--out", default=None, help="report directory (default docs/results/<set>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="override for the evaluation config (eval.*), e.g. --set eval.seeds=[0,1,2]")
+    p.add_argument("--no-train", action="store_true", help="evaluate the finished runs only")
+    args = p.parse_args(argv)
+
+    seeds = args.train_seeds if args.train_seeds is not None else ([0, 1, 2] if args.set == "main" else [0])
+    chosen = variants(args.set, realism_weight=args.realism_weight)
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v.name for v in chosen})
+        if unknown:
+            p.error(f"unknown variant(s) {unknown}; choose from {[v.name for v in chosen]}")
+        chosen = [v for v in chosen if v.name in args.variants]
+    root = resolve_path(args.runs) / args.set
+    out = Path(args.out) if args.out else PROJECT_ROOT / "docs" / "results" / args.set
+    root.mkdir(parents=True, exist_ok=True)
+    artifact = shared_artifact(root)
+
+    runs: dict[str, list[str]] = {}
+    wall: dict[str, list[float]] = {}
+    specs = []
+    for v in chosen:
+        for s in seeds:
+            run_dir = root / v.name / f"seed_{s}"
+            if not args.no_train:
+                train(v, s, run_dir, artifact)
+            if not (run_dir / "model" / "unet" / "config.json").is_file():
+                print(f"{run_dir}: not finished, left out of the evaluation")
+                continue
+            name = f"{v.name}_s{s}"
+            specs.append(ModelSpec(name, run_dir / "model"))
+            runs.setdefault(v.name, []).append(name)
+            timing = run_dir / "timing.json"
+            if timing.is_file():
+                wall.setdefault(v.name, []).append(json.loads(timing.read_text())["train_s"])
+
+    cfg = load_config(DEFAULT_CFG, [*args.overrides, f"reward.artifact={artifact}"])
+    apply_threads(cfg)
+    base = ModelSpec(BASE, resolve_path(cfg.model.pretrained))
+    report = evaluate_run(cfg, [base, *specs], out=out, run_dir=root / chosen[0].name / f"seed_{seeds[0]}")
+    summary = summarize_variants(report, runs, wall)
+    build = root / "reward_build_s.json"
+    settings = {"set": args.set, "variants": {v.name: [str(v.cfg.relative_to(PROJECT_ROOT)), *v.overrides]
+                                              for v in chosen},
+                "train_seeds": seeds, "sampling_seeds": list(cfg.eval.seeds), "n_generated": cfg.eval.n,
+                "reward_build_s": json.loads(build.read_text())["reward_build_s"] if build.is_file() else None,
+                "device": report["settings"]["device"]}
+    target = target_check(summary, "ppo") if args.set == "main" and "ppo" in summary else None
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "target": target, "settings": settings},
+                                                 indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(args.set, summary, target, settings))
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
