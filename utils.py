@@ -266,6 +266,10 @@ class RewardConfig:
     knn_k: int = _f(3, "neighbour index k of the Kozachenko-Leonenko estimator", ge=1)
     ot_method: Literal["emd", "sinkhorn"] = _f("emd", "exact transport (emd) or entropic (sinkhorn)")
     ot_reg: float = _f(0.05, "Sinkhorn regularisation ε relative to the median-normalised cost", gt=0.0)
+    ot_match: Literal["full", "minibatch"] = _f(
+        "full", "'full': transport the batch onto the whole reference (with n < m samples, each is pulled toward the "
+                "barycentre of ~m/n references, between real craters); 'minibatch': onto a fresh random subset of "
+                "n references per batch, a one-to-one matching that pulls each sample toward one real crater")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     python -m bench.experiments main     [--train-seeds 0 1 2] [--runs runs/bench] [--out docs/results/main]
     python -m bench.experiments ablation [--train-seeds 0] [--realism-weight 0.5] [--variants ot ot+realism]
+    python -m bench.experiments tune     [--variants ot_minibatch kl_base_0.1]
 
 Sets:
 
@@ -9,12 +10,15 @@ Sets:
 * `ablation`: `configs/default.yaml` (same iterations, step sizes, batch) with the reward weights
   of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
   term (`+realism`, weight --realism-weight).
+* `tune`: the levers tried to meet the target (DESIGN.md, "Measured warning": the step size and the
+  reward decide): KL to the base model, the realism term, and one-to-one (minibatch) OT matching,
+  each a set of --set overrides on `configs/default.yaml` (`TUNING`).
 
 Every variant is fine-tuned once per training seed into RUNS/<set>/<variant>/seed_<s>; a finished
 run (model/ saved) is reused, an interrupted one resumed from its last checkpoint, so the command
 can be re-run after a crash or with more seeds. The runs of a set share one reward artifact
-(RUNS/<set>/reward, built once: the weights are applied when it is loaded, the features, reference
-and realism scorer do not depend on them).
+(RUNS/reward, built once from configs/default.yaml: the weights and the OT matching are applied when
+it is loaded; the features, reference and realism scorer do not depend on them).
 
 Then every model and the base model are evaluated together by `reward.eval_run.evaluate_run` (the
 `scripts.eval` code) at the same sampling seeds, against the held-out split, in the reward's
@@ -42,6 +46,15 @@ TRPO_CFG = PROJECT_ROOT / "configs" / "trpo.yaml"
 REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 1.0}, "fid": {"fid": 1.0},
            "ot": {"ot": 1.0}}
 """The ablation's rewards: component weights (every other component 0)."""
+TUNING = {
+    "ot": (),
+    "kl_base_1": ("rl.kl_base_coef=1.0",),
+    "kl_base_0.1": ("rl.kl_base_coef=0.1",),
+    "ot+realism": ("reward.weights.realism=0.5",),
+    "ot_minibatch": ("reward.ot_match=minibatch",),
+    "ot_minibatch+realism": ("reward.ot_match=minibatch", "reward.weights.realism=0.5"),
+}
+"""The tuning set: --set overrides on configs/default.yaml."""
 COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
             ("efficientnet_lite0", "kid_mean"), ("efficientnet_lite0", "fid"), ("efficientnet_lite0", "vendi"),
@@ -61,6 +74,8 @@ class Variant:
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":
         return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG)]
+    if which == "tune":
+        return [Variant(name, DEFAULT_CFG, over) for name, over in TUNING.items()]
     out = []
     for name, w in REWARDS.items():
         weights = tuple(f"reward.weights.{c}={w.get(c, 0.0)}" for c in COMPONENTS if c != "realism")
@@ -74,7 +89,7 @@ def variants(which: str, *, realism_weight: float) -> list[Variant]:
 # ----------------------------------------------------------------------------------------------
 
 def shared_artifact(root: Path) -> Path:
-    """RUNS/<set>/reward, built from configs/default.yaml if missing; returns its path."""
+    """RUNS/reward, built from configs/default.yaml if missing; returns its path."""
     from reward.build import build_and_save
 
     path = root / "reward"
@@ -85,7 +100,7 @@ def shared_artifact(root: Path) -> Path:
     return path
 
 
-def train(variant: Variant, seed: int, run_dir: Path, artifact: Path) -> float:
+def train(variant: Variant, seed: int, run_dir: Path, artifact: Path, *, threads: int | None = None) -> float:
     """Fine-tune (or resume, or reuse) one run; returns its accumulated wall time in seconds."""
     from rl.trainer import Finetuner
     from utils import latest_checkpoint, list_checkpoints, prepare_run_dir
@@ -95,7 +110,8 @@ def train(variant: Variant, seed: int, run_dir: Path, artifact: Path) -> float:
     if (run_dir / "model" / "unet" / "config.json").is_file():
         print(f"{run_dir}: finished, reused")
         return spent
-    cfg = load_config(variant.cfg, [*variant.overrides, f"seed={seed}", f"reward.artifact={artifact}"])
+    cfg = load_config(variant.cfg, [*variant.overrides, f"seed={seed}", f"reward.artifact={artifact}",
+                                     *([f"num_threads={threads}"] if threads else [])])
     apply_threads(cfg)
     resume = bool(list_checkpoints(run_dir / "checkpoints"))
     print(f"{run_dir}: {'resuming from ' + latest_checkpoint(run_dir / 'checkpoints').name if resume else 'training'}")
@@ -196,9 +212,9 @@ def summary_markdown(which: str, summary: dict, target: dict | None, settings: d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("set", choices=["main", "ablation"])
+    p.add_argument("set", choices=["main", "ablation", "tune"])
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
-                   help="training seeds per variant (default: main 0 1 2, ablation 0)")
+                   help="training seeds per variant (default: main 0 1 2, ablation and tune 0)")
     p.add_argument("--variants", nargs="+", default=None, help="run only these variants")
     p.add_argument("--realism-weight", type=float, default=0.5, help="weight of the realism term in '+realism'")
     p.add_argument("--runs", default=str(PROJECT_ROOT / "runs" / "bench"), help="where the runs go")
@@ -206,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override for the evaluation config (eval.*), e.g. --set eval.seeds=[0,1,2]")
     p.add_argument("--no-train", action="store_true", help="evaluate the finished runs only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per training run (1 when two runs share two cores; their wall times "
+                        "then measure a shared machine)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="train only (e.g. several variants in parallel processes, then one --no-train)")
     args = p.parse_args(argv)
 
     seeds = args.train_seeds if args.train_seeds is not None else ([0, 1, 2] if args.set == "main" else [0])
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     root = resolve_path(args.runs) / args.set
     out = Path(args.out) if args.out else PROJECT_ROOT / "docs" / "results" / args.set
     root.mkdir(parents=True, exist_ok=True)
-    artifact = shared_artifact(root)
+    artifact = shared_artifact(resolve_path(args.runs))
 
     runs: dict[str, list[str]] = {}
     wall: dict[str, list[float]] = {}
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in seeds:
             run_dir = root / v.name / f"seed_{s}"
             if not args.no_train:
-                train(v, s, run_dir, artifact)
+                train(v, s, run_dir, artifact, threads=args.threads)
             if not (run_dir / "model" / "unet" / "config.json").is_file():
                 print(f"{run_dir}: not finished, left out of the evaluation")
                 continue
@@ -238,12 +259,14 @@ def main(argv: list[str] | None = None) -> None:
             if timing.is_file():
                 wall.setdefault(v.name, []).append(json.loads(timing.read_text())["train_s"])
 
+    if args.no_eval:
+        return
     cfg = load_config(DEFAULT_CFG, [*args.overrides, f"reward.artifact={artifact}"])
     apply_threads(cfg)
     base = ModelSpec(BASE, resolve_path(cfg.model.pretrained))
     report = evaluate_run(cfg, [base, *specs], out=out, run_dir=root / chosen[0].name / f"seed_{seeds[0]}")
     summary = summarize_variants(report, runs, wall)
-    build = root / "reward_build_s.json"
+    build = artifact.parent / "reward_build_s.json"
     settings = {"set": args.set, "variants": {v.name: [str(v.cfg.relative_to(PROJECT_ROOT)), *v.overrides]
                                               for v in chosen},
                 "train_seeds": seeds, "sampling_seeds": list(cfg.eval.seeds), "n_generated": cfg.eval.n,

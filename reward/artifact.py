@@ -59,7 +59,7 @@ class RewardModel:
 
     def __init__(self, *, extractor: FeatureExtractor, reference: Tensor, bandwidth: float, pca: PCA,
                  weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
-                 realism: RealismCNN | None = None, info: dict | None = None):
+                 ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None):
         self.extractor = extractor
         self.reference = reference.double()  # φ(Y): (m, D)
         self.bandwidth = float(bandwidth)
@@ -68,6 +68,10 @@ class RewardModel:
         self.weights = dict(weights)
         self.mi_noise, self.knn_k = float(mi_noise), int(knn_k)
         self.ot_method, self.ot_reg = ot_method, float(ot_reg)
+        if ot_match not in ("full", "minibatch"):
+            raise CraterdiffError(f"OT match must be 'full' or 'minibatch', got {ot_match!r}")
+        self.ot_match = ot_match
+        self._generator = torch.Generator().manual_seed(0)  # reference subsets when no generator is passed
         self.realism = realism
         self.info = dict(info or {})
         if self.weights.get("realism", 0) > 0 and realism is None:
@@ -88,9 +92,28 @@ class RewardModel:
             raise CraterdiffError("this reward artifact has no realism scorer")
         return realism_logits(self.realism, images).double()
 
-    def score(self, feats: Tensor, *, realism: Tensor | None = None) -> RewardOutput:
+    def ot_reference(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """The reference the batch is transported onto: all of φ(Y) (m, D) for `ot_match: full`, or a
+        uniformly random subset of min(n, m) rows for `minibatch` (drawn from `generator`, a CPU
+        torch.Generator, or the model's own when None).
+
+        Why minibatch: with n < m and uniform marginals each sample carries mass to ~m/n references,
+        and the plan's optimum puts it at their barycentre, between real craters; against n
+        references the exact plan is a permutation (Birkhoff), so each sample is pulled toward one
+        real crater, and the random subsets keep every reference in play across batches (minibatch
+        OT, Fatras et al. 2020).
+        """
+        m = self.reference.shape[0]
+        if self.ot_match == "full" or n >= m:
+            return self.reference
+        idx = torch.randperm(m, generator=generator or self._generator)[:n]
+        return self.reference[idx.to(self.reference.device)]
+
+    def score(self, feats: Tensor, *, realism: Tensor | None = None,
+              generator: torch.Generator | None = None) -> RewardOutput:
         """The reward of a batch from its features φ(X) (n, D) and, optionally, realism logits (n,).
 
+        `generator` draws the OT reference subset when `ot_match` is 'minibatch' (see `ot_reference`).
         With several processes, gather every process's features first: the components are
         set-level, so they must see the whole batch (DESIGN.md, "Rewards").
         """
@@ -104,7 +127,8 @@ class RewardModel:
             "mi": gp_mi_loo(x, bandwidth=self.bandwidth, noise=self.mi_noise),
             "knn_entropy": knn_entropy_loo(z, k=self.knn_k),
             "fid": fid_loo(z, self.reference_pca),
-            "ot": ot_rewards(x, self.reference, method=self.ot_method, reg=self.ot_reg),
+            "ot": ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
+                             reg=self.ot_reg),
         }
         components = {name: r.rewards.double() for name, r in results.items()}
         values = {name: float(r.value) for name, r in results.items()}
@@ -113,10 +137,10 @@ class RewardModel:
             values["realism"] = float(realism.double().mean())
         return RewardOutput(composite_reward(components, self.weights), components, values)
 
-    def __call__(self, images: Tensor) -> RewardOutput:
+    def __call__(self, images: Tensor, *, generator: torch.Generator | None = None) -> RewardOutput:
         feats = self.features(images)
         logits = self.realism_logits(images) if self.realism is not None else None
-        return self.score(feats, realism=logits)
+        return self.score(feats, realism=logits, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +182,7 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
             "extractor_path": r.features.path, "extractor_seed": cfg.seed}
     return RewardModel(extractor=extractor, reference=ref, bandwidth=bandwidth, pca=pca,
                        weights=vars(r.weights).copy(), mi_noise=r.mi_noise, knn_k=r.knn_k,
-                       ot_method=r.ot_method, ot_reg=r.ot_reg, realism=realism, info=info)
+                       ot_method=r.ot_method, ot_reg=r.ot_reg, ot_match=r.ot_match, realism=realism, info=info)
 
 
 def _plain(v):
@@ -198,7 +222,7 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
             "pca": {"dim": int(model.pca.components.shape[0]),
                     "explained_variance_ratio": float(model.pca.explained_variance_ratio)},
             "knn_k": model.knn_k,
-            "ot": {"method": model.ot_method, "reg": model.ot_reg},
+            "ot": {"method": model.ot_method, "reg": model.ot_reg, "match": model.ot_match},
             "reference": model.info.get("reference", {}),
             "realism": model.info.get("realism", {"enabled": False}),
             "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},
@@ -216,12 +240,12 @@ def artifact_dir(path: str | Path) -> Path:
 
 
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
-                  weights: Mapping[str, float] | None = None) -> RewardModel:
+                  weights: Mapping[str, float] | None = None, ot_match: str | None = None) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
-    `weights` replaces the component weights saved in the artifact: every component is computed
-    from the same frozen features, reference and scorer, so reweighting needs no rebuild (the
-    reward ablation reuses one artifact). None keeps the saved weights.
+    `weights` replaces the component weights saved in the artifact, and `ot_match` its OT matching:
+    every component is computed from the same frozen features, reference and scorer, so neither
+    needs a rebuild (the reward ablation reuses one artifact). None keeps the saved value.
 
     Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum
     mismatch or unreadable), or an artifact built with another extractor than `expect_extractor`.
@@ -267,4 +291,5 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
             "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0)}
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
-                       ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], realism=realism, info=info)
+                       ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"],
+                       ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info)

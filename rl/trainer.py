@@ -73,9 +73,10 @@ class Finetuner:
         if not (path / "reward.yaml").is_file():
             tqdm.write(f"no reward artifact at {path}: building it first")
             build_and_save(self.cfg, path)
-        # The config's weights rule, so --set reward.weights.X=... takes effect on an existing artifact.
+        # The config's weights and OT matching rule, so --set reward.weights.X=... takes effect on an
+        # existing artifact.
         return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device,
-                             weights=vars(self.cfg.reward.weights))
+                             weights=vars(self.cfg.reward.weights), ot_match=self.cfg.reward.ot_match)
 
     def advantages(self, rewards: torch.Tensor, traj) -> torch.Tensor:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE."""
@@ -152,7 +153,7 @@ class Finetuner:
         t0 = time.perf_counter()
         traj = self.policy.sample(r.batch_size, generator=self.generator)
         t1 = time.perf_counter()
-        out = self.reward(traj.images)
+        out = self.reward(traj.images, generator=self.generator)
         t2 = time.perf_counter()
         row: dict[str, float] = {}
         weighted = sum(self.reward.weights.get(c, 0.0) * v for c, v in out.components.items())

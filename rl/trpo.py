@@ -175,28 +175,43 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
     return total
 
 
-def fisher_vector_product(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
-                          mu_old: dict[int, Tensor], v: Tensor, *, damping: float) -> Tensor:
-    """F v + λ v with F v = ∇θ((∇θ KL)·v) (double backward), accumulated over the steps of S.
+def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
-    Exact because KL is a sum over steps: its Hessian-vector product is the sum of the steps'.
+
+def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
+                    mu_old: dict[int, Tensor], *, damping: float) -> Callable[[Tensor], Tensor]:
+    """v ↦ F v + λ v at the current θ (= θ_old), with F v = ∇θ((∇θ KL)·v) (double backward).
+
+    ∇θ KL over S is built once, with its graph (create_graph): each product is then a single
+    backward through that graph (retain_graph), so the CG iterations of one update share one
+    forward and one first-order backward instead of repeating them. Memory: the double graph of the
+    |S| states (`trpo.kl_states` bounds it), independent of T.
     """
     params = policy.trainable_parameters()
-    fv = torch.zeros_like(v)
+    grad_kl: Tensor | None = None  # (P,) ∇θ KL, carrying its graph
 
-    def per_step(share: Tensor) -> None:
-        nonlocal fv
-        grads = torch.autograd.grad(share, params, create_graph=True, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-        hv = torch.autograd.grad(flat @ v, params, allow_unused=True)
-        fv = fv + torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
-                             for h, p in zip(hv, params)]).detach()
+    def per_step(share: Tensor) -> None:  # KL is a sum over steps: so are its gradient and Hessian
+        nonlocal grad_kl
+        flat = _flat(torch.autograd.grad(share, params, create_graph=True, allow_unused=True), params)
+        grad_kl = flat if grad_kl is None else grad_kl + flat
 
     # Double backward through attention needs the plain-math SDPA kernel: the fused CPU/flash
     # kernels have no second derivative.
     with sdpa_kernel(SDPBackend.MATH):
         subsample_kl(policy, traj, states, mu_old, backward_fn=per_step)
-    return fv + damping * v
+
+    def fvp(v: Tensor) -> Tensor:
+        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True, allow_unused=True)
+        return _flat(hv, params).detach() + damping * v
+
+    return fvp
+
+
+def fisher_vector_product(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
+                          mu_old: dict[int, Tensor], v: Tensor, *, damping: float) -> Tensor:
+    """F v + λ v for one v (see `fisher_operator`, which serves many v at the same θ)."""
+    return fisher_operator(policy, traj, states, mu_old, damping=damping)(v)
 
 
 def surrogate(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microbatch: int) -> float:
@@ -228,11 +243,10 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     states = state_subsample(traj.num_steps, traj.batch_size, t.kl_states, generator=generator)
     mu_old = old_means(policy, traj, states)
 
-    def fvp(v: Tensor) -> Tensor:
-        return fisher_vector_product(policy, traj, states, mu_old, v, damping=t.damping)
-
+    fvp = fisher_operator(policy, traj, states, mu_old, damping=t.damping)
     cg = conjugate_gradient(fvp, g, iters=t.cg_iters, tol=t.cg_tol)
     shs = float(cg.x @ fvp(cg.x))
+    del fvp  # frees the double graph before the line search
     if not (math.isfinite(shs) and shs > 0):
         return UpdateStats(nonfinite=not math.isfinite(shs), grad_norm=float(g.norm()),
                            extra={"accepted": 0.0, "cg_residual": cg.residual})

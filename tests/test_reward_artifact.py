@@ -135,3 +135,41 @@ def test_load_with_other_weights_reweights_the_same_components(built):
     torch.testing.assert_close(b.rewards, zscore(b.components["ot"]))
     assert not torch.allclose(a.rewards, b.rewards)
     assert saved.weights["mmd"] == 0.7 and ot_only.weights["mmd"] == 0.0
+
+
+def test_minibatch_ot_is_a_one_to_one_matching_on_a_random_reference_subset(built):
+    """`ot_match: minibatch` transports n samples onto n random references: the exact plan is then a
+    permutation, so each sample's reward is minus the normalised cost of its partner in the optimal
+    assignment. Oracle: scipy's Hungarian solver on the same subset, independent of POT."""
+    from scipy.optimize import linear_sum_assignment
+
+    from reward.artifact import load_artifact
+    from reward.metrics import pairwise_sq_dists
+
+    _, path = built
+    full = load_artifact(path)
+    mini = load_artifact(path, ot_match="minibatch")
+    assert full.ot_match == "full" and mini.ot_match == "minibatch"
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    feats = full.features(batch)  # (16, D)
+    m = full.reference.shape[0]
+    assert full.ot_reference(16).shape[0] == m
+
+    subset = mini.ot_reference(16, generator=torch.Generator().manual_seed(3))  # (16, D)
+    rows = {tuple(r.tolist()) for r in subset}
+    assert len(rows) == 16 and rows <= {tuple(r.tolist()) for r in full.reference}
+    cost = pairwise_sq_dists(feats, subset)
+    cost = cost / float(np.median(cost.numpy()))  # ot_rewards normalises by the median (numpy's convention)
+    i, j = linear_sum_assignment(cost.numpy())
+    expected = -cost[torch.from_numpy(i), torch.from_numpy(j)]
+    got = mini(batch, generator=torch.Generator().manual_seed(3)).components["ot"]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+    # the same generator state gives the same subset, another gives another; the full match uses no randomness
+    again = mini(batch, generator=torch.Generator().manual_seed(3)).components["ot"]
+    other = mini(batch, generator=torch.Generator().manual_seed(4)).components["ot"]
+    assert torch.equal(got, again) and not torch.equal(got, other)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    full(batch, generator=g)
+    assert torch.equal(g.get_state(), state)
