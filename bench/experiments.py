@@ -53,6 +53,9 @@ TUNING = {
     "ot+realism": ("reward.weights.realism=0.5",),
     "ot_minibatch": ("reward.ot_match=minibatch",),
     "ot_minibatch+realism": ("reward.ot_match=minibatch", "reward.weights.realism=0.5"),
+    # n = 128 ≈ m = 130: the full plan is nearly one-to-one with every reference present, at twice
+    # the sampling and update cost per iteration (same 2 optimizer steps per iteration)
+    "ot_b128": ("rl.batch_size=128", "rl.gradient_accumulation=4"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")

@@ -18,6 +18,7 @@ double-backward ∇θ((∇θ KL)·v). Everything is accumulated state by state, 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -237,7 +238,9 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     t = cfg.trpo
     params = policy.trainable_parameters()
     theta_old = flat_params(params)
+    clock = [time.perf_counter()]
     g = policy_gradient(policy, traj, adv, microbatch=cfg.microbatch)
+    clock.append(time.perf_counter())
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
     states = state_subsample(traj.num_steps, traj.batch_size, t.kl_states, generator=generator)
@@ -247,6 +250,7 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     cg = conjugate_gradient(fvp, g, iters=t.cg_iters, tol=t.cg_tol)
     shs = float(cg.x @ fvp(cg.x))
     del fvp  # frees the double graph before the line search
+    clock.append(time.perf_counter())
     if not (math.isfinite(shs) and shs > 0):
         return UpdateStats(nonfinite=not math.isfinite(shs), grad_norm=float(g.norm()),
                            extra={"accepted": 0.0, "cg_residual": cg.residual})
@@ -261,13 +265,15 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
         set_step=set_step, surrogate_gain=lambda: surrogate(policy, traj, adv, microbatch=cfg.microbatch) - base,
         kl=lambda: subsample_kl(policy, traj, states, mu_old), expected_full=float(g @ full_step),
         max_kl=t.max_kl, coeff=t.backtrack_coeff, max_iters=t.backtrack_iters, accept_ratio=t.accept_ratio)
+    clock.append(time.perf_counter())
     step_norm = float(full_step.norm()) * ls.step_fraction
     return UpdateStats(loss=-(base + (ls.improvement if ls.accepted else 0.0)), kl=ls.kl if ls.accepted else 0.0,
                        grad_norm=float(g.norm()), optimizer_steps=int(ls.accepted),
                        extra={"accepted": float(ls.accepted), "backtrack_iters": float(ls.iters),
                               "step_size": step_norm, "cg_residual": cg.residual, "cg_iters": float(cg.iters),
                               "expected_improve": ls.expected, "improvement": ls.improvement,
-                              "line_search_kl": ls.kl})
+                              "line_search_kl": ls.kl, "time_gradient_s": clock[1] - clock[0],
+                              "time_cg_s": clock[2] - clock[1], "time_line_search_s": clock[3] - clock[2]})
 
 
 @dataclass

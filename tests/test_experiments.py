@@ -57,3 +57,16 @@ def test_ablation_variants_set_every_weight_and_load():
         assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(REWARDS[name])
         assert w["realism"] == (0.25 if v.name.endswith("+realism") else 0.0)
     assert [v.name for v in variants("main", realism_weight=0.5)] == ["ppo", "trpo"]
+
+
+def test_tune_variants_are_valid_overrides_of_the_default():
+    from bench.experiments import TUNING
+
+    vs = variants("tune", realism_weight=0.5)
+    assert [v.name for v in vs] == list(TUNING) and vs[0].overrides == ()
+    default = load_config(vs[0].cfg)
+    for v in vs[1:]:
+        cfg = load_config(v.cfg, list(v.overrides))
+        assert cfg != default, v.name  # every lever changes something
+    mini = load_config(vs[0].cfg, list(TUNING["ot_minibatch"]))
+    assert mini.reward.ot_match == "minibatch" and default.reward.ot_match == "full"
