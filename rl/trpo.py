@@ -12,8 +12,9 @@ Notation (Schulman et al. 2015; DESIGN.md, "RL algorithms"):
 | `kl`       | KL(θ_old ‖ θ) = (1/|S|) Σ_{(i,k)∈S} mean_dims (μ_old − μ_θ)² / (2σ̃_k²) | exact Gaussian KL on a state subsample S |
 
 The per-step Gaussians share σ̃ under θ_old and θ, so the KL is the closed form above, whose
-Hessian at θ_old is the Fisher matrix F = Jᵀ W J (J = ∂μ/∂θ, W = I/σ̃² per dimension): F v is the
-double-backward ∇θ((∇θ KL)·v). Everything is accumulated state by state, so memory stays O(1) in T.
+Hessian at θ_old is the Fisher matrix F = Jᵀ W J (J = ∂μ/∂θ, W = I/σ̃² per dimension): F v is
+computed as Jᵀ (W (J v)) through graphs built once per update (`fisher_operator`). The gradient and
+the surrogate are accumulated state by state, so memory stays O(1) in T.
 """
 from __future__ import annotations
 
@@ -180,30 +181,47 @@ def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) ->
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
+def kl_mu_hvp(mu_old: Tensor, sigma_tilde: float, n: int, vec: Tensor) -> Tensor:
+    """H_μ vec, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old: the KL's curvature in the mean, by autograd
+    on `gaussian_kl` itself (so it follows its reduction). Elementwise and cheap: no network."""
+    m = mu_old.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(gaussian_kl(m, mu_old, sigma_tilde).sum() / n, m, create_graph=True)[0]
+        return torch.autograd.grad((grad * vec).sum(), m)[0]
+
+
 def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
                     mu_old: dict[int, Tensor], *, damping: float) -> Callable[[Tensor], Tensor]:
-    """v ↦ F v + λ v at the current θ (= θ_old), with F v = ∇θ((∇θ KL)·v) (double backward).
+    """v ↦ F v + λ v at the current θ (= θ_old), as the Gauss-Newton product F v = Jᵀ H_μ J v.
 
-    ∇θ KL over S is built once, with its graph (create_graph): each product is then a single
-    backward through that graph (retain_graph), so the CG iterations of one update share one
-    forward and one first-order backward instead of repeating them. Memory: the double graph of the
-    |S| states (`trpo.kl_states` bounds it), independent of T.
+    The KL over S is a quadratic in μ_θ with its minimum (0) at θ_old, so its Hessian there is
+    exactly Jᵀ H_μ J (J = ∂μ_θ(S)/∂θ, H_μ = ∂²KL/∂μ² constant and diagonal): the Fisher matrix.
+    μ_θ(S) is computed once with its graph, and Jᵀu once with its own graph (linear in a dummy
+    u); each product is then two backward passes and no forward:
+
+        J v = ∂/∂u [(Jᵀu)·v]    (the double-vjp trick: forward-mode AD fails on diffusers' UNet on CPU),
+        F v = Jᵀ (H_μ J v)       (a vjp through the retained graph of μ).
+
+    Measured on the shipped model (64 states, 2 CPU cores): 5.5 s a product against 7.9 s for
+    differentiating (∇θ KL)·v once more through the UNet, ~1.3x over the 11 products of an update.
+    Memory: the graphs of the |S| states (`trpo.kl_states` bounds it), independent of T.
     """
     params = policy.trainable_parameters()
-    grad_kl: Tensor | None = None  # (P,) ∇θ KL, carrying its graph
-
-    def per_step(share: Tensor) -> None:  # KL is a sum over steps: so are its gradient and Hessian
-        nonlocal grad_kl
-        flat = _flat(torch.autograd.grad(share, params, create_graph=True, allow_unused=True), params)
-        grad_kl = flat if grad_kl is None else grad_kl + flat
-
-    # Double backward through attention needs the plain-math SDPA kernel: the fused CPU/flash
-    # kernels have no second derivative.
-    with sdpa_kernel(SDPBackend.MATH):
-        subsample_kl(policy, traj, states, mu_old, backward_fn=per_step)
+    n = sum(len(v) for v in states.values())
+    # J v differentiates through the backward of attention, which needs the plain-math SDPA kernel:
+    # the fused CPU/flash kernels have no second derivative.
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        mus = [policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu for k, idx in states.items()]  # (|S_k|, C, H, W)
+        dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
+        jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True, allow_unused=True),
+                     params)  # (P,) Jᵀu, linear in u
+    sigmas = [policy.sigma_tilde(k) for k in states]
+    olds = [mu_old[k] for k in states]
 
     def fvp(v: Tensor) -> Tensor:
-        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True, allow_unused=True)
+        jv = torch.autograd.grad(jt_u @ v, dummies, retain_graph=True)  # J_k v per step
+        h_jv = [kl_mu_hvp(o, s, n, x) for o, s, x in zip(olds, sigmas, jv)]
+        hv = torch.autograd.grad(mus, params, grad_outputs=h_jv, retain_graph=True, allow_unused=True)
         return _flat(hv, params).detach() + damping * v
 
     return fvp
@@ -249,7 +267,7 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     fvp = fisher_operator(policy, traj, states, mu_old, damping=t.damping)
     cg = conjugate_gradient(fvp, g, iters=t.cg_iters, tol=t.cg_tol)
     shs = float(cg.x @ fvp(cg.x))
-    del fvp  # frees the double graph before the line search
+    del fvp  # frees the retained graphs before the line search
     clock.append(time.perf_counter())
     if not (math.isfinite(shs) and shs > 0):
         return UpdateStats(nonfinite=not math.isfinite(shs), grad_norm=float(g.norm()),

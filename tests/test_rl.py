@@ -290,3 +290,28 @@ def test_short_ppo_run_raises_its_reward():
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert last > first + 0.1, history
     assert math.isfinite(last)
+
+
+def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product():
+    """At θ_old the KL's Hessian is exactly the Gauss-Newton matrix, so F v = Jᵀ H_μ J v must equal the
+    double-backward ∇θ((∇θ KL)·v) through the whole UNet (every weight trainable, attention included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rl.trpo import fisher_operator, subsample_kl
+
+    policy = tiny_policy()
+    params = policy.trainable_parameters()
+    traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
+    states = state_subsample(traj.num_steps, traj.batch_size, 6, generator=torch.Generator().manual_seed(2))
+    mu_old = old_means(policy, traj, states)
+    grads = []
+    with sdpa_kernel(SDPBackend.MATH):
+        subsample_kl(policy, traj, states, mu_old,
+                     backward_fn=lambda share: grads.append(torch.autograd.grad(share, params, create_graph=True)))
+    grad_kl = torch.cat([sum(g[i] for g in grads).reshape(-1) for i in range(len(params))])
+    fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0)
+    for seed in (1, 2):
+        v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
+        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+        expected = torch.cat([h.reshape(-1) for h in hv])
+        torch.testing.assert_close(fvp(v), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
