@@ -49,10 +49,8 @@ REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 
 TUNING = {
     "ot": (),
     "kl_base_1": ("rl.kl_base_coef=1.0",),
-    "kl_base_0.1": ("rl.kl_base_coef=0.1",),
     "ot+realism": ("reward.weights.realism=0.5",),
     "ot_minibatch": ("reward.ot_match=minibatch",),
-    "ot_minibatch+realism": ("reward.ot_match=minibatch", "reward.weights.realism=0.5"),
     # n = 128 ≈ m = 130: the full plan is nearly one-to-one with every reference present, at twice
     # the sampling and update cost per iteration (same 2 optimizer steps per iteration)
     "ot_b128": ("rl.batch_size=128", "rl.gradient_accumulation=4"),
