@@ -61,8 +61,8 @@ def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_b
     ft = Finetuner(cfg, prepare_run_dir(tmp_path, cfg, resume=False))
     real_call = type(ft.reward).__call__
 
-    def poisoned(self, images):
-        out = real_call(self, images)
+    def poisoned(self, images, **kwargs):
+        out = real_call(self, images, **kwargs)
         out.rewards[0] = float("nan")
         return out
 
