@@ -51,9 +51,14 @@ def set_flat_params(params: list[torch.nn.Parameter], flat: Tensor) -> None:
             offset += n
 
 
+def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) -> Tensor:
+    """Concatenated gradients (zeros where None), in the order of `params`."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
 def flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
     """Concatenated .grad of each parameter (zeros where None)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    return _flat(tuple(p.grad for p in params), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,10 +182,6 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
     return total
 
 
-def _flat(grads: tuple[Tensor | None, ...], params: list[torch.nn.Parameter]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-
-
 def kl_mu_hvp(mu_old: Tensor, sigma_tilde: float, n: int, vec: Tensor) -> Tensor:
     """H_μ vec, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old: the KL's curvature in the mean, by autograd
     on `gaussian_kl` itself (so it follows its reduction). Elementwise and cheap: no network."""
@@ -202,7 +203,7 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
         J v = ∂/∂u [(Jᵀu)·v]    (the double-vjp trick: forward-mode AD fails on diffusers' UNet on CPU),
         F v = Jᵀ (H_μ J v)       (a vjp through the retained graph of μ).
 
-    Measured on the shipped model (64 states, 2 CPU cores): 5.5 s a product against 7.9 s for
+    Measured on the shipped model (64 states, one CPU thread): 5.5 s a product against 7.9 s for
     differentiating (∇θ KL)·v once more through the UNet, ~1.3x over the 11 products of an update.
     Memory: the graphs of the |S| states (`trpo.kl_states` bounds it), independent of T.
     """
