@@ -2,7 +2,7 @@
 
     python -m bench.experiments main     [--train-seeds 0 1 2] [--runs runs/bench] [--out docs/results/main]
     python -m bench.experiments ablation [--train-seeds 0] [--realism-weight 0.5] [--variants ot ot+realism]
-    python -m bench.experiments tune     [--variants ot_minibatch kl_base_0.1]
+    python -m bench.experiments tune     [--variants ot_minibatch ot_b128]
 
 Sets:
 
