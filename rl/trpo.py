@@ -165,30 +165,26 @@ def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tenso
         return {k: policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu.detach() for k, idx in states.items()}
 
 
-def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor], mu_old: dict[int, Tensor],
-                 *, backward_fn: Callable[[Tensor], None] | None = None) -> float:
-    """KL(θ_old ‖ θ) over S (mean over states); with `backward_fn`, each step's share is passed to it
-    (to build gradients step by step) instead of being computed under no_grad."""
+def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
+                 mu_old: dict[int, Tensor]) -> float:
+    """KL(θ_old ‖ θ) over S (mean over states) at the current θ, no grad."""
     n = sum(len(v) for v in states.values())
     total = 0.0
-    for k, idx in states.items():
-        ctx = torch.enable_grad() if backward_fn else torch.no_grad()
-        with ctx:
+    with torch.no_grad():
+        for k, idx in states.items():
             out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
-            share = gaussian_kl(out.mu, mu_old[k], policy.sigma_tilde(k)).sum() / n
-            if backward_fn:
-                backward_fn(share)
-        total += float(share.detach())
+            total += float(gaussian_kl(out.mu, mu_old[k], policy.sigma_tilde(k)).sum() / n)
     return total
 
 
-def kl_mu_hvp(mu_old: Tensor, sigma_tilde: float, n: int, vec: Tensor) -> Tensor:
-    """H_μ vec, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old: the KL's curvature in the mean, by autograd
-    on `gaussian_kl` itself (so it follows its reduction). Elementwise and cheap: no network."""
+def kl_mu_curvature(mu_old: Tensor, sigma_tilde: float, n: int) -> Tensor:
+    """diag H_μ, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old, shaped like μ: the KL's curvature in the
+    mean, by autograd on `gaussian_kl` itself (so it follows its reduction). The KL is a sum of
+    per-dimension squares, so H_μ is diagonal and H_μ·1 is its diagonal. Elementwise: no network."""
     m = mu_old.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         grad = torch.autograd.grad(gaussian_kl(m, mu_old, sigma_tilde).sum() / n, m, create_graph=True)[0]
-        return torch.autograd.grad((grad * vec).sum(), m)[0]
+        return torch.autograd.grad(grad.sum(), m)[0]
 
 
 def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
@@ -216,13 +212,12 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
         dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
         jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True, allow_unused=True),
                      params)  # (P,) Jᵀu, linear in u
-    sigmas = [policy.sigma_tilde(k) for k in states]
-    olds = [mu_old[k] for k in states]
+    curvature = [kl_mu_curvature(mu_old[k], policy.sigma_tilde(k), n) for k in states]  # diag H_μ per step
 
     def fvp(v: Tensor) -> Tensor:
         jv = torch.autograd.grad(jt_u @ v, dummies, retain_graph=True)  # J_k v per step
-        h_jv = [kl_mu_hvp(o, s, n, x) for o, s, x in zip(olds, sigmas, jv)]
-        hv = torch.autograd.grad(mus, params, grad_outputs=h_jv, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(mus, params, grad_outputs=[h * x for h, x in zip(curvature, jv)],
+                                 retain_graph=True, allow_unused=True)
         return _flat(hv, params).detach() + damping * v
 
     return fvp

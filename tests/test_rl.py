@@ -297,18 +297,18 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
     double-backward ∇θ((∇θ KL)·v) through the whole UNet (every weight trainable, attention included)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rl.trpo import fisher_operator, subsample_kl
+    from rl.trpo import fisher_operator
 
     policy = tiny_policy()
     params = policy.trainable_parameters()
     traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
     states = state_subsample(traj.num_steps, traj.batch_size, 6, generator=torch.Generator().manual_seed(2))
     mu_old = old_means(policy, traj, states)
-    grads = []
-    with sdpa_kernel(SDPBackend.MATH):
-        subsample_kl(policy, traj, states, mu_old,
-                     backward_fn=lambda share: grads.append(torch.autograd.grad(share, params, create_graph=True)))
-    grad_kl = torch.cat([sum(g[i] for g in grads).reshape(-1) for i in range(len(params))])
+    n = sum(len(v) for v in states.values())
+    with sdpa_kernel(SDPBackend.MATH):  # KL over S = Σ_steps Σ_i KL_i / n, with its graph
+        kl = sum(gaussian_kl(policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu, mu_old[k],
+                             policy.sigma_tilde(k)).sum() / n for k, idx in states.items())
+        grad_kl = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
     fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0)
     for seed in (1, 2):
         v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
