@@ -342,6 +342,9 @@ class RLConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this", gt=0.0)
     kl_base_coef: float = _f(0.0, "β_KL of the KL(π_θ ‖ π_base) regulariser per step (0 = off)", ge=0.0)
+    kl_final_coef: float = _f(0.0, "extra β_KL at the deterministic last step (σ = 0, log-prob via the sigma floor): "
+                                   "the policy gradient there is zero, so without it the final denoiser drifts as a "
+                                   "side effect of training the other steps (PPO and REINFORCE; 0 = off)", ge=0.0)
     max_nonfinite: int = _f(3, "stop with an error after this many skipped (non-finite) updates in a row", ge=1)
     checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
     keep_checkpoints: int = _f(2, "most recent checkpoints kept", ge=1)

@@ -54,6 +54,10 @@ TUNING = {
     # n = 128 ≈ m = 130: the full plan is nearly one-to-one with every reference present, at twice
     # the sampling and update cost per iteration (same 2 optimizer steps per iteration)
     "ot_b128": ("rl.batch_size=128", "rl.gradient_accumulation=4"),
+    # the deterministic last step held at the base model: PPO's gradient never reaches it, yet it
+    # drifted most (per-state KL to the base ≈ 1 there, ≤ 0.2 at every stochastic step)
+    "ot_final": ("rl.kl_final_coef=1.0",),
+    "mi_final": ("reward.weights.ot=0.0", "reward.weights.mi=1.0", "rl.kl_final_coef=1.0"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")

@@ -100,6 +100,10 @@ class DiffusionPolicy(nn.Module):
         s = ddim_sigma(self.schedule.alpha_bar_t[k], self.schedule.alpha_bar_prev[k], self.sampler.eta)
         return max(float(s), self.sampler.sigma_floor)
 
+    def deterministic(self, k: int) -> bool:
+        """Whether step k draws no noise (σ_k = 0, e.g. the last DDIM step with ᾱ_prev = 1)."""
+        return float(ddim_sigma(self.schedule.alpha_bar_t[k], self.schedule.alpha_bar_prev[k], self.sampler.eta)) == 0.0
+
     @property
     def clip_range(self) -> float | None:
         return self.sampler.clip_range if self.sampler.clip_sample else None

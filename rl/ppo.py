@@ -40,7 +40,7 @@ class UpdateStats:
     ratio_max: float = 1.0
     grad_norm: float = 0.0          # global gradient norm before clipping (mean over optimizer steps)
     grad_norm_clipped: float = 0.0  # after clipping
-    kl_base: float = 0.0            # KL(π_θ ‖ π_base) per state, when regularised
+    kl_base: float = 0.0            # KL(π_θ ‖ π_base) per regularised state (β_k > 0)
     optimizer_steps: int = 0
     nonfinite: bool = False         # a non-finite loss or gradient was met: that optimizer step was skipped
     extra: dict = field(default_factory=dict)
@@ -113,17 +113,27 @@ class _Accumulator:
 StepLoss = Callable[[int, Tensor, DDIMStep], Tensor]  # (k, idx, recomputed step) -> scalar loss
 
 
+def kl_base_coefficients(policy: DiffusionPolicy, cfg: RLConfig) -> list[float]:
+    """β_k of the KL-to-base term of each step k: β_KL, plus β_final at the deterministic steps (σ_k = 0).
+
+    A deterministic step's action x_prev = μ_old, so ∇θ log π_θ(x_prev | x_t) = 0 at θ_old: the policy
+    gradient never reaches it, and its weights move only as a side effect of training the others.
+    """
+    return [cfg.kl_base_coef + (cfg.kl_final_coef if policy.deterministic(k) else 0.0)
+            for k in range(policy.schedule.num_steps)]
+
+
 def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, steps: Tensor, step_loss: StepLoss,
-                    *, scale: float, kl_base_coef: float, acc: _Accumulator) -> None:
-    """For each step k: recompute log π_θ for trajectories idx, loss = scale·(step_loss + β_KL·KL_base),
+                    *, scale: float, kl_coefs: list[float], acc: _Accumulator) -> None:
+    """For each step k: recompute log π_θ for trajectories idx, loss = scale·(step_loss + β_k·KL_base),
     backward, free the graph."""
     for k in steps.tolist():
         out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
         loss = step_loss(k, idx, out)
-        if kl_base_coef > 0:
+        if kl_coefs[k] > 0:
             kl = gaussian_kl(out.mu, policy.base_mean(k, traj.x_t[k, idx], traj.x_prev[k, idx]),
                              policy.sigma_tilde(k)).mean()
-            loss = loss + kl_base_coef * kl
+            loss = loss + kl_coefs[k] * kl
             acc.kl_base.append(float(kl.detach()))
         if not torch.isfinite(loss):
             acc.nonfinite = True
@@ -145,6 +155,7 @@ def _two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: T
     so that the estimate stays unbiased.
     """
     params = policy.trainable_parameters()
+    kl_coefs = kl_base_coefficients(policy, cfg)
     acc = _Accumulator()
     optimizer.zero_grad(set_to_none=True)
     T, B = traj.num_steps, traj.batch_size
@@ -159,7 +170,7 @@ def _two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: T
                 # each step's loss is a mean over the microbatch: weight it by its share of the group
                 scale = len(idx) / n_group * ((T if sum_over_steps else 1) / len(steps))
                 _backward_steps(policy, traj, idx, steps, step_loss, scale=scale,
-                                kl_base_coef=cfg.kl_base_coef, acc=acc)
+                                kl_coefs=kl_coefs, acc=acc)
             norm, clipped, stepped = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip)
             acc.norms.append((norm, clipped))
             acc.nonfinite |= not stepped

@@ -52,7 +52,7 @@ class Finetuner:
                                                  channels=cfg.data.channels, name="the base model")
         r = cfg.rl
         self.policy = DiffusionPolicy(unet.to(self.device), scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora,
-                                      keep_base=r.kl_base_coef > 0 and r.policy_mode == "full")
+                                      keep_base=(r.kl_base_coef > 0 or r.kl_final_coef > 0) and r.policy_mode == "full")
         self.policy.to(self.device)
         needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
         self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)

@@ -1,6 +1,7 @@
 """RL numerics: PPO loss, trajectory ratio, two-pass = full graph, CG, Fisher-vector product, line search, GAE."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from ddpm.unet import build_unet
 from rl.advantages import gae, normalize_batch, PerPromptStatTracker
 from rl.objectives import approx_kl, gaussian_kl, ppo_clip_loss, trajectory_log_ratio
 from rl.policy import DiffusionPolicy
-from rl.ppo import ppo_update, reinforce_update
+from rl.ppo import kl_base_coefficients, ppo_update, reinforce_update
 from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
                      old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
 from utils import RLConfig, SamplerConfig, config_from_dict
@@ -132,6 +133,34 @@ def test_two_pass_gradient_equals_single_graph_gradient(ratio):
     loss.backward()
     full = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(two_pass, full, rtol=1e-4, atol=1e-7)
+
+
+def test_final_step_anchor_pulls_only_the_deterministic_step_toward_the_base():
+    policy = tiny_policy(steps=3)
+    policy.base_unet = copy.deepcopy(policy.unet).requires_grad_(False)
+    T = policy.schedule.num_steps
+    assert [policy.deterministic(k) for k in range(T)] == [False] * (T - 1) + [True]
+    cfg = rl_cfg(microbatch=3, gradient_accumulation=2, grad_clip=1e9, kl_base_coef=0.5, kl_final_coef=4.0)
+    assert kl_base_coefficients(policy, cfg) == [0.5] * (T - 1) + [4.5]
+    traj = policy.sample(6, generator=torch.Generator().manual_seed(0))
+    # the policy gradient at the deterministic step is zero at θ_old: x_prev = μ_old there
+    old = policy.step(T - 1, traj.x_t[T - 1], traj.x_prev[T - 1])
+    torch.testing.assert_close(traj.x_prev[T - 1], old.mu)
+    _perturb(policy)  # θ ≠ θ_base
+    # zero advantages: the whole gradient is Σ_k β_k ∇ mean_i KL_k(π_θ ‖ π_base) / T
+    cfg = rl_cfg(microbatch=3, gradient_accumulation=2, grad_clip=1e9, kl_final_coef=4.0)
+    params = policy.trainable_parameters()
+    opt = Capture(params)
+    ppo_update(policy, opt, traj, torch.zeros(6), cfg, generator=torch.Generator().manual_seed(1))
+    for p in params:
+        p.grad = None
+    k = T - 1
+    mu = policy.step(k, traj.x_t[k], traj.x_prev[k]).mu
+    kl = gaussian_kl(mu, policy.base_mean(k, traj.x_t[k], traj.x_prev[k]), policy.sigma_tilde(k)).mean()
+    (4.0 * kl / T).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in params])
+    assert expected.norm() > 0
+    torch.testing.assert_close(opt.grads[0], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_reinforce_gradient_equals_single_graph_gradient():
