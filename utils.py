@@ -131,13 +131,19 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The diffusion model: a diffusers UNet2DModel preset, or a saved pipeline."""
-    kind: Literal["ddpm"] = _f("ddpm", "'ddpm': pixel-space diffusers UNet2DModel")
+    kind: Literal["ddpm", "sd"] = _f("ddpm", "'ddpm': pixel-space diffusers UNet2DModel; 'sd': Stable Diffusion "
+                                             "(latent UNet2DConditionModel with CFG, frozen VAE and text encoder)")
     preset: Literal["tiny", "small", "base", "large"] = _f(
         "small", "UNet size: tiny (tests, ~0.1M), small (CPU default, ~1M), base (~9M, GPU 32 px), "
                  "large (~35M, GPU 64 px)")
     pretrained: Optional[str] = _f(
-        None, "the base model: a saved DDPM pipeline directory (diffusers save_pretrained) that the reward "
-              "and policy stages start from; relative paths are taken from the project root")
+        None, "the base model: a saved DDPM pipeline directory, or for 'sd' a Stable Diffusion directory "
+              "(diffusers save_pretrained; read locally, never downloaded) that the reward and policy stages "
+              "start from; relative paths are taken from the project root")
+    prompts: str = _f("prompts/train/crater.txt", "'sd': training prompts, one per line (each trajectory draws one)")
+    test_prompts: str = _f("prompts/test/crater.txt", "'sd': held-out prompts for evaluation")
+    guidance_scale: float = _f(5.0, "'sd': classifier-free guidance scale w (1 = no guidance, one UNet call a step)",
+                               ge=1.0)
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule", ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = _f(
         "squaredcos_cap_v2", "noise schedule of the training scheduler (cosine works best at 32 px)")

@@ -26,12 +26,19 @@ class Trajectory:
     states:    (T+1, B, C, H, W)  s_0 = x_T noise ... s_T = final sample (unclamped)
     logp:      (T, B)             log π_old(s_{k+1} | s_k) under the sampling parameters
     timesteps: (T,)               t_k of each step (long); ᾱ in `schedule`
-    images:    (B, C, H, W)       final samples clamped to [-1, 1], on the model's device
+    images:    (B, C, H, W)       final samples clamped to [-1, 1], on the model's device (for a latent
+                                  model: the decoded images, whose shape differs from the states')
+    prompt_ids: (B,) long or None the prompt of each trajectory (conditional models)
     """
     states: Tensor
     logp: Tensor
     schedule: DDIMSchedule
     images: Tensor
+    prompt_ids: Tensor | None = None
+
+    def prompts_of(self, idx: Tensor) -> Tensor | None:
+        """The prompt ids of trajectories idx, or None for an unconditional model."""
+        return None if self.prompt_ids is None else self.prompt_ids[idx]
 
     @property
     def timesteps(self) -> Tensor:

@@ -57,12 +57,13 @@ def load_stable_diffusion(path: str | Path, *, dtype: torch.dtype = torch.float3
                               f"(nothing is downloaded)")
     try:
         kw = dict(local_files_only=True, torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        src = str(path)  # a str, not a Path: peft writes the base model's name into its adapter's model card
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", local_files_only=True)
         # the DDPM scheduler carries the training β schedule; the policy builds its own DDIM steps from it
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CraterdiffError(f"cannot load the Stable Diffusion model at '{path}': {first[:200]}") from None

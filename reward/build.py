@@ -20,11 +20,26 @@ def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -
     if not cfg.model.pretrained:
         raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
                               "or reward.realism.fake_dir to a folder of its samples")
+    if cfg.model.kind == "sd":
+        return sd_base_images(cfg, n, seed=seed, device=device)
     unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
                                              channels=cfg.data.channels, name="the base model")
     unet.to(device).eval()
     return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=torch.Generator().manual_seed(seed),
                         device=device, progress=True)
+
+
+@torch.no_grad()
+def sd_base_images(cfg: Config, n: int, *, seed: int, device: torch.device) -> torch.Tensor:
+    """n decoded Stable Diffusion samples (n, C, H, W) in the data's shape, prompts drawn from `model.prompts`."""
+    from rl.build import build_policy
+
+    policy = build_policy(cfg, device)  # at the base model: a fresh LoRA adapter is the identity
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in tqdm(range(0, n, cfg.sampler.batch_size), desc="sampling the base model", leave=False):
+        out.append(policy.sample(min(cfg.sampler.batch_size, n - start), generator=gen).images.cpu())
+    return torch.cat(out)
 
 
 def artifact_path(cfg: Config, run_dir: Path) -> Path:

@@ -26,6 +26,8 @@ from utils import LoRASettings, SamplerConfig
 class DiffusionPolicy(nn.Module):
     """π_θ(x_prev | x_t) for each DDIM step, plus sampling and saving."""
 
+    checkpoint_pipeline = True  # checkpoints also hold the loadable pipeline (small for the pixel DDPM)
+
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, sampler: SamplerConfig, *, mode: str = "full",
                  lora: LoRASettings | None = None, keep_base: bool = False):
         super().__init__()
@@ -62,16 +64,17 @@ class DiffusionPolicy(nn.Module):
 
     # --- ε̂ and the step ------------------------------------------------------------------------
 
-    def model_output(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The UNet output (ε̂ or v̂, per `schedule.prediction_type`): (B, C, H, W), t (B,) long."""
+    def model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
+        """The UNet output (ε̂ or v̂, per `schedule.prediction_type`): (B, C, H, W), t (B,) long.
+        An unconditional model takes no prompts (prompt_ids None)."""
         return self.unet(x_t, t).sample.float()
 
     @torch.no_grad()
-    def base_model_output(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def base_model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
         """The frozen base model's output (π_base, for the KL regulariser)."""
         if self.mode == "lora":
             with self.unet.disable_adapter():
-                return self.unet(x_t, t).sample.float()
+                return self.model_output(x_t, t, prompt_ids)
         if self.base_unet is None:
             raise RuntimeError("the policy was built without keep_base=True; no base model for the KL term")
         return self.base_unet(x_t, t).sample.float()
@@ -79,21 +82,27 @@ class DiffusionPolicy(nn.Module):
     def _t(self, k: int, batch: int) -> Tensor:
         return self.schedule.timesteps[k].expand(batch).to(self.device)
 
-    def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, output: Tensor | None = None) -> DDIMStep:
+    def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, prompt_ids: Tensor | None = None,
+             output: Tensor | None = None) -> DDIMStep:
         """log π_θ(x_prev | x_t) at step k (with grad if enabled); x_t, x_prev: (B, C, H, W)."""
         x_t, x_prev = x_t.to(self.device), x_prev.to(self.device)
         if output is None:
-            output = self.model_output(x_t, self._t(k, x_t.shape[0]))
+            output = self.model_output(x_t, self._t(k, x_t.shape[0]), prompt_ids)
         return ddim_step_logprob(output, x_t, alpha_bar_t=self.schedule.alpha_bar_t[k],
                                  alpha_bar_prev=self.schedule.alpha_bar_prev[k], eta=self.sampler.eta,
                                  sigma_floor=self.sampler.sigma_floor, x_prev=x_prev, clip_range=self.clip_range,
                                  reduction=self.sampler.logprob_reduction,
                                  prediction_type=self.schedule.prediction_type)
 
-    def base_mean(self, k: int, x_t: Tensor, x_prev: Tensor) -> Tensor:
-        """μ_base at step k: (B, C, H, W), no grad."""
-        x_t = x_t.to(self.device)
-        return self.step(k, x_t, x_prev, output=self.base_model_output(x_t, self._t(k, x_t.shape[0]))).mu
+    def step_at(self, traj: Trajectory, k: int, idx: Tensor) -> DDIMStep:
+        """`step` on the cached step k of trajectories idx (with their prompts)."""
+        return self.step(k, traj.x_t[k, idx], traj.x_prev[k, idx], prompt_ids=traj.prompts_of(idx))
+
+    def base_mean_at(self, traj: Trajectory, k: int, idx: Tensor) -> Tensor:
+        """μ_base on the cached step k of trajectories idx: (b, C, H, W), no grad."""
+        x_t, prompt_ids = traj.x_t[k, idx].to(self.device), traj.prompts_of(idx)
+        output = self.base_model_output(x_t, self._t(k, x_t.shape[0]), prompt_ids)
+        return self.step(k, x_t, traj.x_prev[k, idx], output=output).mu
 
     def sigma_tilde(self, k: int) -> float:
         """σ̃_k = max(σ_k, sigma_floor)."""
@@ -136,11 +145,12 @@ class DiffusionPolicy(nn.Module):
             return self.unet
         return copy.deepcopy(self.unet).merge_and_unload()
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, pipeline: bool = True) -> None:
         """`path/model/`: the (merged) pipeline; LoRA also `path/adapter/` (peft adapter_config.json +
         adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
         path = Path(path)
-        save_pipeline(self.merged_unet(), self.scheduler, path / "model")
+        if pipeline:
+            save_pipeline(self.merged_unet(), self.scheduler, path / "model")
         if self.mode == "lora":
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
 

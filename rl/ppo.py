@@ -128,10 +128,10 @@ def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, step
     """For each step k: recompute log π_θ for trajectories idx, loss = scale·(step_loss + β_k·KL_base),
     backward, free the graph."""
     for k in steps.tolist():
-        out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
+        out = policy.step_at(traj, k, idx)
         loss = step_loss(k, idx, out)
         if kl_coefs[k] > 0:
-            kl = gaussian_kl(out.mu, policy.base_mean(k, traj.x_t[k, idx], traj.x_prev[k, idx]),
+            kl = gaussian_kl(out.mu, policy.base_mean_at(traj, k, idx),
                              policy.sigma_tilde(k)).mean()
             loss = loss + kl_coefs[k] * kl
             acc.kl_base.append(float(kl.detach()))
@@ -195,7 +195,7 @@ def ppo_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
     def make_traj_loss(idx: Tensor, acc: _Accumulator) -> StepLoss:
         # no-grad pass: the trajectory log-ratio of this microbatch under the current θ
         with torch.no_grad():
-            log_r_steps = torch.stack([policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).logp.cpu()
+            log_r_steps = torch.stack([policy.step_at(traj, k, idx).logp.cpu()
                                        - traj.logp[k, idx].cpu() for k in range(traj.num_steps)])
         a = (adv if adv.ndim == 1 else adv.mean(0))[idx].double()
         ratio = trajectory_log_ratio(log_r_steps.double(), per_step_clip=p.per_step_clip, global_clip=p.global_clip)

@@ -16,16 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ddpm.pipeline import load_matching_pipeline
 from reward.artifact import RewardModel, load_artifact
 from reward.build import artifact_path, build_and_save
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
                            normalize_batch, terminal_rewards)
-from rl.policy import DiffusionPolicy
+from rl.build import build_policy
 from rl.ppo import UpdateStats, ppo_update, reinforce_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
-                   prune_checkpoints, resolve_device, resolve_path, rng_state, save_state, seed_everything,
+                   prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state)
 
 
@@ -45,23 +44,15 @@ class Finetuner:
         self.device = device or resolve_device(cfg.device)
         self.generator = seed_everything(cfg.seed)
         self.reward = self._reward_model()
-        if not cfg.model.pretrained:
-            raise CraterdiffError("model.pretrained is not set: the policy stage fine-tunes a saved base model "
-                                  "(e.g. ddpm/pretrained/mars32)")
-        unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
-                                                 channels=cfg.data.channels, name="the base model")
         r = cfg.rl
-        self.policy = DiffusionPolicy(unet.to(self.device), scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora,
-                                      keep_base=(r.kl_base_coef > 0 or r.kl_final_coef > 0) and r.policy_mode == "full")
-        self.policy.to(self.device)
+        self.policy = build_policy(cfg, self.device)
         needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
         self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)
                           if needs_optimizer else None)
         self.critic = self.critic_opt = None
         if r.advantages.gae:
-            c = unet.config
-            self.critic = Critic(c.in_channels, width=r.advantages.critic_width,
-                                 num_train_timesteps=scheduler.config.num_train_timesteps).to(self.device)
+            self.critic = Critic(self.policy.image_shape[0], width=r.advantages.critic_width,
+                                 num_train_timesteps=self.policy.scheduler.config.num_train_timesteps).to(self.device)
             self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=r.advantages.critic_lr)
         self.tracker = PerPromptStatTracker(history=r.advantages.history)
         self.state = RLState(penalty=PenaltyState(beta=r.trpo.penalty_beta))
@@ -84,7 +75,8 @@ class Finetuner:
         if a.normalize == "batch":
             r = normalize_batch(rewards)
         elif a.normalize == "per_prompt":
-            r = self.tracker(rewards, [""] * rewards.shape[0])
+            prompts = (self.policy.prompts_of(traj) if traj.prompt_ids is not None else [""] * rewards.shape[0])
+            r = self.tracker(rewards, prompts)
         else:
             r = rewards.double()
         if a.gae:
@@ -111,7 +103,7 @@ class Finetuner:
     def save_checkpoint(self) -> Path:
         ckpt_dir = self.run_dir / "checkpoints"
         with atomic_checkpoint(ckpt_dir, self.state.iteration) as tmp:
-            self.policy.save(tmp)
+            self.policy.save(tmp, pipeline=self.policy.checkpoint_pipeline)
             save_file({k: v.contiguous().cpu() for k, v in self.policy.trainable_state().items()},
                       tmp / "policy.safetensors")
             save_state({

@@ -151,7 +151,7 @@ def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, m
     T, B = traj.num_steps, traj.batch_size
     for idx in torch.arange(B).split(microbatch):
         for k in range(T):
-            out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
+            out = policy.step_at(traj, k, idx)
             ((adv_at(adv, k, idx).to(out.logp) * out.logp).sum() / (B * T)).backward()
     g = flat_grad(params).clone()
     for p in params:
@@ -162,7 +162,7 @@ def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, m
 def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor]) -> dict[int, Tensor]:
     """μ_old of every state in S at the current θ (= θ_old), no grad."""
     with torch.no_grad():
-        return {k: policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu.detach() for k, idx in states.items()}
+        return {k: policy.step_at(traj, k, idx).mu.detach() for k, idx in states.items()}
 
 
 def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
@@ -172,7 +172,7 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
     total = 0.0
     with torch.no_grad():
         for k, idx in states.items():
-            out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
+            out = policy.step_at(traj, k, idx)
             total += float(gaussian_kl(out.mu, mu_old[k], policy.sigma_tilde(k)).sum() / n)
     return total
 
@@ -208,7 +208,7 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
     # J v differentiates through the backward of attention, which needs the plain-math SDPA kernel:
     # the fused CPU/flash kernels have no second derivative.
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-        mus = [policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu for k, idx in states.items()]  # (|S_k|, C, H, W)
+        mus = [policy.step_at(traj, k, idx).mu for k, idx in states.items()]  # (|S_k|, C, H, W)
         dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
         jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True, allow_unused=True),
                      params)  # (P,) Jᵀu, linear in u
@@ -236,7 +236,7 @@ def surrogate(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microba
     with torch.no_grad():
         for idx in torch.arange(B).split(microbatch):
             for k in range(T):
-                out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
+                out = policy.step_at(traj, k, idx)
                 ratio = torch.exp(out.logp.cpu().double() - traj.logp[k, idx].cpu().double())
                 total += float((adv_at(adv, k, idx).double() * ratio).sum()) / (B * T)
     return total
@@ -311,7 +311,7 @@ def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer,
         for k, idx_all in states.items():
             for start in range(0, len(idx_all), cfg.microbatch):
                 idx, mu_ref = idx_all[start:start + cfg.microbatch], mu_old[k][start:start + cfg.microbatch]
-                out = policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx])
+                out = policy.step_at(traj, k, idx)
                 ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
                 gain = (adv_at(adv, k, idx).to(out.logp) * ratio).sum() / (B * T)
                 kl = gaussian_kl(out.mu, mu_ref, policy.sigma_tilde(k)).sum() / (B * T)

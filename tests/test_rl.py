@@ -156,7 +156,7 @@ def test_final_step_anchor_pulls_only_the_deterministic_step_toward_the_base():
         p.grad = None
     k = T - 1
     mu = policy.step(k, traj.x_t[k], traj.x_prev[k]).mu
-    kl = gaussian_kl(mu, policy.base_mean(k, traj.x_t[k], traj.x_prev[k]), policy.sigma_tilde(k)).mean()
+    kl = gaussian_kl(mu, policy.base_mean_at(traj, k, torch.arange(6)), policy.sigma_tilde(k)).mean()
     (4.0 * kl / T).backward()
     expected = torch.cat([p.grad.reshape(-1) for p in params])
     assert expected.norm() > 0

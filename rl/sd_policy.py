@@ -1,0 +1,139 @@
+"""The Stable Diffusion policy: DDIM in latent space with classifier-free guidance, rewards on decoded images.
+
+The UNet (UNet2DConditionModel) is the policy network, trained through peft LoRA (`lora`, the
+default) or in full; the VAE and the text encoder stay frozen. Every trajectory draws one prompt
+from the training prompts; its text embedding c and the empty prompt's c_∅ condition every step:
+
+    ε̂ = ε_θ(z_t, t, c_∅) + w (ε_θ(z_t, t, c) − ε_θ(z_t, t, c_∅))          (CFG, w = guidance_scale)
+
+in both RL passes, so log π_θ(z_prev | z_t) is the DDIM Gaussian of DESIGN.md on the latents z.
+The batch's final latents are decoded, D(z / s), turned into the data's channels and size, and
+scored by the reward model like DDPM samples.
+
+Shapes: z (B, 4, h, w); prompt ids (B,) long into `prompt_embeds` (N, L, D); images (B, C, H, W).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ddpm.sampling import Trajectory, sample_trajectory
+from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
+from rl.policy import DiffusionPolicy
+from utils import LoRASettings, SamplerConfig
+
+
+class StableDiffusionPolicy(DiffusionPolicy):
+    """π_θ(z_prev | z_t, c) of a Stable Diffusion UNet with CFG; images decoded for the reward."""
+
+    checkpoint_pipeline = False  # checkpoints keep θ only (policy.safetensors, the adapter), not 2 GB of SD
+
+    def __init__(self, parts: StableDiffusionParts, sampler: SamplerConfig, *, prompts: list[str],
+                 guidance_scale: float, image_size: int, channels: int, mode: str = "lora",
+                 lora: LoRASettings | None = None, keep_base: bool = False):
+        super().__init__(parts.unet, parts.scheduler, sampler, mode=mode, lora=lora, keep_base=keep_base)
+        self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+        self.guidance_scale = float(guidance_scale)
+        self.out_size, self.out_channels = image_size, channels
+        self.register_buffer("uncond_embed", encode_prompts(parts, [""]), persistent=False)  # (1, L, D)
+        self.prompts: list[str] = []
+        self.set_prompts(prompts)
+
+    # --- prompts ----------------------------------------------------------------------------------
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Encode the prompts trajectories are conditioned on (training, or the test set for evaluation)."""
+        self.prompts = list(prompts)
+        embeds = encode_prompts(self._parts(), self.prompts, device=self.uncond_embed.device)
+        self.register_buffer("prompt_embeds", embeds, persistent=False)  # (N, L, D)
+
+    def _parts(self) -> StableDiffusionParts:
+        unet = self.unet if self.mode == "full" else self.unet.get_base_model()
+        return StableDiffusionParts(unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+
+    # --- ε̂ with classifier-free guidance -----------------------------------------------------------
+
+    def _guided(self, unet, z_t: Tensor, t: Tensor, prompt_ids: Tensor) -> Tensor:
+        cond = self.prompt_embeds[prompt_ids.to(self.prompt_embeds.device)]  # (B, L, D)
+        if self.guidance_scale == 1.0:
+            return unet(z_t, t, encoder_hidden_states=cond).sample.float()
+        uncond = self.uncond_embed.expand_as(cond)
+        # one UNet call on the stacked [unconditional; conditional] batch
+        out = unet(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                   encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+        eps_u, eps_c = out.chunk(2)
+        return eps_u + self.guidance_scale * (eps_c - eps_u)
+
+    def model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
+        if prompt_ids is None:
+            raise ValueError("the Stable Diffusion policy needs the prompt of every latent (prompt_ids)")
+        return self._guided(self.unet, x_t, t, prompt_ids)
+
+    @torch.no_grad()
+    def base_model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
+        if self.mode == "full":
+            if self.base_unet is None:
+                raise RuntimeError("the policy was built without keep_base=True; no base model for the KL term")
+            return self._guided(self.base_unet, x_t, t, prompt_ids)
+        return super().base_model_output(x_t, t, prompt_ids)
+
+    # --- sampling and decoding --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, *, chunk: int = 16) -> Tensor:
+        """Final latents (B, 4, h, w) -> images (B, C, H, W) in [-1, 1] in the data's channels and size."""
+        out = []
+        for z in latents.to(self.device).split(chunk):
+            x = to_channels(decode_latents(self.vae, z), self.out_channels)
+            if x.shape[-1] != self.out_size:
+                x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", antialias=True,
+                                  align_corners=False).clamp(-1, 1)
+            out.append(x)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None,
+               prompt_ids: Tensor | None = None) -> Trajectory:
+        """Pass 1: B trajectories, each with a prompt drawn uniformly from `prompts` (or the given ids)."""
+        if prompt_ids is None:
+            prompt_ids = torch.randint(len(self.prompts), (batch_size,), generator=generator)
+        ids = prompt_ids.to(self.device)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            traj = sample_trajectory(lambda z, t: self.model_output(z, t, ids), self.schedule,
+                                     shape=(batch_size, *self.image_shape), eta=self.sampler.eta,
+                                     sigma_floor=self.sampler.sigma_floor, generator=generator, device=self.device,
+                                     keep_on=keep_on or self.sampler.keep_on, clip_range=self.clip_range,
+                                     reduction=self.sampler.logprob_reduction)
+        finally:
+            self.unet.train(was_training)
+        traj.prompt_ids = prompt_ids.cpu()
+        traj.images = self.decode(traj.states[-1])
+        return traj
+
+    def prompts_of(self, traj: Trajectory) -> list[str]:
+        """The prompt text of every trajectory (per-prompt advantage tracking)."""
+        return [self.prompts[i] for i in traj.prompt_ids.tolist()]
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, pipeline: bool = True) -> None:
+        """`path/adapter/` (LoRA) and, with `pipeline`, `path/model/`: a StableDiffusionPipeline with the
+        fine-tuned (merged) UNet and the frozen VAE, text encoder, tokenizer and scheduler."""
+        from diffusers import StableDiffusionPipeline
+
+        from utils import atomic_directory
+
+        path = Path(path)
+        if self.mode == "lora":
+            self.unet.save_pretrained(path / "adapter", safe_serialization=True)
+        if pipeline:
+            with atomic_directory(path / "model") as tmp:
+                StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                        unet=self.merged_unet(), scheduler=self.scheduler, safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False
+                                        ).save_pretrained(tmp, safe_serialization=True)
