@@ -150,7 +150,8 @@ def build_tiny_sd(path: str | Path, *, latent_size: int = 8, seed: int = 0) -> P
                                   model_max_length=16)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=2,
-            num_hidden_layers=2, max_position_embeddings=16, projection_dim=32))
+            num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1))
         unet = UNet2DConditionModel(
             sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -165,14 +165,6 @@ def _check_eval_config(ev: EvalConfig) -> None:
             raise CraterdiffError(f"{key} has duplicates: {list(seq)}")
 
 
-def _load_model(spec: ModelSpec, cfg: Config, device: torch.device):
-    from ddpm.pipeline import load_matching_pipeline
-
-    unet, scheduler = load_matching_pipeline(spec.path, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                                             name=f"model '{spec.name}'")
-    return unet.to(device).eval(), scheduler
-
-
 def _realism_model(cfg: Config, run_dir: Path, device: torch.device):
     """The run's reward artifact if it exists and has a realism scorer, else None."""
     from reward import load
@@ -193,8 +185,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
                  progress: bool = True) -> dict:
     """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
     `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json)."""
-    from ddpm.sampling import sample_model
     from reward.features import extract_features
+    from rl.build import model_sampler
     from reward.sources import load_image_set
 
     t_start = time.perf_counter()
@@ -221,13 +213,11 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     samples: dict[str, dict[int, Tensor]] = {}
     for spec in models:
         t0 = time.perf_counter()
-        unet, scheduler = _load_model(spec, cfg, device)
+        sample = model_sampler(cfg, spec.path, device)
         samples[spec.name] = {}
         for seed in tqdm(ev.seeds, desc=f"sampling {spec.name}", disable=not progress, leave=False):
-            gen = torch.Generator().manual_seed(int(seed))
-            samples[spec.name][seed] = sample_model(unet, scheduler.config, cfg.sampler, n=n_gen, generator=gen,
-                                                    device=device).cpu()
-        del unet
+            samples[spec.name][seed] = sample(n_gen, torch.Generator().manual_seed(int(seed))).cpu()
+        del sample
         timings[f"sample_{spec.name}_s"] = time.perf_counter() - t0
 
     # 2. metrics: every extractor, seed, model; plus the ceiling (train split vs held-out)

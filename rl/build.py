@@ -30,3 +30,40 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
                                                  channels=cfg.data.channels, name="the base model")
         policy = DiffusionPolicy(unet, scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora, keep_base=keep_base)
     return policy.to(device)
+
+
+def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | None = None):
+    """(n, generator) -> n images (n, C, H, W) in [-1, 1] of the saved model at `path`, in the data's shape.
+
+    `ddpm`: a DDPM pipeline directory. `sd`: a Stable Diffusion directory (the base, or a run's `model/`
+    with the fine-tuned UNet merged in), sampled with CFG over `prompts` (default `model.test_prompts`),
+    sample j getting prompt j mod N so every prompt is used equally.
+    """
+    from pathlib import Path
+
+    if cfg.model.kind == "sd":
+        from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
+        from rl.sd_policy import StableDiffusionPolicy
+
+        texts = read_prompts(resolve_path(prompts or cfg.model.test_prompts))
+        policy = StableDiffusionPolicy(load_stable_diffusion(Path(path)), cfg.sampler, prompts=texts,
+                                       guidance_scale=cfg.model.guidance_scale, image_size=cfg.data.image_size,
+                                       channels=cfg.data.channels, mode="full").to(device).eval()
+        policy.requires_grad_(False)
+
+        @torch.no_grad()
+        def sample_sd(n: int, generator: torch.Generator) -> torch.Tensor:
+            ids = torch.arange(n) % len(texts)
+            b = cfg.sampler.batch_size
+            return torch.cat([policy.sample(len(chunk), generator=generator, prompt_ids=chunk).images.cpu()
+                              for chunk in ids.split(b)])
+        return sample_sd
+
+    from ddpm.pipeline import load_matching_pipeline
+    from ddpm.sampling import sample_model
+
+    unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                             name=f"the model at '{path}'")
+    unet.to(device).eval()
+    return lambda n, generator: sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator,
+                                             device=device)

@@ -3,6 +3,7 @@ advantages, and scripts.finetune end to end on a tiny random SD built in code.""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -88,3 +89,12 @@ def test_finetune_script_on_a_tiny_sd(tmp_path, tiny_sd):
     assert proc.returncode == 0, proc.stderr
     with open(out / "metrics.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+    # scripts.eval samples the base SD and the fine-tuned one over the test prompts
+    proc = run_script("scripts.eval", "--cfg", ROOT / "configs" / "sd_tiny.yaml", "--out", tmp_path / "eval", *over,
+                      "--set", f"eval.run_dir={out}", "--set", "eval.n=8", "--set", "eval.seeds=[0]",
+                      "--set", "eval.extractors=[pixels]", "--set", "eval.tsne=false", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert {"base", "finetuned"} <= set(report["models"])
+    base, tuned = report["models"]["base"]["pixels"], report["models"]["finetuned"]["pixels"]
+    assert report["settings"]["n_generated"] == 8 and base != tuned  # same seeds, different weights
