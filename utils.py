@@ -785,11 +785,12 @@ def load_state(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_checkpoints: bool = True,
-                    config_name: str = "config.yaml") -> Path:
+                    config_name: str = "config.yaml", write: bool = True) -> Path:
     """Create the run directory (default runs/<name>) and save the resolved config in it.
 
     With `guard_checkpoints` (training scripts): without --resume, a directory that already holds
-    checkpoints is refused rather than clobbered, and with --resume it must hold one.
+    checkpoints is refused rather than clobbered, and with --resume it must hold one. `write=False`
+    makes the same checks and writes nothing (the non-main processes of a multi-process run).
     """
     run = Path(out) if out else PROJECT_ROOT / "runs" / cfg.name
     ckpts = list_checkpoints(run / "checkpoints") if guard_checkpoints else []
@@ -799,6 +800,8 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
     if not resume and ckpts:
         raise CraterdiffError(f"run directory '{run}' already has checkpoints; pass --resume to continue "
                               f"it or --out NEW_DIR to start a new run")
+    if not write:
+        return run
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / ".write-test"

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
+from rl import distributed
 from rl.objectives import (approx_kl, gaussian_kl, ppo_clip_loss, reinforce_loss, trajectory_log_ratio,
                            trajectory_surrogate)
 from rl.policy import DiffusionPolicy
@@ -73,7 +74,9 @@ def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optim
                   ) -> tuple[float, float, bool]:
     """Clip the global gradient norm and step; skip the step (and zero the gradients) if it is not finite.
 
+    With several processes the gradients are first averaged over them, so all take the same step.
     Returns (norm before clipping, norm after, stepped)."""
+    distributed.average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from reward.artifact import RewardModel, load_artifact
+from reward.artifact import RewardModel, RewardOutput, load_artifact
 from reward.build import artifact_path, build_and_save
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
                            normalize_batch, terminal_rewards)
+from rl import distributed
 from rl.build import build_policy
 from rl.ppo import UpdateStats, ppo_update, reinforce_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
@@ -41,10 +42,20 @@ class Finetuner:
 
     def __init__(self, cfg: Config, run_dir: Path, *, device: torch.device | None = None):
         self.cfg, self.run_dir = cfg, run_dir
-        self.device = device or resolve_device(cfg.device)
-        self.generator = seed_everything(cfg.seed)
-        self.reward = self._reward_model()
         r = cfg.rl
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            if r.batch_size % self.world:
+                raise CraterdiffError(f"rl.batch_size {r.batch_size} is the set the reward sees across all "
+                                      f"{self.world} processes; make it a multiple of {self.world}")
+            if r.advantages.gae:
+                raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
+        self.device = device or distributed.process_device() or resolve_device(cfg.device)
+        # the same seed everywhere (identical LoRA initialisation); each process then samples its own noise
+        self.generator = seed_everything(cfg.seed)
+        if self.rank:
+            self.generator.manual_seed(cfg.seed + 1_000_003 * self.rank)
+        self.reward = self._reward_model()
         self.policy = build_policy(cfg, self.device)
         needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
         self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)
@@ -61,22 +72,22 @@ class Finetuner:
 
     def _reward_model(self) -> RewardModel:
         path = artifact_path(self.cfg, self.run_dir)
-        if not (path / "reward.yaml").is_file():
+        if not (path / "reward.yaml").is_file() and distributed.is_main():
             tqdm.write(f"no reward artifact at {path}: building it first")
             build_and_save(self.cfg, path)
+        distributed.barrier()
         # The config's weights and OT matching rule, so --set reward.weights.X=... takes effect on an
         # existing artifact.
         return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device,
                              weights=vars(self.cfg.reward.weights), ot_match=self.cfg.reward.ot_match)
 
-    def advantages(self, rewards: torch.Tensor, traj) -> torch.Tensor:
-        """(B,) rewards -> (B,) advantages, or (T, B) with GAE."""
+    def advantages(self, rewards: torch.Tensor, traj, prompts: list[str] | None = None) -> torch.Tensor:
+        """(B,) rewards -> (B,) advantages, or (T, B) with GAE; `prompts`: each reward's prompt."""
         a = self.cfg.rl.advantages
         if a.normalize == "batch":
             r = normalize_batch(rewards)
         elif a.normalize == "per_prompt":
-            prompts = (self.policy.prompts_of(traj) if traj.prompt_ids is not None else [""] * rewards.shape[0])
-            r = self.tracker(rewards, prompts)
+            r = self.tracker(rewards, prompts or [""] * rewards.shape[0])
         else:
             r = rewards.double()
         if a.gae:
@@ -101,7 +112,15 @@ class Finetuner:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """Every process hands its RNG state to the main one, which writes the checkpoint; all wait for it."""
         ckpt_dir = self.run_dir / "checkpoints"
+        rngs = distributed.gather_objects(rng_state(self.generator))
+        if distributed.is_main():
+            self._write_checkpoint(ckpt_dir, rngs)
+        distributed.barrier()
+        return ckpt_dir / f"step_{self.state.iteration}"
+
+    def _write_checkpoint(self, ckpt_dir: Path, rngs: list[dict]) -> None:
         with atomic_checkpoint(ckpt_dir, self.state.iteration) as tmp:
             self.policy.save(tmp, pipeline=self.policy.checkpoint_pipeline)
             save_file({k: v.contiguous().cpu() for k, v in self.policy.trainable_state().items()},
@@ -112,10 +131,10 @@ class Finetuner:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "critic": self.critic.state_dict() if self.critic else None,
                 "critic_optimizer": self.critic_opt.state_dict() if self.critic_opt else None,
-                "tracker": self.tracker.state_dict(), "rng": rng_state(self.generator),
+                "tracker": self.tracker.state_dict(), "rng": rngs[0],
+                **({"rng_processes": rngs} if len(rngs) > 1 else {}),
             }, tmp / "training_state.pt")
         prune_checkpoints(ckpt_dir, self.cfg.rl.keep_checkpoints)
-        return ckpt_dir / f"step_{self.state.iteration}"
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_state(path / "training_state.pt")
@@ -133,7 +152,11 @@ class Finetuner:
         self.tracker.load_state_dict(state["tracker"])
         self.state = RLState(iteration=int(state["iteration"]), nonfinite_in_row=int(state["nonfinite_in_row"]),
                              penalty=PenaltyState(beta=float(state["penalty_beta"])))
-        set_rng_state(state["rng"], self.generator)
+        saved = state.get("rng_processes", [state["rng"]])
+        if len(saved) != self.world:
+            raise CraterdiffError(f"checkpoint '{path}' was written by {len(saved)} process(es); resume it with "
+                                  f"{len(saved)} (accelerate launch --num_processes {len(saved)})")
+        set_rng_state(saved[self.rank], self.generator)
 
     # --- one iteration ----------------------------------------------------------------------------
 
@@ -143,9 +166,9 @@ class Finetuner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        traj = self.policy.sample(r.batch_size, generator=self.generator)
+        traj = self.policy.sample(r.batch_size // self.world, generator=self.generator)
         t1 = time.perf_counter()
-        out = self.reward(traj.images, generator=self.generator)
+        out, prompts = self.score(traj)
         t2 = time.perf_counter()
         row: dict[str, float] = {}
         weighted = sum(self.reward.weights.get(c, 0.0) * v for c, v in out.components.items())
@@ -154,11 +177,12 @@ class Finetuner:
             row[f"reward_{c}"] = float(v.mean())
         for c, v in out.values.items():
             row[f"value_{c}"] = v
-        finite = bool(torch.isfinite(out.rewards).all() and torch.isfinite(traj.logp).all())
+        finite = distributed.all_true(bool(torch.isfinite(out.rewards).all() and torch.isfinite(traj.logp).all()))
         stats = UpdateStats(nonfinite=True)
         if finite:
             snapshot = self.policy.trainable_state()
-            stats = self.update(traj, self.advantages(out.rewards, traj))
+            own = slice(self.rank * traj.batch_size, (self.rank + 1) * traj.batch_size)
+            stats = self.update(traj, self.advantages(out.rewards, traj, prompts)[..., own])
             if not all(torch.isfinite(p).all() for p in self.policy.trainable_parameters()):
                 stats.nonfinite = True
             if stats.nonfinite:
@@ -170,6 +194,20 @@ class Finetuner:
         row.update(time_sample_s=t1 - t0, time_reward_s=t2 - t1, time_update_s=t3 - t2, peak_mem_mb=peak_mem_mb(self.device))
         return row, traj.images
 
+    def score(self, traj) -> tuple[RewardOutput, list[str] | None]:
+        """The reward of the whole set: with several processes, every process's features (and realism
+        logits, prompts) are gathered, the main process scores the set and shares the result."""
+        if self.world == 1:
+            prompts = self.policy.prompts_of(traj) if traj.prompt_ids is not None else None
+            return self.reward(traj.images, generator=self.generator), prompts
+        feats = distributed.gather(self.reward.features(traj.images))
+        logits = (distributed.gather(self.reward.realism_logits(traj.images))
+                  if self.reward.realism is not None else None)
+        ids = distributed.gather(traj.prompt_ids) if traj.prompt_ids is not None else None
+        out = self.reward.score(feats, realism=logits, generator=self.generator) if distributed.is_main() else None
+        out = distributed.broadcast_object(out)
+        return out, ([self.policy.prompts[i] for i in ids.tolist()] if ids is not None else None)
+
     def run(self, *, resume: bool, stop_at: int | None = None) -> Path | None:
         """Train for rl.iterations; `stop_at` ends this call after that iteration (checkpointed)."""
         r = self.cfg.rl
@@ -178,23 +216,25 @@ class Finetuner:
             if self.state.iteration >= r.iterations:
                 tqdm.write(f"{self.run_dir} already finished its {r.iterations} iterations; raise rl.iterations "
                            f"(--set rl.iterations=N) to continue it")
-        log = RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
-                        resume_step=self.state.iteration if resume else None)
+        main = distributed.is_main()  # only the main process writes logs, samples and checkpoints
+        log = (RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
+                         resume_step=self.state.iteration if resume else None) if main else None)
         bar = tqdm(total=r.iterations, initial=self.state.iteration, desc=f"finetune ({r.algorithm})",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not main)
         try:
             while self.state.iteration < r.iterations:
                 row, images = self.iteration()
                 self.state.iteration += 1
                 it = self.state.iteration
-                log.log(it, row)
                 bar.update(1)
-                tqdm.write(summary_line(it, r.iterations, row))
+                if main:
+                    log.log(it, row)
+                    tqdm.write(summary_line(it, r.iterations, row))
                 if self.state.nonfinite_in_row >= r.max_nonfinite:
                     raise CraterdiffError(f"{self.state.nonfinite_in_row} iterations in a row had non-finite rewards, "
                                           f"log-probs or gradients; the last good weights are in the latest checkpoint. "
                                           f"Lower rl.lr or raise sampler.sigma_floor")
-                if it % r.sample_every == 0 or it == r.iterations:
+                if main and (it % r.sample_every == 0 or it == r.iterations):
                     grid = image_grid(images[:64], scale=2)
                     (self.run_dir / "samples").mkdir(exist_ok=True)
                     grid.save(self.run_dir / "samples" / f"iter_{it}.png")
@@ -205,10 +245,13 @@ class Finetuner:
                     break
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         if self.state.iteration < r.iterations:
             return None
-        self.policy.save(self.run_dir)
+        if main:
+            self.policy.save(self.run_dir)
+        distributed.barrier()
         return self.run_dir / "model"
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddpm.sampling import Trajectory
+from rl import distributed
 from rl.objectives import gaussian_kl
 from rl.ppo import UpdateStats, adv_at, clip_and_step
 from rl.policy import DiffusionPolicy
@@ -253,31 +254,36 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     params = policy.trainable_parameters()
     theta_old = flat_params(params)
     clock = [time.perf_counter()]
-    g = policy_gradient(policy, traj, adv, microbatch=cfg.microbatch)
+    # with several processes g, F v, the surrogate and the KL are means over all of them, so every
+    # process computes the same step and the same line-search decision
+    g = distributed.mean_(policy_gradient(policy, traj, adv, microbatch=cfg.microbatch))
     clock.append(time.perf_counter())
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
     states = state_subsample(traj.num_steps, traj.batch_size, t.kl_states, generator=generator)
     mu_old = old_means(policy, traj, states)
 
-    fvp = fisher_operator(policy, traj, states, mu_old, damping=t.damping)
+    local_fvp = fisher_operator(policy, traj, states, mu_old, damping=t.damping)
+    fvp = lambda v: distributed.mean_(local_fvp(v))  # noqa: E731
     cg = conjugate_gradient(fvp, g, iters=t.cg_iters, tol=t.cg_tol)
     shs = float(cg.x @ fvp(cg.x))
-    del fvp  # frees the retained graphs before the line search
+    del fvp, local_fvp  # frees the retained graphs before the line search
     clock.append(time.perf_counter())
     if not (math.isfinite(shs) and shs > 0):
         return UpdateStats(nonfinite=not math.isfinite(shs), grad_norm=float(g.norm()),
                            extra={"accepted": 0.0, "cg_residual": cg.residual})
     beta = math.sqrt(2 * t.max_kl / shs)
     full_step = beta * cg.x
-    base = surrogate(policy, traj, adv, microbatch=cfg.microbatch)
+    L = lambda: distributed.mean_float(surrogate(policy, traj, adv, microbatch=cfg.microbatch))  # noqa: E731
+    base = L()
 
     def set_step(frac: float) -> None:
         set_flat_params(params, theta_old + frac * full_step)
 
     ls = backtracking_line_search(
-        set_step=set_step, surrogate_gain=lambda: surrogate(policy, traj, adv, microbatch=cfg.microbatch) - base,
-        kl=lambda: subsample_kl(policy, traj, states, mu_old), expected_full=float(g @ full_step),
+        set_step=set_step, surrogate_gain=lambda: L() - base,
+        kl=lambda: distributed.mean_float(subsample_kl(policy, traj, states, mu_old)),
+        expected_full=float(g @ full_step),
         max_kl=t.max_kl, coeff=t.backtrack_coeff, max_iters=t.backtrack_iters, accept_ratio=t.accept_ratio)
     clock.append(time.perf_counter())
     step_norm = float(full_step.norm()) * ls.step_fraction
@@ -318,7 +324,7 @@ def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer,
                 (-(gain - state.beta * kl)).backward()
         norm, clipped, stepped = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip)
         norms.append((norm, clipped, stepped))
-    kl_now = subsample_kl(policy, traj, states, mu_old)
+    kl_now = distributed.mean_float(subsample_kl(policy, traj, states, mu_old))
     beta_used = state.beta
     if kl_now > 1.5 * t.max_kl:
         state.beta *= 2.0
