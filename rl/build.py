@@ -15,14 +15,8 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     r = cfg.rl
     keep_base = (r.kl_base_coef > 0 or r.kl_final_coef > 0) and r.policy_mode == "full"
     if cfg.model.kind == "sd":
-        from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
-        from rl.sd_policy import StableDiffusionPolicy
-
-        parts = load_stable_diffusion(resolve_path(cfg.model.pretrained))
-        policy = StableDiffusionPolicy(parts, cfg.sampler, prompts=read_prompts(resolve_path(cfg.model.prompts)),
-                                       guidance_scale=cfg.model.guidance_scale, image_size=cfg.data.image_size,
-                                       channels=cfg.data.channels, mode=r.policy_mode, lora=r.lora,
-                                       keep_base=keep_base)
+        policy = _sd_policy(cfg, resolve_path(cfg.model.pretrained), prompts=cfg.model.prompts, mode=r.policy_mode,
+                            keep_base=keep_base)
     else:
         from ddpm.pipeline import load_matching_pipeline
 
@@ -39,21 +33,13 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     with the fine-tuned UNet merged in), sampled with CFG over `prompts` (default `model.test_prompts`),
     sample j getting prompt j mod N so every prompt is used equally.
     """
-    from pathlib import Path
-
     if cfg.model.kind == "sd":
-        from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
-        from rl.sd_policy import StableDiffusionPolicy
-
-        texts = read_prompts(resolve_path(prompts or cfg.model.test_prompts))
-        policy = StableDiffusionPolicy(load_stable_diffusion(Path(path)), cfg.sampler, prompts=texts,
-                                       guidance_scale=cfg.model.guidance_scale, image_size=cfg.data.image_size,
-                                       channels=cfg.data.channels, mode="full").to(device).eval()
+        policy = _sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode="full").to(device).eval()
         policy.requires_grad_(False)
 
         @torch.no_grad()
         def sample_sd(n: int, generator: torch.Generator) -> torch.Tensor:
-            ids = torch.arange(n) % len(texts)
+            ids = torch.arange(n) % len(policy.prompts)
             b = cfg.sampler.batch_size
             return torch.cat([policy.sample(len(chunk), generator=generator, prompt_ids=chunk).images.cpu()
                               for chunk in ids.split(b)])
@@ -67,3 +53,16 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     unet.to(device).eval()
     return lambda n, generator: sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator,
                                              device=device)
+
+
+def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False):
+    """The Stable Diffusion policy of the directory `path`, conditioned on the prompt file `prompts`."""
+    from pathlib import Path
+
+    from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
+    from rl.sd_policy import StableDiffusionPolicy
+
+    return StableDiffusionPolicy(load_stable_diffusion(Path(path)), cfg.sampler,
+                                 prompts=read_prompts(resolve_path(prompts)), guidance_scale=cfg.model.guidance_scale,
+                                 image_size=cfg.data.image_size, channels=cfg.data.channels, mode=mode,
+                                 lora=cfg.rl.lora, keep_base=keep_base)
