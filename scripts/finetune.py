@@ -4,8 +4,8 @@ Builds the reward artifact first when reward.artifact (default DIR/reward) is mi
 rl.iterations of sample -> reward -> update. Writes DIR/metrics.csv, DIR/tb/, DIR/samples/,
 DIR/checkpoints/step_N/ and the final model to DIR/model (a diffusers pipeline; LoRA also DIR/adapter).
 
-Several processes: accelerate launch [--cpu] --num_processes N -m scripts.finetune --cfg ...
-(rl.batch_size is then the whole set, split evenly; see rl/distributed.py).
+Several processes: accelerate launch --multi_gpu --num_processes N -m scripts.finetune --cfg ... (on a
+machine without GPUs add --set device=cpu; rl.batch_size is the whole set, split evenly; rl/distributed.py).
 """
 from __future__ import annotations
 
