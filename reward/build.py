@@ -6,8 +6,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.pipeline import load_matching_pipeline
-from ddpm.sampling import sample_model
 from reward.artifact import RewardModel, build_reward_model, save_artifact
 from reward.datasets import load_image_folder
 from reward.features import build_extractor
@@ -20,26 +18,12 @@ def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -
     if not cfg.model.pretrained:
         raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
                               "or reward.realism.fake_dir to a folder of its samples")
-    if cfg.model.kind == "sd":
-        return sd_base_images(cfg, n, seed=seed, device=device)
-    unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
-                                             channels=cfg.data.channels, name="the base model")
-    unet.to(device).eval()
-    return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=torch.Generator().manual_seed(seed),
-                        device=device, progress=True)
+    from rl.build import model_sampler
 
-
-@torch.no_grad()
-def sd_base_images(cfg: Config, n: int, *, seed: int, device: torch.device) -> torch.Tensor:
-    """n decoded Stable Diffusion samples (n, C, H, W) in the data's shape, prompts drawn from `model.prompts`."""
-    from rl.build import build_policy
-
-    policy = build_policy(cfg, device)  # at the base model: a fresh LoRA adapter is the identity
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in tqdm(range(0, n, cfg.sampler.batch_size), desc="sampling the base model", leave=False):
-        out.append(policy.sample(min(cfg.sampler.batch_size, n - start), generator=gen).images.cpu())
-    return torch.cat(out)
+    # Stable Diffusion: over the training prompts, the prompts the policy is trained on
+    sample = model_sampler(cfg, resolve_path(cfg.model.pretrained), device, prompts=cfg.model.prompts,
+                           name="the base model", progress=True)
+    return sample(n, torch.Generator().manual_seed(seed))
 
 
 def artifact_path(cfg: Config, run_dir: Path) -> Path:

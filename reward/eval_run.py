@@ -186,8 +186,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
     `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json)."""
     from reward.features import extract_features
-    from rl.build import model_sampler
     from reward.sources import load_image_set
+    from rl.build import model_sampler
 
     t_start = time.perf_counter()
     ev = cfg.eval

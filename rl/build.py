@@ -26,12 +26,13 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     return policy.to(device)
 
 
-def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | None = None):
+def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | None = None, name: str | None = None,
+                  progress: bool = False):
     """(n, generator) -> n images (n, C, H, W) in [-1, 1] of the saved model at `path`, in the data's shape.
 
     `ddpm`: a DDPM pipeline directory. `sd`: a Stable Diffusion directory (the base, or a run's `model/`
     with the fine-tuned UNet merged in), sampled with CFG over `prompts` (default `model.test_prompts`),
-    sample j getting prompt j mod N so every prompt is used equally.
+    sample j getting prompt j mod N so every prompt is used equally. `name` names the model in errors.
     """
     if cfg.model.kind == "sd":
         policy = _sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode="full").to(device).eval()
@@ -49,10 +50,10 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     from ddpm.sampling import sample_model
 
     unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                                             name=f"the model at '{path}'")
+                                             name=name or f"the model at '{path}'")
     unet.to(device).eval()
     return lambda n, generator: sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator,
-                                             device=device)
+                                             device=device, progress=progress)
 
 
 def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False):

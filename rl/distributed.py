@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
 def active() -> bool:
@@ -92,14 +93,11 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Replace each gradient by its mean over processes (one flat all-reduce; missing grads count as 0)."""
     if not active():
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    mean_(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    vector_to_parameters(mean_(parameters_to_vector(grads)), grads)  # copies the means into the grads
 
 
 def gather(t: Tensor) -> Tensor:

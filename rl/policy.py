@@ -125,17 +125,23 @@ class DiffusionPolicy(nn.Module):
     # --- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None) -> Trajectory:
-        """Pass 1: B trajectories under the current θ, with every state and log π_old (no grad)."""
+    def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None,
+               prompt_ids: Tensor | None = None) -> Trajectory:
+        """Pass 1: B trajectories under the current θ, with every state and log π_old (no grad);
+        `prompt_ids` (B,) condition a conditional model."""
+        ids = None if prompt_ids is None else prompt_ids.to(self.device)
         was_training = self.unet.training
         self.unet.eval()
         try:
-            return sample_trajectory(self.model_output, self.schedule, shape=(batch_size, *self.image_shape),
-                                     eta=self.sampler.eta, sigma_floor=self.sampler.sigma_floor, generator=generator,
-                                     device=self.device, keep_on=keep_on or self.sampler.keep_on,
-                                     clip_range=self.clip_range, reduction=self.sampler.logprob_reduction)
+            traj = sample_trajectory(lambda x, t: self.model_output(x, t, ids), self.schedule,
+                                     shape=(batch_size, *self.image_shape), eta=self.sampler.eta,
+                                     sigma_floor=self.sampler.sigma_floor, generator=generator, device=self.device,
+                                     keep_on=keep_on or self.sampler.keep_on, clip_range=self.clip_range,
+                                     reduction=self.sampler.logprob_reduction)
         finally:
             self.unet.train(was_training)
+        traj.prompt_ids = None if prompt_ids is None else prompt_ids.cpu()
+        return traj
 
     # --- saving -----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ddpm.sampling import Trajectory, sample_trajectory
+from ddpm.sampling import Trajectory
 from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
 from rl.policy import DiffusionPolicy
 from utils import LoRASettings, SamplerConfig
@@ -100,24 +100,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
         """Pass 1: B trajectories, each with a prompt drawn uniformly from `prompts` (or the given ids)."""
         if prompt_ids is None:
             prompt_ids = torch.randint(len(self.prompts), (batch_size,), generator=generator)
-        ids = prompt_ids.to(self.device)
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            traj = sample_trajectory(lambda z, t: self.model_output(z, t, ids), self.schedule,
-                                     shape=(batch_size, *self.image_shape), eta=self.sampler.eta,
-                                     sigma_floor=self.sampler.sigma_floor, generator=generator, device=self.device,
-                                     keep_on=keep_on or self.sampler.keep_on, clip_range=self.clip_range,
-                                     reduction=self.sampler.logprob_reduction)
-        finally:
-            self.unet.train(was_training)
-        traj.prompt_ids = prompt_ids.cpu()
-        traj.images = self.decode(traj.states[-1])
+        traj = super().sample(batch_size, generator=generator, keep_on=keep_on, prompt_ids=prompt_ids)
+        traj.images = self.decode(traj.states[-1])  # the base class's images are the clamped latents
         return traj
-
-    def prompts_of(self, traj: Trajectory) -> list[str]:
-        """The prompt text of every trajectory (per-prompt advantage tracking)."""
-        return [self.prompts[i] for i in traj.prompt_ids.tolist()]
 
     # --- saving -----------------------------------------------------------------------------------
 

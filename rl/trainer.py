@@ -195,11 +195,9 @@ class Finetuner:
         return row, traj.images
 
     def score(self, traj) -> tuple[RewardOutput, list[str] | None]:
-        """The reward of the whole set: with several processes, every process's features (and realism
-        logits, prompts) are gathered, the main process scores the set and shares the result."""
-        if self.world == 1:
-            prompts = self.policy.prompts_of(traj) if traj.prompt_ids is not None else None
-            return self.reward(traj.images, generator=self.generator), prompts
+        """The reward of the whole set, and each sample's prompt text (None if unconditional): every
+        process's features (and realism logits, prompts) are gathered, the main process scores the set
+        and shares the result (with one process, gathering and sharing are the identity)."""
         feats = distributed.gather(self.reward.features(traj.images))
         logits = (distributed.gather(self.reward.realism_logits(traj.images))
                   if self.reward.realism is not None else None)

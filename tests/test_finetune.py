@@ -59,22 +59,22 @@ def test_resume_is_exact(tmp_path, tiny_base, algo):
 def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_base, monkeypatch):
     cfg = _cfg(tiny_base, "rl.max_nonfinite=2")
     ft = Finetuner(cfg, prepare_run_dir(tmp_path, cfg, resume=False))
-    real_call = type(ft.reward).__call__
+    real_score = type(ft.reward).score  # the trainer scores the (gathered) features of the set
 
-    def poisoned(self, images, **kwargs):
-        out = real_call(self, images, **kwargs)
+    def poisoned(self, feats, **kwargs):
+        out = real_score(self, feats, **kwargs)
         out.rewards[0] = float("nan")
         return out
 
     before = ft.policy.trainable_state()
-    monkeypatch.setattr(type(ft.reward), "__call__", poisoned)
+    monkeypatch.setattr(type(ft.reward), "score", poisoned)
     row, _ = ft.iteration()
     assert row["skipped"] == 1.0
     for k, v in ft.policy.trainable_state().items():
         assert torch.equal(v, before[k])
     with pytest.raises(CraterdiffError, match="non-finite"):
         ft.run(resume=False)
-    monkeypatch.setattr(type(ft.reward), "__call__", real_call)
+    monkeypatch.setattr(type(ft.reward), "score", real_score)
 
 
 def test_nonfinite_gradient_restores_weights(tmp_path, tiny_base, monkeypatch):
