@@ -134,8 +134,8 @@ class ModelConfig:
     kind: Literal["ddpm", "sd"] = _f("ddpm", "'ddpm': pixel-space diffusers UNet2DModel; 'sd': Stable Diffusion "
                                              "(latent UNet2DConditionModel with CFG, frozen VAE and text encoder)")
     preset: Literal["tiny", "small", "base", "large"] = _f(
-        "small", "UNet size: tiny (tests, ~0.1M), small (CPU default, ~1M), base (~9M, GPU 32 px), "
-                 "large (~35M, GPU 64 px)")
+        "small", "UNet size: tiny (tests, ~0.05M), small (CPU default, ~1.1M), base (~17M, GPU 32 px), "
+                 "large (~71M, GPU 64 px: configs/ddpm64.yaml)")
     pretrained: Optional[str] = _f(
         None, "the base model: a saved DDPM pipeline directory, or for 'sd' a Stable Diffusion directory "
               "(diffusers save_pretrained; read locally, never downloaded) that the reward and policy stages "
@@ -342,6 +342,9 @@ class RLConfig:
     policy_mode: Literal["full", "lora"] = _f("full", "train every UNet weight, or peft LoRA adapters")
     iterations: int = _f(60, "RL iterations (sample, reward, update)", ge=1)
     batch_size: int = _f(64, "trajectories sampled per iteration (the set the diversity reward sees)", ge=4)
+    sample_batch: Optional[int] = _f(None, "trajectories per forward pass when sampling (pass 1) and decoding; "
+                                           "null: the whole batch at once (lower it when sampling runs out of memory)",
+                                     ge=1)
     microbatch: int = _f(16, "trajectories per backward pass", ge=1)
     gradient_accumulation: int = _f(4, "microbatches per optimizer step", ge=1)
     lr: float = _f(3e-5, "Adam learning rate (PPO, REINFORCE, TRPO penalty mode, the critic uses its own)", gt=0.0)
@@ -351,6 +354,8 @@ class RLConfig:
     kl_final_coef: float = _f(0.0, "extra β_KL at the deterministic last step (σ = 0, log-prob via the sigma floor): "
                                    "the policy gradient there is zero, so without it the final denoiser drifts as a "
                                    "side effect of training the other steps (PPO and REINFORCE; 0 = off)", ge=0.0)
+    gradient_checkpointing: bool = _f(False, "recompute the UNet's activations in the backward pass of pass 2 "
+                                             "(diffusers' gradient checkpointing): less memory, ~30% more time")
     max_nonfinite: int = _f(3, "stop with an error after this many skipped (non-finite) updates in a row", ge=1)
     checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
     keep_checkpoints: int = _f(2, "most recent checkpoints kept", ge=1)
@@ -389,7 +394,11 @@ class Config:
     name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
     seed: int = _f(0, "seed for Python, NumPy and torch", ge=0)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' takes CUDA when present")
-    precision: Literal["fp32", "fp16", "bf16"] = _f("fp32", "autocast dtype for UNet passes on CUDA")
+    precision: Literal["fp32", "fp16", "bf16"] = _f(
+        "fp32", "autocast dtype of the UNet (and SD VAE) passes: pretraining, both RL passes, evaluation sampling. "
+                "fp16 (V100) adds dynamic loss scaling; bf16 needs an Ampere or newer GPU (or a CPU). TRPO's "
+                "Fisher products always run in fp32")
+    tf32: bool = _f(False, "allow TF32 matmuls and convolutions (Ampere or newer CUDA GPUs; an error on CPU)")
     tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
     num_threads: Optional[int] = _f(None, "torch CPU threads (null: torch's default; 1 is faster when other "
                                           "jobs share the cores)", ge=1)
@@ -635,11 +644,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str):
-    """Autocast context for UNet passes: fp16/bf16 on CUDA, a no-op in fp32 or on CPU."""
-    if precision == "fp32" or device.type != "cuda":
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def setup_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Check `precision` and `tf32` against the device, switch TF32 on if asked; return the autocast
+    dtype (None for fp32). Parts that need CUDA fail here with one line on a CPU-only machine."""
+    if cfg.tf32:
+        if device.type != "cuda":
+            raise CraterdiffError(f"tf32: true needs a CUDA GPU (Ampere or newer) but the device is {device.type}; "
+                                  f"set --set tf32=false to run this config on the CPU")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CraterdiffError(f"precision bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(device)} "
+                              f"has no bf16: use --set precision=fp16 (configs/v100.yaml) or fp32")
+    return AMP_DTYPES[cfg.precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on the device's type (CUDA or CPU); a no-op for None (fp32)."""
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:

@@ -3,6 +3,9 @@
 Notation: x0 a training image (B, C, H, W) in [-1, 1]; t ~ U{0..T_train−1}; ε ~ N(0, I);
 x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε (diffusers' `add_noise`); f_θ the UNet, predicting ε or
 v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0 (diffusers' `get_velocity`).
+
+`precision` fp16/bf16 runs the UNet under autocast (fp16 with torch's dynamic loss scaling: a step
+whose scaled gradients overflow is skipped and the scale halved); `tf32` allows TF32 on CUDA.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from reward.sources import load_image_set
-from utils import (Config, RunLogger, atomic_checkpoint, latest_checkpoint, load_state, prune_checkpoints,
+from utils import (Config, RunLogger, atomic_checkpoint, autocast, latest_checkpoint, load_state, prune_checkpoints,
                    image_grid, resolve_device, resolve_path, rng_state, save_state, seed_everything,
-                   set_rng_state)
+                   set_rng_state, setup_precision)
 
 
 def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:
@@ -70,6 +73,8 @@ class Trainer:
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
     scheduler: DDPMScheduler
     generator: torch.Generator
+    scaler: torch.amp.GradScaler  # dynamic loss scaling for fp16 (disabled, a pass-through, otherwise)
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the UNet (None: fp32)
     step: int = 0
     loss_window: tuple[float, int] = (0.0, 0)  # (sum, count) of losses since the last log line
 
@@ -96,7 +101,10 @@ def build_trainer(cfg: Config, device: torch.device) -> Trainer:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=p.warmup_steps, total=p.steps))
     ema = EMAModel(unet.parameters(), decay=p.ema_decay)
-    return Trainer(unet=unet, ema=ema, optimizer=opt, lr_schedule=sched, scheduler=scheduler, generator=generator)
+    amp_dtype = setup_precision(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return Trainer(unet=unet, ema=ema, optimizer=opt, lr_schedule=sched, scheduler=scheduler, generator=generator,
+                   scaler=scaler, amp_dtype=amp_dtype)
 
 
 def save_checkpoint(tr: Trainer, checkpoint_dir: Path, *, keep: int) -> Path:
@@ -107,7 +115,8 @@ def save_checkpoint(tr: Trainer, checkpoint_dir: Path, *, keep: int) -> Path:
         tr.unet.save_pretrained(tmp / "train_unet", safe_serialization=True)
         save_state({"step": tr.step, "optimizer": tr.optimizer.state_dict(),
                     "lr_schedule": tr.lr_schedule.state_dict(), "ema": tr.ema.state_dict(),
-                    "rng": rng_state(tr.generator), "loss_window": list(tr.loss_window)},
+                    "rng": rng_state(tr.generator), "loss_window": list(tr.loss_window),
+                    "scaler": tr.scaler.state_dict()},
                    tmp / "training_state.pt")
     prune_checkpoints(checkpoint_dir, keep)
     return checkpoint_dir / f"step_{tr.step}"
@@ -121,6 +130,8 @@ def load_checkpoint(tr: Trainer, path: Path) -> None:
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.lr_schedule.load_state_dict(state["lr_schedule"])
     tr.ema.load_state_dict(state["ema"])
+    if state.get("scaler"):  # empty when the run was not fp16
+        tr.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], tr.generator)
     tr.step = int(state["step"])
     tr.loss_window = (float(state["loss_window"][0]), int(state["loss_window"][1]))
@@ -128,8 +139,9 @@ def load_checkpoint(tr: Trainer, path: Path) -> None:
 
 def sample_grid(tr: Trainer, cfg: Config, device: torch.device, *, n: int = 64, seed: int = 1234) -> Tensor:
     """n EMA samples with the configured DDIM sampler, from a fixed seed (comparable across steps)."""
-    return sample_model(tr.ema_unet(), tr.scheduler.config, cfg.sampler, n=n,
-                        generator=torch.Generator().manual_seed(seed), device=device)
+    with autocast(device, tr.amp_dtype):
+        return sample_model(tr.ema_unet(), tr.scheduler.config, cfg.sampler, n=n,
+                            generator=torch.Generator().manual_seed(seed), device=device)
 
 
 def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = None) -> Path | None:
@@ -156,11 +168,14 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
     t0, (loss_sum, loss_n) = time.perf_counter(), tr.loss_window
     while tr.step < p.steps:
         idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
-        loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
+        with autocast(device, tr.amp_dtype):
+            loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
         tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        tr.scaler.scale(loss).backward()
+        tr.scaler.unscale_(tr.optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
-        tr.optimizer.step()
+        tr.scaler.step(tr.optimizer)  # skipped if the fp16 gradients overflowed
+        tr.scaler.update()
         tr.lr_schedule.step()
         tr.ema.step(tr.unet.parameters())
         tr.step += 1

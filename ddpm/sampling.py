@@ -66,7 +66,17 @@ class Trajectory:
 
 def unet_output_fn(unet) -> OutputFn:
     """The output of a diffusers UNet2DModel: unet(x_t, t).sample (ε̂ or v̂)."""
-    return lambda x, t: unet(x, t).sample
+    return lambda x, t: unet(x, t).sample.float()  # fp32 for the DDIM update, also under autocast
+
+
+def concat_trajectories(trajs: list[Trajectory]) -> Trajectory:
+    """Trajectories sampled in chunks (same schedule) as one batch, in order."""
+    if len(trajs) == 1:
+        return trajs[0]
+    ids = [t.prompt_ids for t in trajs]
+    return Trajectory(states=torch.cat([t.states for t in trajs], dim=1), logp=torch.cat([t.logp for t in trajs], dim=1),
+                      schedule=trajs[0].schedule, images=torch.cat([t.images for t in trajs]),
+                      prompt_ids=None if ids[0] is None else torch.cat(ids))
 
 
 @torch.no_grad()

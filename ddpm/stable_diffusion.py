@@ -2,7 +2,9 @@
 
 A Stable Diffusion directory is what `StableDiffusionPipeline.save_pretrained` writes (`unet/`,
 `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), e.g. a local copy of SD 1.5.
-It is read from local files only: a missing directory is a clear error, never a download.
+It is read from local files only: `model.pretrained` names a directory, or a Hub repository id
+(`owner/name`) that is already in the local Hugging Face cache (`locate_stable_diffusion`); anything
+else is a clear error, never a download.
 `build_tiny_sd` writes a randomly initialised one of the same layout (tests, CPU smoke runs).
 
 Shapes: latents z (B, 4, H/8, W/8); prompt embeddings (N, L, D) with L the tokenizer's length and D
@@ -11,6 +13,7 @@ the text encoder's width; images (B, 3, H, W) in [-1, 1].
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils import CraterdiffError, atomic_directory
+from utils import CraterdiffError, atomic_directory, resolve_path
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -42,6 +45,27 @@ class StableDiffusionParts:
     def image_size(self) -> int:
         """Side of the decoded images: the latent side times the VAE's down-sampling factor."""
         return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def locate_stable_diffusion(pretrained: str | Path) -> Path:
+    """The directory of `model.pretrained`: a local path (relative to the project root), else a Hub
+    repository id looked up in the local Hugging Face cache only (HF_HOME / HF_HUB_CACHE)."""
+    local = resolve_path(pretrained)
+    if local.is_dir() or not _REPO_ID.match(str(pretrained)):
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(pretrained), local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CraterdiffError(f"model.pretrained '{pretrained}' is neither a local directory nor in the Hugging Face "
+                              f"cache; fetch it yourself first (e.g. huggingface-cli download {pretrained} "
+                              f"--local-dir models/sd) and point model.pretrained there: nothing is downloaded at "
+                              f"run time") from None
 
 
 def load_stable_diffusion(path: str | Path, *, dtype: torch.dtype = torch.float32) -> StableDiffusionParts:

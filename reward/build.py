@@ -18,10 +18,10 @@ def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -
     if not cfg.model.pretrained:
         raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
                               "or reward.realism.fake_dir to a folder of its samples")
-    from rl.build import model_sampler
+    from rl.build import base_model_path, model_sampler
 
     # Stable Diffusion: over the training prompts, the prompts the policy is trained on
-    sample = model_sampler(cfg, resolve_path(cfg.model.pretrained), device, prompts=cfg.model.prompts,
+    sample = model_sampler(cfg, base_model_path(cfg), device, prompts=cfg.model.prompts,
                            name="the base model", progress=True)
     return sample(n, torch.Generator().manual_seed(seed))
 

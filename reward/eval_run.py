@@ -86,8 +86,10 @@ def resolve_models(cfg: Config, run_dir: Path, *, extra: Mapping[str, Path] = {}
     A missing fine-tuned model is an error telling to run scripts.finetune first, unless other
     models were named with --model (then it is left out) or --models leaves it out.
     """
+    from rl.build import base_model_path
+
     candidates: dict[str, Path | None] = {
-        BASE: resolve_path(cfg.model.pretrained) if cfg.model.pretrained else None,
+        BASE: base_model_path(cfg) if cfg.model.pretrained else None,
         FINETUNED: run_dir / "model",
     }
     candidates.update(extra)

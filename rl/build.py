@@ -1,28 +1,45 @@
 """The policy of a config: the pixel DDPM (`model.kind: ddpm`) or Stable Diffusion (`sd`), from `model.pretrained`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from rl.policy import DiffusionPolicy
-from utils import Config, CraterdiffError, resolve_path
+from utils import Config, CraterdiffError, autocast, resolve_path, setup_precision
+
+
+def base_model_path(cfg: Config) -> Path:
+    """Where `model.pretrained` lives: a directory (relative to the project root); for Stable Diffusion
+    also a Hub id already in the local Hugging Face cache."""
+    if cfg.model.kind == "sd":
+        from ddpm.stable_diffusion import locate_stable_diffusion
+
+        return locate_stable_diffusion(cfg.model.pretrained)
+    return resolve_path(cfg.model.pretrained)
 
 
 def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
-    """π_θ at the base model, on `device`; keeps a frozen base when a KL-to-base term needs one."""
+    """π_θ at the base model, on `device`, with the config's precision and gradient checkpointing; keeps
+    a frozen base when a KL-to-base term needs one."""
+    amp_dtype = setup_precision(cfg, device)
     if not cfg.model.pretrained:
         raise CraterdiffError("model.pretrained is not set: the policy stage fine-tunes a saved base model "
                               "(e.g. ddpm/pretrained/mars32, or a local Stable Diffusion directory for model.kind sd)")
     r = cfg.rl
     keep_base = (r.kl_base_coef > 0 or r.kl_final_coef > 0) and r.policy_mode == "full"
     if cfg.model.kind == "sd":
-        policy = _sd_policy(cfg, resolve_path(cfg.model.pretrained), prompts=cfg.model.prompts, mode=r.policy_mode,
+        policy = _sd_policy(cfg, base_model_path(cfg), prompts=cfg.model.prompts, mode=r.policy_mode,
                             keep_base=keep_base)
     else:
         from ddpm.pipeline import load_matching_pipeline
 
-        unet, scheduler = load_matching_pipeline(resolve_path(cfg.model.pretrained), image_size=cfg.data.image_size,
+        unet, scheduler = load_matching_pipeline(base_model_path(cfg), image_size=cfg.data.image_size,
                                                  channels=cfg.data.channels, name="the base model")
         policy = DiffusionPolicy(unet, scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora, keep_base=keep_base)
+    policy.amp_dtype = amp_dtype
+    if r.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     return policy.to(device)
 
 
@@ -33,10 +50,13 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     `ddpm`: a DDPM pipeline directory. `sd`: a Stable Diffusion directory (the base, or a run's `model/`
     with the fine-tuned UNet merged in), sampled with CFG over `prompts` (default `model.test_prompts`),
     sample j getting prompt j mod N so every prompt is used equally. `name` names the model in errors.
+    The UNet runs under autocast to the config's `precision`.
     """
+    amp_dtype = setup_precision(cfg, device)
     if cfg.model.kind == "sd":
         policy = _sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode="full").to(device).eval()
         policy.requires_grad_(False)
+        policy.amp_dtype = amp_dtype
 
         @torch.no_grad()
         def sample_sd(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -52,14 +72,16 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                              name=name or f"the model at '{path}'")
     unet.to(device).eval()
-    return lambda n, generator: sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator,
-                                             device=device, progress=progress)
+
+    def sample_ddpm(n: int, generator: torch.Generator) -> torch.Tensor:
+        with autocast(device, amp_dtype):
+            return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator, device=device,
+                                progress=progress).float()
+    return sample_ddpm
 
 
 def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False):
     """The Stable Diffusion policy of the directory `path`, conditioned on the prompt file `prompts`."""
-    from pathlib import Path
-
     from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
     from rl.sd_policy import StableDiffusionPolicy
 

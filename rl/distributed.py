@@ -17,6 +17,7 @@ Only the main process writes logs, sample grids and checkpoints; the others wait
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -49,6 +50,12 @@ def init(cpu: bool) -> None:
     """Join the processes `accelerate launch` started; a no-op for a single process."""
     global _device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+            # `accelerate launch --cpu --num_processes N` (N > 1) sets MASTER_ADDR but, without MPI
+            # (--mpirun_hostfile), starts a single process: say so instead of silently running one
+            print("accelerate launch --cpu started one process (several CPU processes need MPI there); "
+                  "training as one process. For N CPU processes use: accelerate launch --multi_gpu "
+                  "--num_processes N -m scripts.finetune ... --set device=cpu", file=sys.stderr)
         return
     from accelerate import PartialState
 

@@ -5,10 +5,16 @@ Modes (`rl.policy_mode`):
 - `lora`: the UNet is frozen and peft LoRA adapters are trained; the base is the same UNet with its
   adapters disabled (no second copy in memory). Saved as a peft adapter.
 
+Precision: the UNet passes (sampling and pass 2) run under autocast to `amp_dtype` (fp16/bf16, set
+by `build_policy` from the config); outputs are cast back to fp32 before the Gaussian log-prob, so
+log-probs, ratios and losses are fp32. `plain()` turns autocast and gradient checkpointing off for
+TRPO's Fisher-vector products, which differentiate twice.
+
 Step index k runs over the T DDIM steps (k = 0 is the noisiest); `schedule` holds t_k, ᾱ_k, ᾱ_prev,k.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -18,9 +24,9 @@ from torch import Tensor, nn
 
 from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
 from ddpm.pipeline import save_pipeline
-from ddpm.sampling import Trajectory, sample_trajectory
+from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
-from utils import LoRASettings, SamplerConfig
+from utils import LoRASettings, SamplerConfig, autocast
 
 
 class DiffusionPolicy(nn.Module):
@@ -51,6 +57,37 @@ class DiffusionPolicy(nn.Module):
             self.unet = get_peft_model(unet, config)
         else:
             raise ValueError(f"unknown policy mode {mode!r}; choose 'full' or 'lora'")
+        self.amp_dtype: torch.dtype | None = None  # autocast dtype of the UNet passes (None: fp32)
+        self._plain = False
+
+    # --- precision and memory -------------------------------------------------------------------
+
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers UNet itself (under the peft wrapper in `lora` mode)."""
+        return self.unet if self.mode == "full" else self.unet.get_base_model()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet's block activations in backward (diffusers' non-reentrant checkpointing)."""
+        self.network.enable_gradient_checkpointing()
+
+    def _amp(self):
+        return autocast(self.device, None if self._plain else self.amp_dtype)
+
+    @contextlib.contextmanager
+    def plain(self):
+        """fp32 and no gradient checkpointing inside (for second derivatives through the UNet)."""
+        net, was_plain = self.network, self._plain
+        checkpointing = net.is_gradient_checkpointing
+        self._plain = True
+        if checkpointing:
+            net.disable_gradient_checkpointing()
+        try:
+            yield self
+        finally:
+            self._plain = was_plain
+            if checkpointing:
+                net.enable_gradient_checkpointing()
 
     # --- parameters ---------------------------------------------------------------------------
 
@@ -67,7 +104,8 @@ class DiffusionPolicy(nn.Module):
     def model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
         """The UNet output (ε̂ or v̂, per `schedule.prediction_type`): (B, C, H, W), t (B,) long.
         An unconditional model takes no prompts (prompt_ids None)."""
-        return self.unet(x_t, t).sample.float()
+        with self._amp():
+            return self.unet(x_t, t).sample.float()
 
     @torch.no_grad()
     def base_model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
@@ -77,7 +115,8 @@ class DiffusionPolicy(nn.Module):
                 return self.model_output(x_t, t, prompt_ids)
         if self.base_unet is None:
             raise RuntimeError("the policy was built without keep_base=True; no base model for the KL term")
-        return self.base_unet(x_t, t).sample.float()
+        with self._amp():
+            return self.base_unet(x_t, t).sample.float()
 
     def _t(self, k: int, batch: int) -> Tensor:
         return self.schedule.timesteps[k].expand(batch).to(self.device)
@@ -119,29 +158,33 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config if self.mode == "full" else self.unet.get_base_model().config
+        cfg = self.network.config
         return cfg.in_channels, cfg.sample_size, cfg.sample_size
 
     # --- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None,
-               prompt_ids: Tensor | None = None) -> Trajectory:
+               prompt_ids: Tensor | None = None, chunk: int | None = None) -> Trajectory:
         """Pass 1: B trajectories under the current θ, with every state and log π_old (no grad);
-        `prompt_ids` (B,) condition a conditional model."""
-        ids = None if prompt_ids is None else prompt_ids.to(self.device)
+        `prompt_ids` (B,) condition a conditional model; `chunk` trajectories per forward (None: all)."""
         was_training = self.unet.training
         self.unet.eval()
         try:
-            traj = sample_trajectory(lambda x, t: self.model_output(x, t, ids), self.schedule,
-                                     shape=(batch_size, *self.image_shape), eta=self.sampler.eta,
-                                     sigma_floor=self.sampler.sigma_floor, generator=generator, device=self.device,
-                                     keep_on=keep_on or self.sampler.keep_on, clip_range=self.clip_range,
-                                     reduction=self.sampler.logprob_reduction)
+            parts = []
+            for start in range(0, batch_size, chunk or batch_size):
+                b = min(chunk or batch_size, batch_size - start)
+                ids = None if prompt_ids is None else prompt_ids[start:start + b].to(self.device)
+                traj = sample_trajectory(lambda x, t: self.model_output(x, t, ids), self.schedule,
+                                         shape=(b, *self.image_shape), eta=self.sampler.eta,
+                                         sigma_floor=self.sampler.sigma_floor, generator=generator,
+                                         device=self.device, keep_on=keep_on or self.sampler.keep_on,
+                                         clip_range=self.clip_range, reduction=self.sampler.logprob_reduction)
+                traj.prompt_ids = None if ids is None else ids.cpu()
+                parts.append(traj)
         finally:
             self.unet.train(was_training)
-        traj.prompt_ids = None if prompt_ids is None else prompt_ids.cpu()
-        return traj
+        return concat_trajectories(parts)
 
     # --- saving -----------------------------------------------------------------------------------
 

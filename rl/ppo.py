@@ -8,6 +8,10 @@ microbatches, then the global norm is clipped and the optimizer steps. Since eve
 a constant, the summed per-step gradients equal the gradient of the whole objective built in one
 graph (tested), at the memory cost of one step.
 
+Mixed precision: with `precision: fp16` every backward goes through torch's GradScaler (loss × S);
+gradients are unscaled before clipping, and a step whose scaled gradients overflowed is skipped and
+S halved: an expected event of dynamic loss scaling (counted in `scaler_skips`), not a failure.
+
 Conventions: `traj.x_t[k]`, `traj.x_prev[k]`: (B, C, H, W) states of step k; `traj.logp[k]`: (B,);
 advantages `adv`: (B,) one per trajectory, or (T, B) one per state (GAE). Losses are averaged over
 the steps trained and the trajectories, so the scale does not depend on T, B or the microbatching.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,20 +74,37 @@ def trained_steps(num_steps: int, fraction: float, *, generator: torch.Generator
     return torch.randperm(num_steps, generator=generator)[:n].sort().values
 
 
-def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *, grad_clip: float
-                  ) -> tuple[float, float, bool]:
+class StepResult(NamedTuple):
+    norm: float      # global gradient norm before clipping
+    clipped: float   # after clipping (nan if not stepped)
+    stepped: bool
+    overflow: bool   # fp16 loss scaling overflowed: skipped by design, the scale was lowered
+
+
+def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *, grad_clip: float,
+                  scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """Clip the global gradient norm and step; skip the step (and zero the gradients) if it is not finite.
 
     With several processes the gradients are first averaged over them, so all take the same step.
-    Returns (norm before clipping, norm after, stepped)."""
+    With an enabled `scaler` (fp16) the gradients are unscaled first; a non-finite norm is then an
+    overflow of the scaled gradients: the step is skipped and the scale lowered."""
     distributed.average_gradients(params)
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if not torch.isfinite(norm):
+        if scaling:
+            scaler.update()  # unscale_ recorded the overflow: the scale is lowered
         optimizer.zero_grad(set_to_none=True)
-        return float(norm), float("nan"), False
-    optimizer.step()
+        return StepResult(float(norm), float("nan"), False, scaling)
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm), min(float(norm), grad_clip), True
+    return StepResult(float(norm), min(float(norm), grad_clip), True, False)
 
 
 class _Accumulator:
@@ -98,11 +119,16 @@ class _Accumulator:
         self.norms: list[tuple[float, float]] = []
         self.surrogates: list[float] = []
         self.nonfinite = False
+        self.overflows = 0
+        self.loss_scale: float | None = None
 
     def stats(self) -> UpdateStats:
         lr = torch.cat(self.log_ratios) if self.log_ratios else torch.zeros(1)
         ratio = lr.exp()
         finite = [n for n in self.norms if math.isfinite(n[0])]
+        extra = {"surrogate": sum(self.surrogates) / len(self.surrogates)} if self.surrogates else {}
+        if self.loss_scale is not None:
+            extra.update(loss_scale=self.loss_scale, scaler_skips=float(self.overflows))
         return UpdateStats(
             loss=self.loss, kl=float(approx_kl(lr)), clip_frac=self.clipped / max(1, self.clip_count),
             ratio_mean=float(ratio.mean()), ratio_min=float(ratio.min()), ratio_max=float(ratio.max()),
@@ -110,7 +136,7 @@ class _Accumulator:
             grad_norm_clipped=sum(c for _, c in finite) / max(1, len(finite)),
             kl_base=sum(self.kl_base) / max(1, len(self.kl_base)),
             optimizer_steps=sum(1 for n in self.norms if math.isfinite(n[0])), nonfinite=self.nonfinite,
-            extra={"surrogate": sum(self.surrogates) / len(self.surrogates)} if self.surrogates else {})
+            extra=extra)
 
 
 StepLoss = Callable[[int, Tensor, DDIMStep], Tensor]  # (k, idx, recomputed step) -> scalar loss
@@ -127,7 +153,8 @@ def kl_base_coefficients(policy: DiffusionPolicy, cfg: RLConfig) -> list[float]:
 
 
 def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, steps: Tensor, step_loss: StepLoss,
-                    *, scale: float, kl_coefs: list[float], acc: _Accumulator) -> None:
+                    *, scale: float, kl_coefs: list[float], acc: _Accumulator,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
     """For each step k: recompute log π_θ for trajectories idx, loss = scale·(step_loss + β_k·KL_base),
     backward, free the graph."""
     for k in steps.tolist():
@@ -141,14 +168,15 @@ def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, step
         if not torch.isfinite(loss):
             acc.nonfinite = True
             continue
-        (loss * scale).backward()
+        loss_scaled = loss * scale
+        (scaler.scale(loss_scaled) if scaler is not None else loss_scaled).backward()
         acc.loss += float(loss.detach()) * scale
         acc.log_ratios.append((out.logp.detach().cpu() - traj.logp[k, idx].cpu()).double())
 
 
 def _two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, cfg: RLConfig,
-              make_loss: Callable[[Tensor, _Accumulator], StepLoss], *,
-              generator: torch.Generator, epochs: int, sum_over_steps: bool = False) -> UpdateStats:
+              make_loss: Callable[[Tensor, _Accumulator], StepLoss], *, generator: torch.Generator, epochs: int,
+              sum_over_steps: bool = False, scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
     """The shared loop: epochs × microbatches × steps, optimizer step every `gradient_accumulation`.
 
     make_loss(idx, acc) prepares a microbatch (e.g. the trajectory ratio's no-grad pass) and
@@ -173,15 +201,19 @@ def _two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: T
                 # each step's loss is a mean over the microbatch: weight it by its share of the group
                 scale = len(idx) / n_group * ((T if sum_over_steps else 1) / len(steps))
                 _backward_steps(policy, traj, idx, steps, step_loss, scale=scale,
-                                kl_coefs=kl_coefs, acc=acc)
-            norm, clipped, stepped = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip)
-            acc.norms.append((norm, clipped))
-            acc.nonfinite |= not stepped
+                                kl_coefs=kl_coefs, acc=acc, scaler=scaler)
+            res = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip, scaler=scaler)
+            acc.norms.append((res.norm, res.clipped))
+            acc.nonfinite |= not (res.stepped or res.overflow)
+            acc.overflows += int(res.overflow)
+    if scaler is not None and scaler.is_enabled():
+        acc.loss_scale = float(scaler.get_scale())
     return acc.stats()
 
 
 def ppo_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, adv: Tensor,
-               cfg: RLConfig, *, generator: torch.Generator) -> UpdateStats:
+               cfg: RLConfig, *, generator: torch.Generator, scaler: torch.amp.GradScaler | None = None
+               ) -> UpdateStats:
     """One PPO update on a sampled batch (`rl.ppo.ratio`: per_step or trajectory)."""
     p = cfg.ppo
     if p.ratio == "per_step":
@@ -193,7 +225,7 @@ def ppo_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
                 acc.clip_count += len(idx)
                 return res.loss
             return step_loss
-        return _two_pass(policy, optimizer, traj, cfg, make_loss, generator=generator, epochs=p.epochs)
+        return _two_pass(policy, optimizer, traj, cfg, make_loss, generator=generator, epochs=p.epochs, scaler=scaler)
 
     def make_traj_loss(idx: Tensor, acc: _Accumulator) -> StepLoss:
         # no-grad pass: the trajectory log-ratio of this microbatch under the current θ
@@ -214,12 +246,13 @@ def ppo_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
         return step_loss
 
     return _two_pass(policy, optimizer, traj, cfg, make_traj_loss, generator=generator, epochs=p.epochs,
-                     sum_over_steps=True)
+                     sum_over_steps=True, scaler=scaler)
 
 
 def reinforce_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, adv: Tensor,
-                     cfg: RLConfig, *, generator: torch.Generator) -> UpdateStats:
+                     cfg: RLConfig, *, generator: torch.Generator, scaler: torch.amp.GradScaler | None = None
+                     ) -> UpdateStats:
     """One REINFORCE step: L = −(1/B) Σ_i A_i · mean_k log π_θ(x_prev | x_t), same two-pass memory."""
     def make_loss(idx: Tensor, acc: _Accumulator) -> StepLoss:
         return lambda k, idx, out: reinforce_loss(out.logp, adv_at(adv, k, idx).to(out.logp))
-    return _two_pass(policy, optimizer, traj, cfg, make_loss, generator=generator, epochs=1)
+    return _two_pass(policy, optimizer, traj, cfg, make_loss, generator=generator, epochs=1, scaler=scaler)

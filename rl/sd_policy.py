@@ -51,19 +51,20 @@ class StableDiffusionPolicy(DiffusionPolicy):
         self.register_buffer("prompt_embeds", embeds, persistent=False)  # (N, L, D)
 
     def _parts(self) -> StableDiffusionParts:
-        unet = self.unet if self.mode == "full" else self.unet.get_base_model()
-        return StableDiffusionParts(unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+        return StableDiffusionParts(self.network, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
 
     # --- ε̂ with classifier-free guidance -----------------------------------------------------------
 
     def _guided(self, unet, z_t: Tensor, t: Tensor, prompt_ids: Tensor) -> Tensor:
         cond = self.prompt_embeds[prompt_ids.to(self.prompt_embeds.device)]  # (B, L, D)
         if self.guidance_scale == 1.0:
-            return unet(z_t, t, encoder_hidden_states=cond).sample.float()
+            with self._amp():
+                return unet(z_t, t, encoder_hidden_states=cond).sample.float()
         uncond = self.uncond_embed.expand_as(cond)
         # one UNet call on the stacked [unconditional; conditional] batch
-        out = unet(torch.cat([z_t, z_t]), torch.cat([t, t]),
-                   encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+        with self._amp():
+            out = unet(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                       encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
         eps_u, eps_c = out.chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
@@ -87,7 +88,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
         """Final latents (B, 4, h, w) -> images (B, C, H, W) in [-1, 1] in the data's channels and size."""
         out = []
         for z in latents.to(self.device).split(chunk):
-            x = to_channels(decode_latents(self.vae, z), self.out_channels)
+            with self._amp():
+                x = decode_latents(self.vae, z)
+            x = to_channels(x, self.out_channels)
             if x.shape[-1] != self.out_size:
                 x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", antialias=True,
                                   align_corners=False).clamp(-1, 1)
@@ -96,12 +99,12 @@ class StableDiffusionPolicy(DiffusionPolicy):
 
     @torch.no_grad()
     def sample(self, batch_size: int, *, generator: torch.Generator, keep_on: str | None = None,
-               prompt_ids: Tensor | None = None) -> Trajectory:
+               prompt_ids: Tensor | None = None, chunk: int | None = None) -> Trajectory:
         """Pass 1: B trajectories, each with a prompt drawn uniformly from `prompts` (or the given ids)."""
         if prompt_ids is None:
             prompt_ids = torch.randint(len(self.prompts), (batch_size,), generator=generator)
-        traj = super().sample(batch_size, generator=generator, keep_on=keep_on, prompt_ids=prompt_ids)
-        traj.images = self.decode(traj.states[-1])  # the base class's images are the clamped latents
+        traj = super().sample(batch_size, generator=generator, keep_on=keep_on, prompt_ids=prompt_ids, chunk=chunk)
+        traj.images = self.decode(traj.states[-1], chunk=chunk or 16)  # the base class's images: the latents
         return traj
 
     # --- saving -----------------------------------------------------------------------------------

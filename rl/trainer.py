@@ -26,7 +26,7 @@ from rl.ppo import UpdateStats, ppo_update, reinforce_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
                    prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
-                   set_rng_state)
+                   set_rng_state, setup_precision)
 
 
 @dataclass
@@ -50,7 +50,11 @@ class Finetuner:
                                       f"{self.world} processes; make it a multiple of {self.world}")
             if r.advantages.gae:
                 raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
+        if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
+            raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
+                                  "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")
         self.device = device or distributed.process_device() or resolve_device(cfg.device)
+        setup_precision(cfg, self.device)  # CUDA-only settings fail here, before any work
         # the same seed everywhere (identical LoRA initialisation); each process then samples its own noise
         self.generator = seed_everything(cfg.seed)
         if self.rank:
@@ -60,6 +64,8 @@ class Finetuner:
         needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
         self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)
                           if needs_optimizer else None)
+        # dynamic loss scaling for fp16 (a pass-through otherwise); its scale is checkpointed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.critic = self.critic_opt = None
         if r.advantages.gae:
             self.critic = Critic(self.policy.image_shape[0], width=r.advantages.critic_width,
@@ -101,12 +107,13 @@ class Finetuner:
     def update(self, traj, adv: torch.Tensor) -> UpdateStats:
         r = self.cfg.rl
         if r.algorithm == "ppo":
-            return ppo_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator)
+            return ppo_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator, scaler=self.scaler)
         if r.algorithm == "reinforce":
-            return reinforce_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator)
+            return reinforce_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator,
+                                    scaler=self.scaler)
         if r.trpo.mode == "penalty":
             return kl_penalty_update(self.policy, self.optimizer, traj, adv, r, self.state.penalty,
-                                     generator=self.generator)
+                                     generator=self.generator, scaler=self.scaler)
         return trpo_update(self.policy, traj, adv, r, generator=self.generator)
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -131,7 +138,7 @@ class Finetuner:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "critic": self.critic.state_dict() if self.critic else None,
                 "critic_optimizer": self.critic_opt.state_dict() if self.critic_opt else None,
-                "tracker": self.tracker.state_dict(), "rng": rngs[0],
+                "tracker": self.tracker.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs[0],
                 **({"rng_processes": rngs} if len(rngs) > 1 else {}),
             }, tmp / "training_state.pt")
         prune_checkpoints(ckpt_dir, self.cfg.rl.keep_checkpoints)
@@ -150,6 +157,8 @@ class Finetuner:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])
         self.tracker.load_state_dict(state["tracker"])
+        if state.get("scaler"):  # empty unless the run is fp16
+            self.scaler.load_state_dict(state["scaler"])
         self.state = RLState(iteration=int(state["iteration"]), nonfinite_in_row=int(state["nonfinite_in_row"]),
                              penalty=PenaltyState(beta=float(state["penalty_beta"])))
         saved = state.get("rng_processes", [state["rng"]])
@@ -166,7 +175,7 @@ class Finetuner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        traj = self.policy.sample(r.batch_size // self.world, generator=self.generator)
+        traj = self.policy.sample(r.batch_size // self.world, generator=self.generator, chunk=r.sample_batch)
         t1 = time.perf_counter()
         out, prompts = self.score(traj)
         t2 = time.perf_counter()

@@ -207,8 +207,9 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
     params = policy.trainable_parameters()
     n = sum(len(v) for v in states.values())
     # J v differentiates through the backward of attention, which needs the plain-math SDPA kernel:
-    # the fused CPU/flash kernels have no second derivative.
-    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+    # the fused CPU/flash kernels have no second derivative. `plain()`: fp32 (second derivatives of
+    # low-precision activations are noise) and no gradient checkpointing, so the graph is kept.
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), policy.plain():
         mus = [policy.step_at(traj, k, idx).mu for k, idx in states.items()]  # (|S_k|, C, H, W)
         dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
         jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True, allow_unused=True),
@@ -303,7 +304,8 @@ class PenaltyState:
 
 
 def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, adv: Tensor,
-                      cfg: RLConfig, state: PenaltyState, *, generator: torch.Generator) -> UpdateStats:
+                      cfg: RLConfig, state: PenaltyState, *, generator: torch.Generator,
+                      scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
     """The penalty variant: `penalty_steps` gradient steps on L(θ) − β·KL(θ_old ‖ θ), then adapt β:
     ×2 if KL > 1.5 δ, ÷2 if KL < δ / 1.5 (Schulman et al. 2017, section 4)."""
     t = cfg.trpo
@@ -321,17 +323,20 @@ def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer,
                 ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
                 gain = (adv_at(adv, k, idx).to(out.logp) * ratio).sum() / (B * T)
                 kl = gaussian_kl(out.mu, mu_ref, policy.sigma_tilde(k)).sum() / (B * T)
-                (-(gain - state.beta * kl)).backward()
-        norm, clipped, stepped = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip)
-        norms.append((norm, clipped, stepped))
+                loss = -(gain - state.beta * kl)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        norms.append(clip_and_step(params, optimizer, grad_clip=cfg.grad_clip, scaler=scaler))
     kl_now = distributed.mean_float(subsample_kl(policy, traj, states, mu_old))
     beta_used = state.beta
     if kl_now > 1.5 * t.max_kl:
         state.beta *= 2.0
     elif kl_now < t.max_kl / 1.5:
         state.beta /= 2.0
-    finite = [n for n in norms if n[2]]
-    return UpdateStats(kl=kl_now, grad_norm=sum(n[0] for n in finite) / max(1, len(finite)),
-                       grad_norm_clipped=sum(n[1] for n in finite) / max(1, len(finite)),
-                       optimizer_steps=len(finite), nonfinite=len(finite) < len(norms),
-                       extra={"penalty_beta": beta_used, "penalty_beta_next": state.beta})
+    finite = [n for n in norms if n.stepped]
+    extra = {"penalty_beta": beta_used, "penalty_beta_next": state.beta}
+    if scaler is not None and scaler.is_enabled():
+        extra.update(loss_scale=float(scaler.get_scale()), scaler_skips=float(sum(n.overflow for n in norms)))
+    return UpdateStats(kl=kl_now, grad_norm=sum(n.norm for n in finite) / max(1, len(finite)),
+                       grad_norm_clipped=sum(n.clipped for n in finite) / max(1, len(finite)),
+                       optimizer_steps=len(finite), nonfinite=any(not (n.stepped or n.overflow) for n in norms),
+                       extra=extra)
