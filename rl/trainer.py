@@ -224,6 +224,8 @@ class Finetuner:
                 tqdm.write(f"{self.run_dir} already finished its {r.iterations} iterations; raise rl.iterations "
                            f"(--set rl.iterations=N) to continue it")
         main = distributed.is_main()  # only the main process writes logs, samples and checkpoints
+        if main and self.world > 1:
+            tqdm.write(f"{self.world} processes on {self.device.type}, {r.batch_size // self.world} trajectories each")
         log = (RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
                          resume_step=self.state.iteration if resume else None) if main else None)
         bar = tqdm(total=r.iterations, initial=self.state.iteration, desc=f"finetune ({r.algorithm})",

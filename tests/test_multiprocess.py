@@ -47,9 +47,28 @@ def test_two_processes_keep_identical_weights_and_score_the_gathered_set(tmp_pat
         assert [row["step"] for row in csv.DictReader(f)] == ["1", "2"]  # one writer
 
 
-def test_finetune_script_under_accelerate_launch_and_resume(tmp_path):
-    proc = launch("-m", "scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path, *FAST)
+def slurm_job(tmp_path, *args: str, gpus_per_node: int = 2) -> subprocess.CompletedProcess:
+    """jobs/finetune.slurm as sbatch would run it on a one-node allocation, with stand-ins for SLURM's
+    `srun` (runs the command once: one task on one node) and `scontrol` (names this host)."""
+    shims = tmp_path / "slurm_bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (shims / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "GPUS_PER_NODE": str(gpus_per_node), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "jobs" / "finetune.slurm"), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_finetune_script_under_the_slurm_job_and_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = slurm_job(tmp_path, "configs/smoke.yaml", "--out", run, *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout + proc.stderr
+    tmp_path = run
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert (tmp_path / "checkpoints" / "step_2" / "COMPLETE").is_file()
     proc = launch("-m", "scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path, "--resume",

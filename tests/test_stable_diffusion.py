@@ -57,3 +57,23 @@ def test_missing_model_and_prompt_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(CraterdiffError, match="has no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    # the Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}
+    import huggingface_hub.constants
+
+    from ddpm.stable_diffusion import locate_stable_diffusion
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--mars-lab--tiny-sd"
+    build_tiny_sd(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    found = locate_stable_diffusion("mars-lab/tiny-sd")
+    assert found == repo / "snapshots" / "0123abcd"
+    assert load_stable_diffusion(found).unet.config.in_channels == 4
+    with pytest.raises(CraterdiffError, match="neither a local directory nor in the Hugging Face cache.*nothing is "
+                                              "downloaded"):
+        locate_stable_diffusion("mars-lab/not-cached")
+    assert locate_stable_diffusion("configs") == PROJECT_ROOT / "configs"  # local directories first
