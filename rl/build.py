@@ -76,7 +76,7 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     def sample_ddpm(n: int, generator: torch.Generator) -> torch.Tensor:
         with autocast(device, amp_dtype):
             return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator, device=device,
-                                progress=progress).float()
+                                progress=progress)
     return sample_ddpm
 
 

@@ -83,7 +83,7 @@ def test_nonfinite_gradient_restores_weights(tmp_path, tiny_base, monkeypatch):
     before = ft.policy.trainable_state()
     import rl.trainer as trainer
 
-    def nan_update(policy, optimizer, traj, adv, cfg_, *, generator):
+    def nan_update(policy, optimizer, traj, adv, cfg_, *, generator, scaler=None):
         for p in policy.trainable_parameters():
             p.data.fill_(float("nan"))
         return trainer.UpdateStats()

@@ -82,3 +82,18 @@ def test_finetune_script_under_the_slurm_job_and_resume(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert single.returncode == 2 and "written by 2 process(es)" in single.stderr
+
+
+def test_accelerate_cpu_launcher_says_it_started_one_process(tmp_path):
+    # accelerate's --cpu launcher needs MPI for several processes; without it the run goes on as one,
+    # with a notice naming the command that starts several
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    cmd = [exe, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "scripts.finetune", "--cfg", str(ROOT / "configs" / "smoke.yaml"),
+           "--out", str(tmp_path), *FAST, "--set", "rl.iterations=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accelerate launch --cpu started one process" in proc.stderr
+    assert "--multi_gpu --num_processes N" in proc.stderr
+    assert (tmp_path / "model" / "model_index.json").is_file()
