@@ -336,10 +336,36 @@ class LoRASettings:
 
 
 @dataclass(frozen=True)
+class LatentSettings:
+    """The latent-drift policy (policy_mode: latent): a small conv net moves every DDIM mean."""
+    max_drift: float = _f(0.05, "bound of the drift |δ| per pixel (δ = max_drift · tanh(net)), in the units of x_t; "
+                                "about the size of the step noise σ̃_t (0.02-0.2)", gt=0.0)
+    width: int = _f(32, "channels of the drift net's hidden convolutions", ge=4)
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The sampler-schedule policy (policy_mode: schedule): one Gaussian action per trajectory, squashed
+    into bounds: DDPM (η, noise scale), Stable Diffusion (guidance scale, η) from the prompt embedding."""
+    std: float = _f(0.5, "std of the Gaussian action before squashing (fixed; the policy learns its mean)", gt=0.0)
+    eta: tuple[float, ...] = _f((0.2, 1.2), "bounds [low, high] of DDIM η; it starts at sampler.eta, which must lie "
+                                            "strictly inside (η > 1 adds more noise than DDPM; the mean's ε̂ "
+                                            "coefficient then clamps at 0)")
+    noise_scale: tuple[float, ...] = _f((0.8, 1.2), "DDPM: bounds of the factor on every step's injected noise "
+                                                    "(a sampling temperature); it starts at 1")
+    guidance: tuple[float, ...] = _f((1.0, 10.0), "Stable Diffusion: bounds of the guidance scale; it starts at "
+                                                  "model.guidance_scale")
+    hidden: int = _f(64, "Stable Diffusion: hidden width of the MLP on the pooled prompt embedding", ge=4)
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """The policy stage (scripts.finetune)."""
     algorithm: Literal["ppo", "trpo", "reinforce"] = _f("ppo", "ppo (two-pass), trpo (or its penalty mode), reinforce")
-    policy_mode: Literal["full", "lora"] = _f("full", "train every UNet weight, or peft LoRA adapters")
+    policy_mode: Literal["full", "lora", "latent", "schedule"] = _f(
+        "full", "what is trained: every UNet weight (full), peft LoRA adapters (lora), a drift net on the DDIM "
+                "means with the UNet frozen (latent), or a Gaussian policy over sampler parameters, one action per "
+                "trajectory, with the UNet frozen (schedule)")
     iterations: int = _f(60, "RL iterations (sample, reward, update)", ge=1)
     batch_size: int = _f(64, "trajectories sampled per iteration (the set the diversity reward sees)", ge=4)
     sample_batch: Optional[int] = _f(None, "trajectories per forward pass when sampling (pass 1) and decoding; "
@@ -364,6 +390,8 @@ class RLConfig:
     trpo: TRPOConfig = field(default_factory=TRPOConfig, metadata={"help": "TRPO settings"})
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={"help": "advantages"})
     lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "LoRA settings"})
+    latent: LatentSettings = field(default_factory=LatentSettings, metadata={"help": "latent-drift policy"})
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings, metadata={"help": "sampler-schedule policy"})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Notation (variable -> symbol of DESIGN.md, "Policy"; Song et al. 2021, eq. 12 an
 | `x0`             | x̂0              | predicted clean image |
 | `sigma`          | σ_t             | DDIM noise std of the step, (B,) |
 | `sigma_floor`    | σ_min           | lower bound of the std used in the log-prob: σ̃_t = max(σ_t, σ_min) |
-| `mu`             | μ_θ             | mean of the step |
+| `mu`             | μ_θ             | mean of the step (plus δ, the latent policy's drift, if given) |
 | `x_prev`         | x_prev          | state after the step: μ_θ + σ_t z |
 | `logp`           | log π_θ(x_prev ∣ x_t) | reduced over (C, H, W) by mean (default) or sum, (B,) |
 
@@ -66,7 +66,7 @@ def x0_eps(output: Tensor, x_t: Tensor, alpha_bar_t: Tensor | float, prediction_
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
 
 
-def ddim_sigma(alpha_bar_t: Tensor | float, alpha_bar_prev: Tensor | float, eta: float) -> Tensor:
+def ddim_sigma(alpha_bar_t: Tensor | float, alpha_bar_prev: Tensor | float, eta: float | Tensor) -> Tensor:
     """σ_t = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_prev)   (eq. 16), in float64.
 
     σ_t = 0 on the last step (ᾱ_prev = 1), which makes that step deterministic.
@@ -74,7 +74,7 @@ def ddim_sigma(alpha_bar_t: Tensor | float, alpha_bar_prev: Tensor | float, eta:
     a_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
     a_prev = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    return eta * var.clamp(min=0).sqrt()
+    return torch.as_tensor(eta, dtype=torch.float64) * var.clamp(min=0).sqrt()
 
 
 def ddim_mean(x0: Tensor, eps: Tensor, alpha_bar_prev: Tensor | float, sigma: Tensor | float) -> Tensor:
@@ -114,7 +114,7 @@ def ddim_step_logprob(
     *,
     alpha_bar_t: Tensor | float,
     alpha_bar_prev: Tensor | float,
-    eta: float,
+    eta: float | Tensor,
     sigma_floor: float,
     x_prev: Tensor | None = None,
     noise: Tensor | None = None,
@@ -122,13 +122,15 @@ def ddim_step_logprob(
     clip_range: float | None = 1.0,
     reduction: Reduction = "mean",
     prediction_type: str = "epsilon",
+    mean_shift: Tensor | None = None,
 ) -> DDIMStep:
     """One DDIM step x_t → x_prev and log π_θ(x_prev | x_t), from the network output ε̂ or v̂.
 
     x_prev = μ_θ + σ_t z with z = `noise` (or drawn from `generator` on the CPU). If `x_prev` is
     given (PPO's second pass, TRPO), it is not sampled: only its log-prob under the current
     parameters is computed. The log-prob uses σ̃_t = max(σ_t, σ_min), so it stays finite and bounded
-    when σ_t → 0 (the last step, or η → 0).
+    when σ_t → 0 (the last step, or η → 0). `mean_shift` δ (B, C, H, W) moves the mean: μ = μ_DDIM + δ
+    (the latent-drift policy).
     """
     if sigma_floor <= 0:
         raise ValueError(f"sigma_floor must be > 0, got {sigma_floor}")
@@ -140,6 +142,8 @@ def ddim_step_logprob(
         sigma64 = sigma64.expand(x_t.shape[0])
     sigma = sigma64.to(x_t.dtype)
     mu = ddim_mean(x0, eps, alpha_bar_prev, sigma)
+    if mean_shift is not None:
+        mu = mu + mean_shift
     if x_prev is None:
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)

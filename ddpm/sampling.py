@@ -85,15 +85,21 @@ def sample_trajectory(
     schedule: DDIMSchedule,
     *,
     shape: tuple[int, int, int, int],
-    eta: float,
+    eta: float | Tensor,
     sigma_floor: float,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     keep_on: Literal["cpu", "device"] = "cpu",
     clip_range: float | None = 1.0,
     reduction: Reduction = "mean",
+    shift_fn: OutputFn | None = None,
+    noise_scale: Tensor | None = None,
 ) -> Trajectory:
     """Sample B = shape[0] DDIM trajectories and record every state and log-prob.
+
+    `shift_fn(x_t, t)` (B, C, H, W), if given, is added to every step's mean (the latent-drift policy);
+    `noise_scale` (B,) multiplies every step's injected noise, and `eta` may be (B,) too (the schedule
+    policy: one sampler setting per trajectory).
 
     All noise (x_T and each step's z) is drawn on the CPU from `generator`, so a seed gives the
     same trajectories on any device. `keep_on='cpu'` moves the cached states off the accelerator
@@ -106,10 +112,15 @@ def sample_trajectory(
     for k in range(schedule.num_steps):
         t = schedule.timesteps[k]
         out = output_fn(x, t.expand(shape[0]).to(device)).float()
+        noise = None
+        if noise_scale is not None:  # drawn as ddim_step_logprob would, then scaled per trajectory
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
+            noise = noise * noise_scale.to(noise).reshape(-1, *([1] * (noise.ndim - 1)))
         step = ddim_step_logprob(
             out, x, alpha_bar_t=schedule.alpha_bar_t[k], alpha_bar_prev=schedule.alpha_bar_prev[k],
-            eta=eta, sigma_floor=sigma_floor, generator=generator, clip_range=clip_range,
+            eta=eta, sigma_floor=sigma_floor, generator=generator, noise=noise, clip_range=clip_range,
             reduction=reduction, prediction_type=schedule.prediction_type,
+            mean_shift=None if shift_fn is None else shift_fn(x, t.expand(shape[0]).to(device)).float(),
         )
         x = step.x_prev
         states.append(x.to(store))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from rl.policy import DiffusionPolicy
+from rl.modes import load_head, saved_head_mode
+from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
 from utils import Config, CraterdiffError, autocast, resolve_path, setup_precision
 
 
@@ -32,11 +33,8 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
         policy = _sd_policy(cfg, base_model_path(cfg), prompts=cfg.model.prompts, mode=r.policy_mode,
                             keep_base=keep_base)
     else:
-        from ddpm.pipeline import load_matching_pipeline
-
-        unet, scheduler = load_matching_pipeline(base_model_path(cfg), image_size=cfg.data.image_size,
-                                                 channels=cfg.data.channels, name="the base model")
-        policy = DiffusionPolicy(unet, scheduler, cfg.sampler, mode=r.policy_mode, lora=r.lora, keep_base=keep_base)
+        policy = _ddpm_policy(cfg, base_model_path(cfg), mode=r.policy_mode, keep_base=keep_base,
+                              name="the base model")
     policy.amp_dtype = amp_dtype
     if r.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
@@ -50,21 +48,19 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     `ddpm`: a DDPM pipeline directory. `sd`: a Stable Diffusion directory (the base, or a run's `model/`
     with the fine-tuned UNet merged in), sampled with CFG over `prompts` (default `model.test_prompts`),
     sample j getting prompt j mod N so every prompt is used equally. `name` names the model in errors.
-    The UNet runs under autocast to the config's `precision`.
+    The UNet runs under autocast to the config's `precision`. A model saved by a `latent` or
+    `schedule` run (its frozen model plus `policy_head/`) is sampled through that policy.
     """
     amp_dtype = setup_precision(cfg, device)
-    if cfg.model.kind == "sd":
-        policy = _sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode="full").to(device).eval()
-        policy.requires_grad_(False)
+    mode = saved_head_mode(path)
+    if cfg.model.kind == "sd" or mode is not None:
+        policy = (_sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode=mode or "full")
+                  if cfg.model.kind == "sd" else _ddpm_policy(cfg, path, mode=mode, name=name or f"the model at '{path}'"))
+        if mode is not None:
+            load_head(policy, path)
+        policy.to(device).eval().requires_grad_(False)
         policy.amp_dtype = amp_dtype
-
-        @torch.no_grad()
-        def sample_sd(n: int, generator: torch.Generator) -> torch.Tensor:
-            ids = torch.arange(n) % len(policy.prompts)
-            b = cfg.sampler.batch_size
-            return torch.cat([policy.sample(len(chunk), generator=generator, prompt_ids=chunk).images.cpu()
-                              for chunk in ids.split(b)])
-        return sample_sd
+        return _policy_sampler(policy, cfg.sampler.batch_size)
 
     from ddpm.pipeline import load_matching_pipeline
     from ddpm.sampling import sample_model
@@ -80,12 +76,43 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     return sample_ddpm
 
 
+def _policy_sampler(policy: DiffusionPolicy, batch: int):
+    """(n, generator) -> n images of the policy, `batch` at a time; prompt j mod N for sample j (SD)."""
+    @torch.no_grad()
+    def sample(n: int, generator: torch.Generator) -> torch.Tensor:
+        prompts = getattr(policy, "prompts", None)
+        ids = torch.arange(n) % len(prompts) if prompts else None
+        return torch.cat([policy.sample(min(batch, n - i), generator=generator,
+                                        prompt_ids=None if ids is None else ids[i:i + batch]).images.cpu()
+                          for i in range(0, n, batch)])
+    return sample
+
+
+def _mode_class(cfg: Config, base: type[DiffusionPolicy], mode: str, keep_base: bool) -> tuple[type, dict]:
+    """The policy class for `mode` on top of `base`, and its mode arguments."""
+    if mode in FROZEN_UNET_MODES:
+        from rl.modes import mode_kwargs, policy_class
+
+        return policy_class(mode, base), mode_kwargs(mode, cfg.rl)
+    return base, dict(mode=mode, lora=cfg.rl.lora, keep_base=keep_base)
+
+
+def _ddpm_policy(cfg: Config, path, *, mode: str, keep_base: bool = False, name: str) -> DiffusionPolicy:
+    """The pixel-DDPM policy of the pipeline directory `path`."""
+    from ddpm.pipeline import load_matching_pipeline
+
+    unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                             name=name)
+    cls, kw = _mode_class(cfg, DiffusionPolicy, mode, keep_base)
+    return cls(unet, scheduler, cfg.sampler, **kw)
+
+
 def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False):
     """The Stable Diffusion policy of the directory `path`, conditioned on the prompt file `prompts`."""
     from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
     from rl.sd_policy import StableDiffusionPolicy
 
-    return StableDiffusionPolicy(load_stable_diffusion(Path(path)), cfg.sampler,
-                                 prompts=read_prompts(resolve_path(prompts)), guidance_scale=cfg.model.guidance_scale,
-                                 image_size=cfg.data.image_size, channels=cfg.data.channels, mode=mode,
-                                 lora=cfg.rl.lora, keep_base=keep_base)
+    cls, kw = _mode_class(cfg, StableDiffusionPolicy, mode, keep_base)
+    return cls(load_stable_diffusion(Path(path)), cfg.sampler, prompts=read_prompts(resolve_path(prompts)),
+               guidance_scale=cfg.model.guidance_scale, image_size=cfg.data.image_size, channels=cfg.data.channels,
+               **kw)

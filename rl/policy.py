@@ -4,6 +4,8 @@ Modes (`rl.policy_mode`):
 - `full`: every UNet weight is trained; the KL regulariser's base is a frozen copy of the start.
 - `lora`: the UNet is frozen and peft LoRA adapters are trained; the base is the same UNet with its
   adapters disabled (no second copy in memory). Saved as a peft adapter.
+- `latent`, `schedule`: the UNet is frozen and a small head is trained (`rl/modes.py`); this class
+  then only keeps the UNet frozen and hands θ, saving and restoring to the head.
 
 Precision: the UNet passes (sampling and pass 2) run under autocast to `amp_dtype` (fp16/bf16, set
 by `build_policy` from the config); outputs are cast back to fp32 before the Gaussian log-prob, so
@@ -27,6 +29,9 @@ from ddpm.pipeline import save_pipeline
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
 from utils import LoRASettings, SamplerConfig, autocast
+
+
+FROZEN_UNET_MODES = ("latent", "schedule")
 
 
 class DiffusionPolicy(nn.Module):
@@ -55,8 +60,11 @@ class DiffusionPolicy(nn.Module):
             config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 target_modules=list(lora.target_modules), init_lora_weights=True)
             self.unet = get_peft_model(unet, config)
+        elif mode in FROZEN_UNET_MODES:
+            self.unet = unet.requires_grad_(False)
         else:
-            raise ValueError(f"unknown policy mode {mode!r}; choose 'full' or 'lora'")
+            raise ValueError(f"unknown policy mode {mode!r}; choose 'full', 'lora', 'latent' or 'schedule'")
+        self.head: nn.Module | None = None  # the trained module of the frozen-UNet modes (rl/modes.py)
         self.amp_dtype: torch.dtype | None = None  # autocast dtype of the UNet passes (None: fp32)
         self._plain = False
 
@@ -65,7 +73,7 @@ class DiffusionPolicy(nn.Module):
     @property
     def network(self) -> nn.Module:
         """The diffusers UNet itself (under the peft wrapper in `lora` mode)."""
-        return self.unet if self.mode == "full" else self.unet.get_base_model()
+        return self.unet.get_base_model() if self.mode == "lora" else self.unet
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the UNet's block activations in backward (diffusers' non-reentrant checkpointing)."""
@@ -91,9 +99,19 @@ class DiffusionPolicy(nn.Module):
 
     # --- parameters ---------------------------------------------------------------------------
 
+    @property
+    def trained(self) -> nn.Module:
+        """The module holding θ: the UNet (full, lora) or the head (latent, schedule)."""
+        return self.unet if self.head is None else self.head
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """θ: the UNet's weights (full) or the LoRA adapters' (lora), in a fixed order."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        """θ: the UNet's weights (full), the LoRA adapters' (lora) or the head's, in a fixed order."""
+        return [p for p in self.trained.parameters() if p.requires_grad]
+
+    @property
+    def num_actions(self) -> int:
+        """Policy steps per trajectory: the T DDIM steps (one action per trajectory in `schedule`)."""
+        return self.schedule.num_steps
 
     @property
     def device(self) -> torch.device:
@@ -113,6 +131,8 @@ class DiffusionPolicy(nn.Module):
         if self.mode == "lora":
             with self.unet.disable_adapter():
                 return self.model_output(x_t, t, prompt_ids)
+        if self.mode in FROZEN_UNET_MODES:
+            return self.model_output(x_t, t, prompt_ids)
         if self.base_unet is None:
             raise RuntimeError("the policy was built without keep_base=True; no base model for the KL term")
         with self._amp():
@@ -127,11 +147,16 @@ class DiffusionPolicy(nn.Module):
         x_t, x_prev = x_t.to(self.device), x_prev.to(self.device)
         if output is None:
             output = self.model_output(x_t, self._t(k, x_t.shape[0]), prompt_ids)
+        return self._ddim(k, x_t, x_prev, output)
+
+    def _ddim(self, k: int, x_t: Tensor, x_prev: Tensor, output: Tensor, *, mean_shift: Tensor | None = None
+              ) -> DDIMStep:
+        """The DDIM Gaussian of step k around the model output (mean moved by `mean_shift`, if given)."""
         return ddim_step_logprob(output, x_t, alpha_bar_t=self.schedule.alpha_bar_t[k],
                                  alpha_bar_prev=self.schedule.alpha_bar_prev[k], eta=self.sampler.eta,
                                  sigma_floor=self.sampler.sigma_floor, x_prev=x_prev, clip_range=self.clip_range,
                                  reduction=self.sampler.logprob_reduction,
-                                 prediction_type=self.schedule.prediction_type)
+                                 prediction_type=self.schedule.prediction_type, mean_shift=mean_shift)
 
     def step_at(self, traj: Trajectory, k: int, idx: Tensor) -> DDIMStep:
         """`step` on the cached step k of trajectories idx (with their prompts)."""
@@ -179,18 +204,23 @@ class DiffusionPolicy(nn.Module):
                                          shape=(b, *self.image_shape), eta=self.sampler.eta,
                                          sigma_floor=self.sampler.sigma_floor, generator=generator,
                                          device=self.device, keep_on=keep_on or self.sampler.keep_on,
-                                         clip_range=self.clip_range, reduction=self.sampler.logprob_reduction)
+                                         clip_range=self.clip_range, reduction=self.sampler.logprob_reduction,
+                                         **self._sample_kwargs())
                 traj.prompt_ids = None if ids is None else ids.cpu()
                 parts.append(traj)
         finally:
             self.unet.train(was_training)
         return concat_trajectories(parts)
 
+    def _sample_kwargs(self) -> dict:
+        """Extra arguments of `sample_trajectory` (the latent mode's drift)."""
+        return {}
+
     # --- saving -----------------------------------------------------------------------------------
 
     def merged_unet(self) -> UNet2DModel:
         """A plain UNet2DModel with θ folded in (LoRA merged), loadable by diffusers alone."""
-        if self.mode == "full":
+        if self.mode != "lora":
             return self.unet
         return copy.deepcopy(self.unet).merge_and_unload()
 
@@ -205,10 +235,10 @@ class DiffusionPolicy(nn.Module):
 
     def trainable_state(self) -> dict[str, Tensor]:
         """θ by name (for checkpoints and for restoring the last good weights)."""
-        return {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in self.trained.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
+        params = dict(self.trained.named_parameters())
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)

@@ -149,7 +149,7 @@ def kl_base_coefficients(policy: DiffusionPolicy, cfg: RLConfig) -> list[float]:
     gradient never reaches it, and its weights move only as a side effect of training the others.
     """
     return [cfg.kl_base_coef + (cfg.kl_final_coef if policy.deterministic(k) else 0.0)
-            for k in range(policy.schedule.num_steps)]
+            for k in range(policy.num_actions)]
 
 
 def _backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, steps: Tensor, step_loss: StepLoss,

@@ -55,9 +55,10 @@ class StableDiffusionPolicy(DiffusionPolicy):
 
     # --- ε̂ with classifier-free guidance -----------------------------------------------------------
 
-    def _guided(self, unet, z_t: Tensor, t: Tensor, prompt_ids: Tensor) -> Tensor:
+    def _guided(self, unet, z_t: Tensor, t: Tensor, prompt_ids: Tensor, w: Tensor | None = None) -> Tensor:
+        """CFG output; `w` (B,) per-sample guidance scales (the schedule policy), else `guidance_scale`."""
         cond = self.prompt_embeds[prompt_ids.to(self.prompt_embeds.device)]  # (B, L, D)
-        if self.guidance_scale == 1.0:
+        if w is None and self.guidance_scale == 1.0:
             with self._amp():
                 return unet(z_t, t, encoder_hidden_states=cond).sample.float()
         uncond = self.uncond_embed.expand_as(cond)
@@ -66,7 +67,8 @@ class StableDiffusionPolicy(DiffusionPolicy):
             out = unet(torch.cat([z_t, z_t]), torch.cat([t, t]),
                        encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
         eps_u, eps_c = out.chunk(2)
-        return eps_u + self.guidance_scale * (eps_c - eps_u)
+        scale = self.guidance_scale if w is None else w.to(out).reshape(-1, *([1] * (out.ndim - 1)))
+        return eps_u + scale * (eps_c - eps_u)
 
     def model_output(self, x_t: Tensor, t: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
         if prompt_ids is None:

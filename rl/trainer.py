@@ -50,6 +50,9 @@ class Finetuner:
                                       f"{self.world} processes; make it a multiple of {self.world}")
             if r.advantages.gae:
                 raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
+        if r.advantages.gae and r.policy_mode == "schedule":
+            raise CraterdiffError("rl.advantages.gae needs per-step states; the schedule policy acts once per "
+                                  "trajectory: set rl.advantages.gae false")
         if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
             raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
                                   "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")
