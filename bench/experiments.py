@@ -3,6 +3,7 @@
     python -m bench.experiments main     [--train-seeds 0 1 2] [--runs runs/bench] [--out docs/results/main]
     python -m bench.experiments ablation [--train-seeds 0] [--realism-weight 0.5] [--variants ot ot+realism]
     python -m bench.experiments tune     [--variants ot_minibatch ot_b128]
+    python -m bench.experiments modes    [--train-seeds 0 1 2]
 
 Sets:
 
@@ -10,6 +11,9 @@ Sets:
 * `ablation`: `configs/default.yaml` (same iterations, step sizes, batch) with the reward weights
   of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
   term (`+realism`, weight --realism-weight).
+* `modes`: what is trained, at the default's budget (25 iterations of 64 trajectories, PPO, the
+  MMD + GP-MI reward): every UNet weight (`full`, the default), LoRA adapters, the latent drift
+  net, the sampler-schedule policy (`MODES`; each with its own learning rate).
 * `tune`: the levers tried to meet the target (DESIGN.md, "Measured warning": the step size and the
   reward decide): KL to the base model, the realism term, and one-to-one (minibatch) OT matching,
   each a set of --set overrides on `configs/default.yaml` (`TUNING`).
@@ -62,6 +66,15 @@ TUNING = {
     "mi_final": ("reward.weights.mmd=0.0", "reward.weights.ot=0.0", "reward.weights.mi=1.0", "rl.kl_final_coef=1.0"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
+MODES = {
+    "full": (),
+    # LoRA (rank 8 on attention and resnet convs) and the small heads start at the base model and move
+    # less per step than the full UNet, so they get larger learning rates
+    "lora": ("rl.policy_mode=lora", "rl.lr=1e-4"),
+    "latent": ("rl.policy_mode=latent", "rl.lr=1e-3"),
+    "schedule": ("rl.policy_mode=schedule", "rl.lr=1e-2"),
+}
+"""The policy-mode set: --set overrides on configs/default.yaml."""
 COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
             ("efficientnet_lite0", "kid_mean"), ("efficientnet_lite0", "fid"), ("efficientnet_lite0", "vendi"),
@@ -81,8 +94,8 @@ class Variant:
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":
         return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG)]
-    if which == "tune":
-        return [Variant(name, DEFAULT_CFG, over) for name, over in TUNING.items()]
+    if which in ("tune", "modes"):
+        return [Variant(name, DEFAULT_CFG, over) for name, over in (TUNING if which == "tune" else MODES).items()]
     out = []
     for name, w in REWARDS.items():
         weights = tuple(f"reward.weights.{c}={w.get(c, 0.0)}" for c in COMPONENTS if c != "realism")
@@ -139,9 +152,23 @@ def _stat(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
-def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str, list[float]]) -> dict:
+def iteration_seconds(run_dir: Path) -> tuple[float, float] | None:
+    """(mean seconds per iteration, of which the update) from a run's metrics.csv."""
+    import csv
+
+    f = run_dir / "metrics.csv"
+    if not f.is_file():
+        return None
+    with open(f) as fh:
+        rows = list(csv.DictReader(fh))
+    total = [float(r["time_sample_s"]) + float(r["time_reward_s"]) + float(r["time_update_s"]) for r in rows]
+    return float(np.mean(total)), float(np.mean([float(r["time_update_s"]) for r in rows]))
+
+
+def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str, list[float]],
+                       iters: dict[str, list[tuple[float, float]]] | None = None) -> dict:
     """Per variant (and base, ceiling): each headline metric over training seeds, or over sampling
-    seeds when the variant has one run; realism logit; wall time."""
+    seeds when the variant has one run; realism logit; wall time; seconds per iteration."""
     models = report["models"]
     realism = report.get("realism_logit", {})
     out: dict = {}
@@ -158,6 +185,9 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
             row["realism_logit"] = _stat(vals)
         if variant in wall:
             row["wall_min"] = _stat([w / 60 for w in wall[variant]])
+        if iters and variant in iters:
+            row["iter_s"] = _stat([t for t, _ in iters[variant]])
+            row["update_s"] = _stat([u for _, u in iters[variant]])
         row["spread_over"] = "training seeds" if len(names) > 1 else "sampling seeds"
         out[variant] = row
     return out
@@ -194,7 +224,7 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
             ("efficientnet_lite0/fid", "FID ↓", 0), ("efficientnet_lite0/vendi", "Vendi ↑", 2),
             ("realism_logit", "realism ↑", 2), ("random_cnn/coverage", "coverage (rand. CNN) ↑", 3),
             ("random_cnn/precision", "precision (rand. CNN) ↑", 3), ("random_cnn/kid_mean", "KID (rand. CNN) ↓", 4),
-            ("wall_min", "wall time (min)", 1)]
+            ("wall_min", "wall time (min)", 1), ("iter_s", "s / iteration", 1), ("update_s", "update s / iter.", 1)]
     lines = [f"# craterdiff experiments: {which}", "",
              "| model | " + " | ".join(c[1] for c in cols) + " | spread over |",
              "|---|" + "---:|" * len(cols) + "---|"]
@@ -226,7 +256,7 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("set", choices=["main", "ablation", "tune"])
+    p.add_argument("set", choices=["main", "ablation", "tune", "modes"])
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
                    help="training seeds per variant (default: main 0 1 2, ablation and tune 0)")
     p.add_argument("--variants", nargs="+", default=None, help="run only these variants")
@@ -257,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: dict[str, list[str]] = {}
     wall: dict[str, list[float]] = {}
+    iters: dict[str, list[tuple[float, float]]] = {}
     specs = []
     for v in chosen:
         for s in seeds:
@@ -272,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             timing = run_dir / "timing.json"
             if timing.is_file():
                 wall.setdefault(v.name, []).append(json.loads(timing.read_text())["train_s"])
+            if (its := iteration_seconds(run_dir)) is not None:
+                iters.setdefault(v.name, []).append(its)
 
     if args.no_eval:
         return
@@ -279,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(cfg)
     base = ModelSpec(BASE, resolve_path(cfg.model.pretrained))
     report = evaluate_run(cfg, [base, *specs], out=out, run_dir=root / chosen[0].name / f"seed_{seeds[0]}")
-    summary = summarize_variants(report, runs, wall)
+    summary = summarize_variants(report, runs, wall, iters)
     build = artifact.parent / "reward_build_s.json"
     settings = {"set": args.set, "variants": {v.name: [str(v.cfg.relative_to(PROJECT_ROOT)), *v.overrides]
                                               for v in chosen},

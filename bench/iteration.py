@@ -5,7 +5,9 @@
 Runs `repeats` iterations of the configured fine-tuning (after one warm-up) and splits each into
 sampling, reward and update time. The bound counts the UNet evaluations an iteration cannot avoid:
 sampling makes T forward passes at batch B; a PPO update makes, per epoch, T forward+backward
-passes per microbatch (TRPO and the trajectory ratio make more, and say so). Each is multiplied by
+passes per microbatch (TRPO and the trajectory ratio make more, and say so); the latent mode's
+update makes T forward passes per microbatch (the UNet is frozen: no backward through it), the
+schedule mode's none (its one action per trajectory needs only the head). Each is multiplied by
 the measured time of one such pass. overhead = measured / bound (1.0 = nothing but UNet work).
 Writes DIR/iteration.json and prints a table.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rl.policy import FROZEN_UNET_MODES
 from rl.trainer import Finetuner
 from utils import PROJECT_ROOT, apply_threads, load_config
 
@@ -59,8 +62,13 @@ def main(argv: list[str] | None = None) -> None:
             unet(x_b, t_b.expand(B).to(dev))
 
     def fwd_bwd():
-        unet(x_mb, t_b.expand(mb).to(dev)).sample.mean().backward()
+        if frozen:
+            with torch.no_grad():
+                unet(x_mb, t_b.expand(mb).to(dev))
+        else:
+            unet(x_mb, t_b.expand(mb).to(dev)).sample.mean().backward()
 
+    frozen = r.policy_mode in FROZEN_UNET_MODES
     t_fwd, t_fwd_bwd = time_call(fwd), time_call(fwd_bwd)
     unet.zero_grad(set_to_none=True)
     ft.iteration()  # warm-up
@@ -69,14 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     n_mb = -(-B // mb)
     passes = r.ppo.epochs * (2 if r.ppo.ratio == "trajectory" else 1) if r.algorithm == "ppo" else 1
     bound_sample = T * t_fwd
-    bound_update = passes * n_mb * T * t_fwd_bwd
+    bound_update = 0.0 if r.policy_mode == "schedule" else passes * n_mb * T * t_fwd_bwd
     result = {
         "config": args.cfg, "algorithm": r.algorithm, "policy_mode": r.policy_mode, "T": T, "batch": B,
         "microbatch": mb, "device": str(dev), "threads": torch.get_num_threads(),
         "unet_forward_batch_s": t_fwd, "unet_forward_backward_microbatch_s": t_fwd_bwd,
         **med, "bound_sample_s": bound_sample, "bound_update_s": bound_update,
         "overhead_sample": med["time_sample_s"] / bound_sample,
-        "overhead_update": med["time_update_s"] / bound_update,
+        "overhead_update": med["time_update_s"] / bound_update if bound_update else None,
         "overhead_total": (med["time_sample_s"] + med["time_update_s"]) / (bound_sample + bound_update),
         "reward_share": med["time_reward_s"] / sum(med.values()),
         "update_bound_note": ("TRPO adds CG Fisher-vector products and line-search passes beyond this bound"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from rl.modes import load_head, saved_head_mode
+from rl.modes import load_head, saved_head
 from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
 from utils import Config, CraterdiffError, autocast, resolve_path, setup_precision
 
@@ -52,10 +52,11 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     `schedule` run (its frozen model plus `policy_head/`) is sampled through that policy.
     """
     amp_dtype = setup_precision(cfg, device)
-    mode = saved_head_mode(path)
+    mode, settings = saved_head(path) or (None, None)
     if cfg.model.kind == "sd" or mode is not None:
-        policy = (_sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode=mode or "full")
-                  if cfg.model.kind == "sd" else _ddpm_policy(cfg, path, mode=mode, name=name or f"the model at '{path}'"))
+        policy = (_sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode=mode or "full",
+                             settings=settings) if cfg.model.kind == "sd"
+                  else _ddpm_policy(cfg, path, mode=mode, settings=settings, name=name or f"the model at '{path}'"))
         if mode is not None:
             load_head(policy, path)
         policy.to(device).eval().requires_grad_(False)
@@ -88,31 +89,34 @@ def _policy_sampler(policy: DiffusionPolicy, batch: int):
     return sample
 
 
-def _mode_class(cfg: Config, base: type[DiffusionPolicy], mode: str, keep_base: bool) -> tuple[type, dict]:
-    """The policy class for `mode` on top of `base`, and its mode arguments."""
+def _mode_class(cfg: Config, base: type[DiffusionPolicy], mode: str, keep_base: bool, settings=None
+                ) -> tuple[type, dict]:
+    """The policy class for `mode` on top of `base`, and its mode arguments (a frozen-UNet mode's
+    `settings` default to the config's rl.latent / rl.schedule; a saved head brings its own)."""
     if mode in FROZEN_UNET_MODES:
-        from rl.modes import mode_kwargs, policy_class
+        from rl.modes import policy_class
 
-        return policy_class(mode, base), mode_kwargs(mode, cfg.rl)
+        return policy_class(mode, base), {mode: settings or getattr(cfg.rl, mode)}
     return base, dict(mode=mode, lora=cfg.rl.lora, keep_base=keep_base)
 
 
-def _ddpm_policy(cfg: Config, path, *, mode: str, keep_base: bool = False, name: str) -> DiffusionPolicy:
+def _ddpm_policy(cfg: Config, path, *, mode: str, keep_base: bool = False, settings=None,
+                 name: str) -> DiffusionPolicy:
     """The pixel-DDPM policy of the pipeline directory `path`."""
     from ddpm.pipeline import load_matching_pipeline
 
     unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                              name=name)
-    cls, kw = _mode_class(cfg, DiffusionPolicy, mode, keep_base)
+    cls, kw = _mode_class(cfg, DiffusionPolicy, mode, keep_base, settings)
     return cls(unet, scheduler, cfg.sampler, **kw)
 
 
-def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False):
+def _sd_policy(cfg: Config, path, *, prompts: str, mode: str, keep_base: bool = False, settings=None):
     """The Stable Diffusion policy of the directory `path`, conditioned on the prompt file `prompts`."""
     from ddpm.stable_diffusion import load_stable_diffusion, read_prompts
     from rl.sd_policy import StableDiffusionPolicy
 
-    cls, kw = _mode_class(cfg, StableDiffusionPolicy, mode, keep_base)
+    cls, kw = _mode_class(cfg, StableDiffusionPolicy, mode, keep_base, settings)
     return cls(load_stable_diffusion(Path(path)), cfg.sampler, prompts=read_prompts(resolve_path(prompts)),
                guidance_scale=cfg.model.guidance_scale, image_size=cfg.data.image_size, channels=cfg.data.channels,
                **kw)

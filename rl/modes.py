@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -251,11 +250,6 @@ def policy_class(mode: str, base: type[DiffusionPolicy]) -> type[DiffusionPolicy
     return type(f"{mode.capitalize()}{base.__name__}", (MIXINS[mode], base), {})
 
 
-def mode_kwargs(mode: str, rl) -> dict:
-    """The mixin's settings from an RLConfig."""
-    return {"latent": rl.latent} if mode == "latent" else {"schedule": rl.schedule}
-
-
 def save_head(policy: DiffusionPolicy, model_dir: Path, config: dict) -> None:
     """`model_dir/policy_head/`: config.json (mode and settings) and head.safetensors (φ)."""
     out = model_dir / HEAD_DIR
@@ -265,10 +259,16 @@ def save_head(policy: DiffusionPolicy, model_dir: Path, config: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def saved_head_mode(model_dir: Path) -> str | None:
-    """The mode of the head saved beside the model at `model_dir`, or None (a plain model)."""
+def saved_head(model_dir: Path) -> tuple[str, LatentSettings | ScheduleSettings] | None:
+    """The mode and settings of the head saved beside the model at `model_dir`, or None (a plain model)."""
+    from utils import config_from_dict
+
     f = Path(model_dir) / HEAD_DIR / "config.json"
-    return json.loads(f.read_text())["mode"] if f.is_file() else None
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    mode = data.pop("mode")
+    return mode, config_from_dict(data, where=str(f), cls=LatentSettings if mode == "latent" else ScheduleSettings)
 
 
 def load_head(policy: DiffusionPolicy, model_dir: Path) -> None:
@@ -277,7 +277,7 @@ def load_head(policy: DiffusionPolicy, model_dir: Path) -> None:
     try:
         policy.head.load_state_dict(state)
     except RuntimeError as e:
-        raise CraterdiffError(f"the policy head in '{model_dir / HEAD_DIR}' does not fit this config's "
-                              f"rl.{policy.mode} settings ({str(e).splitlines()[0][:120]})") from None
-    if math.isnan(sum(float(v.sum()) for v in state.values())):
+        raise CraterdiffError(f"the policy head in '{model_dir / HEAD_DIR}' does not fit its model "
+                              f"({str(e).splitlines()[0][:120]})") from None
+    if not all(torch.isfinite(v).all() for v in state.values()):
         raise CraterdiffError(f"the policy head in '{model_dir / HEAD_DIR}' holds non-finite weights")

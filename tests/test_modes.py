@@ -131,7 +131,9 @@ def test_short_ppo_run_raises_the_reward(mode, lr):
 
 @pytest.mark.parametrize("mode", ["latent", "schedule"])
 def test_save_then_load_gives_identical_samples(tmp_path, mode):
-    policy = mode_policy(mode)
+    # non-default settings: the saved head brings its own (the config below has the defaults)
+    settings = {"max_drift": 0.2, "width": 8} if mode == "latent" else {"std": 0.7, "eta": (0.3, 1.1)}
+    policy = mode_policy(mode, **settings)
     _perturb_head(policy)
     policy.save(tmp_path)
     assert json.loads((tmp_path / "model" / "policy_head" / "config.json").read_text())["mode"] == mode
@@ -139,7 +141,7 @@ def test_save_then_load_gives_identical_samples(tmp_path, mode):
                             "rl": {"policy_mode": mode}})
     loaded = model_sampler(cfg, tmp_path / "model", torch.device("cpu"))(7, torch.Generator().manual_seed(3))
     direct = _policy_sampler(policy.eval(), 5)(7, torch.Generator().manual_seed(3))
-    fresh = _policy_sampler(mode_policy(mode).eval(), 5)(7, torch.Generator().manual_seed(3))
+    fresh = _policy_sampler(mode_policy(mode, **settings).eval(), 5)(7, torch.Generator().manual_seed(3))
     assert torch.equal(loaded, direct) and not torch.equal(loaded, fresh)
 
 
