@@ -166,3 +166,31 @@ def test_finetune_resume_and_eval_scripts(tmp_path, mode):
     assert {"base", "finetuned"} <= set(report["models"])
     # the head changed the samples: base and fine-tuned differ at the same seed
     assert report["models"]["base"]["pixels"] != report["models"]["finetuned"]["pixels"]
+
+
+@pytest.mark.parametrize("mode", ["latent", "schedule"])
+def test_stable_diffusion_modes_train_only_the_head(tmp_path, mode):
+    from ddpm.stable_diffusion import build_tiny_sd, load_stable_diffusion
+    from rl.sd_policy import StableDiffusionPolicy
+
+    torch.manual_seed(0)
+    kw = {"latent": LatentSettings()} if mode == "latent" else {"schedule": ScheduleSettings()}
+    policy = policy_class(mode, StableDiffusionPolicy)(
+        load_stable_diffusion(build_tiny_sd(tmp_path / "sd")), SamplerConfig(num_steps=2, clip_sample=False),
+        prompts=["a fresh crater", "an old crater", "a crater with a central peak"], guidance_scale=3.0,
+        image_size=32, channels=1, **kw)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not n.startswith(("head.", "base_head."))}
+    head = {n: p.detach().clone() for n, p in policy.head.named_parameters()}
+    traj = policy.sample(6, generator=torch.Generator().manual_seed(0), chunk=4)
+    assert traj.images.shape == (6, 1, 32, 32) and traj.prompt_ids.shape == (6,)
+    if mode == "schedule":  # (guidance, η) per trajectory, conditioned on the prompt
+        p = policy.settings(traj.x_prev[0])
+        assert ((p["guidance_scale"] > 1) & (p["guidance_scale"] < 10)).all() and traj.states.shape == (2, 6, 2)
+    cfg = rl_cfg(lr=1e-2, microbatch=3, gradient_accumulation=2)
+    opt = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
+    stats = ppo_update(policy, opt, traj, normalize_batch(traj.images.mean((1, 2, 3))), cfg,
+                       generator=torch.Generator().manual_seed(1))
+    assert stats.optimizer_steps == 1 and not stats.nonfinite
+    assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
+    changed = [n for n, p in policy.head.named_parameters() if not torch.equal(p, head[n])]
+    assert changed and (mode == "latent" or any(n.startswith("mlp.") for n in changed))
