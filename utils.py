@@ -338,8 +338,8 @@ class LoRASettings:
 @dataclass(frozen=True)
 class LatentSettings:
     """The latent-drift policy (policy_mode: latent): a small conv net moves every DDIM mean."""
-    max_drift: float = _f(0.05, "bound of the drift |δ| per pixel (δ = max_drift · tanh(net)), in the units of x_t; "
-                                "about the size of the step noise σ̃_t (0.02-0.2)", gt=0.0)
+    max_drift: float = _f(0.5, "bound of the drift per pixel relative to the step's noise: δ = max_drift · σ̃_t · "
+                               "tanh(net) (0.1-1)", gt=0.0)
     width: int = _f(32, "channels of the drift net's hidden convolutions", ge=4)
 
 

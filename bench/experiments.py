@@ -70,9 +70,9 @@ MODES = {
     "full": (),
     # Learning rates from 4-iteration calibration runs, so that the per-update KL(π_old ‖ π_θ) is of the
     # order of full's (1e-7 at lr 3e-5): LoRA (rank 8, attention and resnet convs) 1e-4 gave 1e-11,
-    # 5e-4 gave 1e-9, 5e-3 gave 7e-5; the drift net 1e-3 gave 1e-10, 3e-3 1e-8..8e-8, 3e-2 5e-2 (broke
-    # the samples). The schedule policy's action is 2-D, so its KL is not comparable: 1e-2 moves the
-    # mean action by ~0.5 logit over the run.
+    # 5e-4 gave 1e-9, 5e-3 gave 7e-5; the drift net (δ ≤ 0.5 σ̃_t) 1e-3 gave 1e-8 (KL ∝ lr², so 3e-3
+    # for 1e-7). The schedule policy's action is 2-D, so its KL is not comparable: 1e-2 moves the mean
+    # action by ~0.5 logit over the run.
     "lora": ("rl.policy_mode=lora", "rl.lr=1e-3"),
     "latent": ("rl.policy_mode=latent", "rl.lr=3e-3"),
     "schedule": ("rl.policy_mode=schedule", "rl.lr=1e-2"),

@@ -6,9 +6,9 @@ base)` puts one in front of `DiffusionPolicy` or `StableDiffusionPolicy`, so the
 CFG for SD), decoding and saving of the base class are reused.
 
 `latent` (δ_φ, "the diversity policy"): every step's Gaussian keeps σ̃_t and its mean moves by a
-bounded drift,
+bounded drift, at most δ_max times the step's own noise level,
 
-    μ_φ(x_t, t) = μ_DDIM(x_t, t) + δ_max · tanh(f_φ(x_t, t)),      x_prev ~ N(μ_φ, σ_t² I),
+    μ_φ(x_t, t) = μ_DDIM(x_t, t) + δ_max · σ̃_t · tanh(f_φ(x_t, t)),      x_prev ~ N(μ_φ, σ_t² I),
 
 so the log-prob, PPO's ratios and TRPO's KL are those of DESIGN.md with μ_θ replaced by μ_φ. f_φ
 is a three-layer conv net with a timestep embedding; its last layer starts at zero (δ = 0: the
@@ -48,7 +48,10 @@ HEAD_DIR = "policy_head"  # beside the frozen model in RUN/model/: config.json +
 # ----------------------------------------------------------------------------------------------
 
 class DriftNet(nn.Module):
-    """δ_φ(x_t, t) = δ_max · tanh(f_φ(x_t, t)): (B, C, H, W), (B,) -> (B, C, H, W)."""
+    """δ_φ(x_t, t) = δ_max · σ̃_t · tanh(f_φ(x_t, t)): (B, C, H, W), (B,), σ̃ (B,) -> (B, C, H, W).
+
+    Scaled by σ̃_t, the bound means the same at every step: a drift of a fixed size would be lost in
+    the noise of the early steps (σ̃ ≈ 1) and dominate the last one (σ̃ = the floor)."""
 
     def __init__(self, channels: int, *, width: int, max_drift: float):
         super().__init__()
@@ -61,11 +64,11 @@ class DriftNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # δ = 0 at the start: the policy is the base model
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, sigma: Tensor) -> Tensor:
         temb = self.time_mlp(self.time_proj(t).to(x_t))  # (B, width)
         h = nn.functional.silu(self.conv_in(x_t) + temb[:, :, None, None])
         h = nn.functional.silu(self.conv_mid(h))
-        return self.max_drift * torch.tanh(self.conv_out(h))
+        return self.max_drift * sigma.to(x_t).reshape(-1, 1, 1, 1) * torch.tanh(self.conv_out(h))
 
 
 class LatentDriftMixin:
@@ -75,9 +78,13 @@ class LatentDriftMixin:
         super().__init__(*args, mode="latent", **kw)
         self.latent_settings = latent
         self.head = DriftNet(self.image_shape[0], width=latent.width, max_drift=latent.max_drift)
+        # σ̃ of each sampler timestep, looked up by t (the sampler calls the drift with t, not k)
+        sigma_by_t = torch.zeros(self.scheduler.config.num_train_timesteps)
+        sigma_by_t[self.schedule.timesteps] = torch.tensor([self.sigma_tilde(k) for k in range(self.num_actions)])
+        self.register_buffer("sigma_by_t", sigma_by_t, persistent=False)
 
     def drift(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.head(x_t, t).float()
+        return self.head(x_t, t, self.sigma_by_t[t.to(self.sigma_by_t.device)]).float()
 
     def step(self, k: int, x_t: Tensor, x_prev: Tensor, *, prompt_ids: Tensor | None = None,
              output: Tensor | None = None, with_drift: bool = True) -> DDIMStep:
