@@ -11,10 +11,13 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -124,7 +127,7 @@ class DataConfig:
                                    "grayscale or RGB); held-out images go in `heldout_root`")
     heldout_root: Optional[str] = _f(None, "held-out image folder for source='folder' (evaluation only)")
     image_size: int = _f(32, "side of the square images the model sees, in pixels (32 CPU, 64 GPU)", ge=8)
-    channels: int = _f(1, "1 for grayscale (the Mars map is grayscale), 3 for RGB", ge=1, le=3)
+    channels: Literal[1, 3] = _f(1, "1 for grayscale (the Mars map is grayscale), 3 for RGB")
     procedural_n: int = _f(256, "number of images when source='procedural'", ge=1)
 
 
@@ -376,7 +379,8 @@ class RLConfig:
     lr: float = _f(3e-5, "Adam learning rate (PPO, REINFORCE, TRPO penalty mode, the critic uses its own)", gt=0.0)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this", gt=0.0)
-    kl_base_coef: float = _f(0.0, "β_KL of the KL(π_θ ‖ π_base) regulariser per step (0 = off)", ge=0.0)
+    kl_base_coef: float = _f(0.0, "β_KL of the KL(π_θ ‖ π_base) regulariser per step (PPO and REINFORCE; TRPO's "
+                                  "trust region bounds every step's KL instead; 0 = off)", ge=0.0)
     kl_final_coef: float = _f(0.0, "extra β_KL at the deterministic last step (σ = 0, log-prob via the sigma floor): "
                                    "the policy gradient there is zero, so without it the final denoiser drifts as a "
                                    "side effect of training the other steps (PPO and REINFORCE; 0 = off)", ge=0.0)
@@ -444,8 +448,18 @@ class Config:
 PROJECT_ROOT = Path(__file__).resolve().parent
 
 
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+"""Escapes for every character `str.splitlines` breaks at."""
+
+
 class ConfigError(CraterdiffError):
-    """A bad config: unknown key, wrong type, value out of range."""
+    """A bad config: unknown key, wrong type, value out of range.
+
+    The message is always one line: line breaks in the user's text it quotes (a key, a path) are escaped.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message.translate(_LINE_BREAKS))
 
 
 def _type_name(tp: Any) -> str:
@@ -526,7 +540,17 @@ def _check_range(value: Any, meta: dict, key: str, where: str) -> None:
         bound = meta.get(op)
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{where}: key '{key}' must be {word} {bound}, got {value!r} "
-                              f"({meta.get('help', '').split(';')[0]})")
+                              f"({_first_clause(meta.get('help', ''))})")
+
+
+def _first_clause(help: str) -> str:
+    """A field's help up to its first ';' outside parentheses (what the field means)."""
+    depth = 0
+    for i, c in enumerate(help):
+        depth += (c == "(") - (c == ")")
+        if c == ";" and depth == 0:
+            return help[:i]
+    return help
 
 
 def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
@@ -562,11 +586,18 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}' ({e.strerror}); check its permissions") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(e)}; fix the file (see configs/ for examples)") \
+            from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config; see configs/ for examples") from None
+    if data is None:  # an empty file: every default
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -575,6 +606,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
             raise ConfigError(f"{path}: key 'base' must be a path to another config file")
         data = _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """' at line N: what is wrong' for a YAML error, as one line."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}" if mark else ""
+    problem = (getattr(e, "problem", None) or getattr(e, "context", None)
+               or (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return f"{at}: {problem}"
 
 
 def _apply_override(data: dict, item: str) -> dict:
@@ -730,11 +770,19 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 # Files: atomic writes and checkpoints
 # ----------------------------------------------------------------------------------------------
 
+def _umask_mode(mode: int) -> int:
+    """`mode` less the process umask: the rights an ordinary new file or directory would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file so that readers see either the old or the new content, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it private (0600); give it normal file rights
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -750,15 +798,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_directory(final: str | Path):
     """Yield a temporary sibling directory to fill; on success it replaces `final` in one rename.
 
-    A crash inside the block leaves only a hidden `.tmp-*` directory (removed), so readers see
-    either the old directory or the complete new one, never a half-written one.
+    An exception inside the block removes the temporary directory; a killed process leaves it as a
+    hidden `.tmp-*` directory (deleted by `remove_temporaries`). Either way readers see the old
+    directory or the complete new one, never a half-written one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); give it normal directory rights
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it private (0700); give it normal directory rights
     try:
         yield tmp
         if final.exists():  # replacing (re-saving a step after a resume, rebuilding an artifact)
@@ -780,11 +827,28 @@ CHECKPOINT_PREFIX = "step_"
 def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
     """Yield a temporary directory to fill; on success it becomes `checkpoint_dir/step_N`.
 
-    A `COMPLETE` marker is written last; `latest_checkpoint` only returns marked directories.
+    A `COMPLETE` marker is written last; `latest_checkpoint` only returns marked directories. A full
+    disk becomes a one-line CraterdiffError naming the checkpoint that is kept.
     """
-    with atomic_directory(Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{step}") as tmp:
-        yield tmp
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+    try:
+        with atomic_directory(Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{step}") as tmp:
+            yield tmp
+            (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        last = latest_checkpoint(checkpoint_dir)
+        then = (f"the last complete checkpoint '{last}' is kept: free space, then rerun with --resume" if last
+                else "there is no earlier checkpoint: free space, then rerun")
+        raise CraterdiffError(f"disk full while saving checkpoint {CHECKPOINT_PREFIX}{step} in '{checkpoint_dir}'; "
+                              f"the partial copy was removed and {then}") from None
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` reports a full disk or quota: an OSError ENOSPC/EDQUOT, or safetensors' wrapped one."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(e) for s in ("No space left on device", "Disk quota exceeded"))
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -810,15 +874,24 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep: int) -> None:
     root = Path(checkpoint_dir)
     for p in list_checkpoints(root)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".old-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_temporaries(root)
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete the hidden `.tmp-*` / `.old-*` directories that `atomic_directory` leaves when killed."""
+    for pattern in (".tmp-*", ".old-*"):
+        for p in Path(directory).glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save_state(obj: dict, path: str | Path) -> None:
-    """torch.save a dict of tensors / numbers / strings (loadable with weights_only=True)."""
-    torch.save(obj, path)
+    """torch.save a dict of tensors / numbers / strings (loadable with weights_only=True).
+
+    Written through a Python file object, so that a full disk raises OSError(ENOSPC) (torch's own
+    file writer reports only 'file write failed').
+    """
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_state(path: str | Path) -> dict:
@@ -827,12 +900,32 @@ def load_state(path: str | Path) -> dict:
     if not path.is_file():
         raise CraterdiffError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
                               f"delete it or resume from an earlier one")
+    return torch_load_safely(path, "checkpoint file", fix="delete that checkpoint directory to resume from "
+                                                          "an earlier one")
+
+
+def torch_load_safely(path: Path, what: str, *, fix: str) -> Any:
+    """torch.load(weights_only=True): tensors and plain values only, so loading runs no code.
+
+    A file holding other pickled objects is refused as such; a truncated or garbled one is reported as
+    corrupt, with `fix` as what to do. Both are one-line CraterdiffErrors.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, or a pickle that would run code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CraterdiffError(f"cannot load checkpoint file '{path}' safely ({first[:160]}); "
-                              f"it is corrupt or not a craterdiff checkpoint") from None
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler names the callable a hostile or foreign pickle asks for
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CraterdiffError(f"refused to load {what} '{path}': it holds a pickled object ({found[1]}) that "
+                                  f"could run code; only tensors and plain values are loaded ({fix})") from None
+        raise _corrupt(path, what, fix, e) from None
+    except Exception as e:  # a truncated or garbled file
+        raise _corrupt(path, what, fix, e) from None
+
+
+def _corrupt(path: Path, what: str, fix: str, e: Exception) -> CraterdiffError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CraterdiffError(f"cannot load {what} '{path}' ({first[:160]}); it is corrupt or truncated: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -844,8 +937,9 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
     """Create the run directory (default runs/<name>) and save the resolved config in it.
 
     With `guard_checkpoints` (training scripts): without --resume, a directory that already holds
-    checkpoints is refused rather than clobbered, and with --resume it must hold one. `write=False`
-    makes the same checks and writes nothing (the non-main processes of a multi-process run).
+    checkpoints is refused rather than clobbered, and with --resume it must hold one; the temporary
+    directories of atomic writes a killed run left in it (model/, reward/, checkpoints) are removed.
+    `write=False` makes the same checks and writes nothing (the non-main processes of a multi-process run).
     """
     run = Path(out) if out else PROJECT_ROOT / "runs" / cfg.name
     ckpts = list_checkpoints(run / "checkpoints") if guard_checkpoints else []
@@ -865,6 +959,9 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
     except OSError as e:
         raise CraterdiffError(f"cannot write to run directory '{run}' ({e.strerror}); "
                               f"choose a writable --out") from None
+    if guard_checkpoints:  # a training run owns its directory: no other writer's temporaries can be in it
+        remove_temporaries(run)
+        remove_temporaries(run / "checkpoints")
     save_config(cfg, run / config_name)
     return run
 
@@ -874,7 +971,8 @@ class RunLogger:
 
     The CSV header is the union of keys seen so far; a new key rewrites the file with the wider
     header. On resume, rows after the checkpoint's step are dropped so that the file matches an
-    uninterrupted run.
+    uninterrupted run; TensorBoard hides them the same way (and, on a fresh start, the events of an
+    earlier attempt that was killed before its first checkpoint).
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
@@ -892,7 +990,10 @@ class RunLogger:
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            # TensorBoard hides events at steps >= purge_step; the checkpoint's own step was logged
+            # before it was saved and is not logged again, so it must stay.
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"),
+                                        purge_step=0 if resume_step is None else resume_step + 1)
 
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
@@ -915,10 +1016,12 @@ class RunLogger:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, float(v), step)
+            self.writer.flush()  # on disk before the next checkpoint: a killed run keeps what that resumes
 
     def add_image(self, tag: str, grid: Image.Image, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -955,6 +1058,13 @@ def run_main(main: typing.Callable[[list[str] | None], Any], argv: list[str] | N
         main(argv)
     except CraterdiffError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        where = f" while writing '{e.filename}'" if getattr(e, "filename", None) else ""
+        print(f"error: disk full{where}; free space, then rerun with --resume (complete checkpoints are kept)",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

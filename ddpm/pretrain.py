@@ -159,46 +159,50 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
     tr = build_trainer(cfg, device)
     ckpt_dir = run_dir / "checkpoints"
     if resume:
-        load_checkpoint(tr, latest_checkpoint(ckpt_dir))
+        path = latest_checkpoint(ckpt_dir)
+        tqdm.write(f"resuming from {path}")
+        load_checkpoint(tr, path)
     log = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=tr.step if resume else None)
     p = cfg.pretrain
     tqdm.write(f"pretraining {cfg.model.preset} UNet ({count_parameters(tr.unet) / 1e6:.2f}M parameters) on "
                f"{len(data)} images for {p.steps} steps (from step {tr.step}) -> {run_dir}")
     bar = tqdm(total=p.steps, initial=tr.step, desc="pretrain", dynamic_ncols=True)
     t0, (loss_sum, loss_n) = time.perf_counter(), tr.loss_window
-    while tr.step < p.steps:
-        idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
-        with autocast(device, tr.amp_dtype):
-            loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.scaler.scale(loss).backward()
-        tr.scaler.unscale_(tr.optimizer)  # clip the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
-        tr.scaler.step(tr.optimizer)  # skipped if the fp16 gradients overflowed
-        tr.scaler.update()
-        tr.lr_schedule.step()
-        tr.ema.step(tr.unet.parameters())
-        tr.step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        bar.update(1)
-        if tr.step % p.log_every == 0 or tr.step == p.steps:
-            dt = (time.perf_counter() - t0) / max(1, loss_n)
-            log.log(tr.step, {"loss": loss_sum / loss_n, "lr": tr.lr_schedule.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "time_step_s": dt})
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", s_per_step=f"{dt:.2f}")
-            t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-        tr.loss_window = (loss_sum, loss_n)
-        if tr.step % p.sample_every == 0 or tr.step == p.steps:
-            grid = image_grid(sample_grid(tr, cfg, device), scale=2)
-            (run_dir / "samples").mkdir(exist_ok=True)
-            grid.save(run_dir / "samples" / f"step_{tr.step}.png")
-            log.add_image("samples", grid, tr.step)
-        if tr.step % p.checkpoint_every == 0 or tr.step == p.steps or tr.step == stop_at:
-            save_checkpoint(tr, ckpt_dir, keep=p.keep_checkpoints)
-        if tr.step == stop_at:
-            break
-    bar.close()
-    log.close()
+    try:
+        while tr.step < p.steps:
+            idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
+            with autocast(device, tr.amp_dtype):
+                loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.scaler.scale(loss).backward()
+            tr.scaler.unscale_(tr.optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
+            tr.scaler.step(tr.optimizer)  # skipped if the fp16 gradients overflowed
+            tr.scaler.update()
+            tr.lr_schedule.step()
+            tr.ema.step(tr.unet.parameters())
+            tr.step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+            if tr.step % p.log_every == 0 or tr.step == p.steps:
+                dt = (time.perf_counter() - t0) / max(1, loss_n)
+                log.log(tr.step, {"loss": loss_sum / loss_n, "lr": tr.lr_schedule.get_last_lr()[0],
+                                  "grad_norm": float(grad_norm), "time_step_s": dt})
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", s_per_step=f"{dt:.2f}")
+                t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+            tr.loss_window = (loss_sum, loss_n)
+            if tr.step % p.sample_every == 0 or tr.step == p.steps:
+                grid = image_grid(sample_grid(tr, cfg, device), scale=2)
+                (run_dir / "samples").mkdir(exist_ok=True)
+                grid.save(run_dir / "samples" / f"step_{tr.step}.png")
+                log.add_image("samples", grid, tr.step)
+            if tr.step % p.checkpoint_every == 0 or tr.step == p.steps or tr.step == stop_at:
+                save_checkpoint(tr, ckpt_dir, keep=p.keep_checkpoints)
+            if tr.step == stop_at:
+                break
+    finally:  # a failing step still ends the bar's line before the error, and flushes the log
+        bar.close()
+        log.close()
     if tr.step < p.steps:
         return None
     ema = tr.ema_unet()

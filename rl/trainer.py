@@ -37,6 +37,34 @@ class RLState:
     penalty: PenaltyState = field(default_factory=lambda: PenaltyState(beta=1.0))
 
 
+def check_config(cfg: Config, world: int) -> None:
+    """Refuse settings that pass each field's own check but that the policy stage cannot run with (on
+    `world` processes): one-line CraterdiffErrors, raised before any work."""
+    r = cfg.rl
+    if cfg.sampler.eta == 0:
+        raise CraterdiffError(f"sampler.eta is 0, so every DDIM step is deterministic and rl.algorithm {r.algorithm} "
+                              f"has no randomness to learn from (a zero policy gradient); set sampler.eta > 0 "
+                              f"(1.0 = DDPM-like)")
+    if r.algorithm == "trpo":
+        for key in ("kl_base_coef", "kl_final_coef"):
+            if getattr(r, key) != 0:
+                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm trpo ignores it (its trust "
+                                      f"region bounds every step's KL); set rl.{key}=0, or use rl.algorithm ppo or "
+                                      f"reinforce for a KL-to-base term")
+    if world > 1:
+        if r.batch_size % world:
+            raise CraterdiffError(f"rl.batch_size {r.batch_size} is the set the reward sees across all "
+                                  f"{world} processes; make it a multiple of {world}")
+        if r.advantages.gae:
+            raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
+    if r.advantages.gae and r.policy_mode == "schedule":
+        raise CraterdiffError("rl.advantages.gae needs per-step states; the schedule policy acts once per "
+                              "trajectory: set rl.advantages.gae false")
+    if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
+        raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
+                              "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")
+
+
 class Finetuner:
     """Wires the policy, reward model, optimizer and advantage estimator of a config together."""
 
@@ -44,18 +72,7 @@ class Finetuner:
         self.cfg, self.run_dir = cfg, run_dir
         r = cfg.rl
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        if self.world > 1:
-            if r.batch_size % self.world:
-                raise CraterdiffError(f"rl.batch_size {r.batch_size} is the set the reward sees across all "
-                                      f"{self.world} processes; make it a multiple of {self.world}")
-            if r.advantages.gae:
-                raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
-        if r.advantages.gae and r.policy_mode == "schedule":
-            raise CraterdiffError("rl.advantages.gae needs per-step states; the schedule policy acts once per "
-                                  "trajectory: set rl.advantages.gae false")
-        if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
-            raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
-                                  "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")
+        check_config(cfg, self.world)
         self.device = device or distributed.process_device() or resolve_device(cfg.device)
         setup_precision(cfg, self.device)  # CUDA-only settings fail here, before any work
         # the same seed everywhere (identical LoRA initialisation); each process then samples its own noise
@@ -222,7 +239,10 @@ class Finetuner:
         """Train for rl.iterations; `stop_at` ends this call after that iteration (checkpointed)."""
         r = self.cfg.rl
         if resume:
-            self.load_checkpoint(latest_checkpoint(self.run_dir / "checkpoints"))
+            path = latest_checkpoint(self.run_dir / "checkpoints")
+            if distributed.is_main():
+                tqdm.write(f"resuming from {path}")
+            self.load_checkpoint(path)
             if self.state.iteration >= r.iterations:
                 tqdm.write(f"{self.run_dir} already finished its {r.iterations} iterations; raise rl.iterations "
                            f"(--set rl.iterations=N) to continue it")

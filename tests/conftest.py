@@ -32,3 +32,19 @@ def one_thread():
 @pytest.fixture
 def smoke_cfg() -> Path:
     return ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random 32 px DDPM saved as a pipeline: fast stand-in for the shipped base model."""
+    import torch
+
+    from ddpm.pipeline import save_pipeline
+    from ddpm.schedulers import make_train_scheduler
+    from ddpm.unet import build_unet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "model"
+    save_pipeline(build_unet("tiny", image_size=32, channels=1),
+                  make_train_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), path)
+    return path

@@ -5,6 +5,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from utils import Config, ConfigError, config_to_dict, load_config, save_config
 
@@ -111,3 +114,58 @@ def test_save_load_round_trip(tmp_path):
     again = load_config(save_config(cfg, tmp_path / "resolved.yaml"))
     assert again == cfg
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+DEFAULTS = config_to_dict(Config())
+"""The config's keys with their default values: a mapping per subtree."""
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["mean", "ppo", "folder", "3e-4", "-1", "[1, 3]", "null", "1 3"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6)
+"""Any YAML value: scalars of every type (some close to valid ones), lists and mappings of them."""
+ODD_YAML = ["&a [*a]", "a: &a {b: *a}", "? [a, b]\n: 1", "!!python/object/apply:os.system [ls]", "seed: !!binary aGk=",
+            "name: 2024-01-01", "---\nseed: 1\n---\nseed: 2", "0", "\t", "\x00", "base: .", "base: [1]", "%TAG !",
+            "a: " + "[" * 500 + "]" * 500, "sampler:\n  eta: .nan", "data:\n  channels: 2.0",
+            r'"line\nbreaks\r\x85in a key": 1']
+"""Documents a fuzzer rarely builds: aliases, tags, several documents, control characters, deep nesting."""
+
+
+def _misspell(key: str, how: int) -> str:
+    """A near miss of `key`: a letter dropped, doubled, upper-cased or a suffix added."""
+    i = how % len(key)
+    return [key[:i] + key[i + 1:], key[:i] + key[i] * 2 + key[i + 1:], key.upper(), key + "s"][how % 4]
+
+
+@st.composite
+def config_mappings(draw, tree: dict = DEFAULTS) -> dict:
+    """Some keys of `tree`, one in five misspelled, each holding a mapping of its subtree's keys, its
+    default value or any value."""
+    out = {}
+    for name in draw(st.lists(st.sampled_from(sorted(tree)), max_size=4, unique=True)):
+        key = _misspell(name, draw(st.integers(0, 99))) if draw(st.integers(0, 4)) == 0 else name
+        default = tree[name]
+        subtree = config_mappings(default) if isinstance(default, dict) else st.just(default)
+        out[key] = draw(subtree | VALUES)
+    return out
+
+
+CONFIG_FILES = ((config_mappings().map(lambda d: yaml.safe_dump(d, allow_unicode=True))
+                 | st.text(st.characters(codec="utf-8"), max_size=200) | st.sampled_from(ODD_YAML)).map(str.encode)
+                | st.binary(max_size=200))
+"""Config file contents: YAML of real and misspelled keys, any text, odd YAML, any bytes."""
+
+
+# tmp_path is shared by the examples on purpose: each writes the one file before loading it
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=CONFIG_FILES)
+def test_any_file_loads_or_gives_a_one_line_config_error(tmp_path, content):
+    path = tmp_path / "random.yaml"
+    path.write_bytes(content)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        msg = str(e)
+        assert msg.strip() and len(msg.splitlines()) == 1, msg
+    else:
+        assert isinstance(cfg, Config)

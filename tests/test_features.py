@@ -302,7 +302,7 @@ def test_efficientnet_bad_weights_file(tmp_path):
     with pytest.raises(CraterdiffError, match="weights file not found"):
         build_extractor("efficientnet_lite0", path=str(tmp_path / "absent.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
-    with pytest.raises(CraterdiffError, match="cannot load weights"):
+    with pytest.raises(CraterdiffError, match="cannot load efficientnet_lite0 weights .* corrupt or truncated"):
         build_extractor("efficientnet_lite0", path=str(tmp_path / "junk.pth"))
     torch.save({"_fc.weight": torch.zeros(1000, 1280)}, tmp_path / "partial.pth")
     with pytest.raises(CraterdiffError, match="missing keys"):

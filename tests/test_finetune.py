@@ -8,23 +8,11 @@ import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
-from ddpm.pipeline import save_pipeline
-from ddpm.schedulers import make_train_scheduler
-from ddpm.unet import build_unet
+from bench.faults import metric_rows
 from rl.trainer import Finetuner
 from utils import CraterdiffError, load_config, prepare_run_dir
 
 from .conftest import ROOT, run_script
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny random 32 px DDPM saved as a pipeline: fast stand-in for the shipped base model."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "model"
-    save_pipeline(build_unet("tiny", image_size=32, channels=1),
-                  make_train_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), path)
-    return path
 
 
 def _cfg(base, *over):
@@ -32,12 +20,6 @@ def _cfg(base, *over):
                        [f"model.pretrained={base}", "reward.features.name=pixels", "reward.realism.enabled=false",
                         "tensorboard=false", "rl.iterations=4", "rl.batch_size=8", "rl.microbatch=4",
                         "sampler.num_steps=3", "num_threads=1", *over])
-
-
-def _rows(path):
-    with open(path) as f:
-        return [{k: v for k, v in r.items() if not (k.startswith("time_") or k == "peak_mem_mb")}
-                for r in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
@@ -53,7 +35,7 @@ def test_resume_is_exact(tmp_path, tiny_base, algo):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _rows(tmp_path / "full" / "metrics.csv") == _rows(split_dir / "metrics.csv")
+    assert metric_rows(tmp_path / "full" / "metrics.csv") == metric_rows(split_dir / "metrics.csv")
 
 
 def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_base, monkeypatch):

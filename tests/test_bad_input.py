@@ -1,0 +1,260 @@
+"""Bad input, one row per case: a non-zero exit and one 'error: ...' line naming what is wrong and what
+to do, never a traceback (DESIGN.md, "Reliability and security").
+
+Each row runs a script's `main` in-process through `utils.run_main`, as `python -m scripts.X` does;
+tests/test_scripts.py runs a few of the same errors as real subprocesses. Images of mixed modes and
+sizes are the one input here that must be accepted.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reward.artifact import build_reward_model, save_artifact
+from reward.datasets import load_image_folder
+from reward.procedural import procedural_set
+from scripts import finetune, pretrain_ddpm
+from utils import PROJECT_ROOT, list_checkpoints, load_config, run_main
+
+SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
+TINY_PRETRAIN = ("tensorboard=false", "pretrain.steps=2", "pretrain.checkpoint_every=1", "pretrain.log_every=1")
+"""A two-step pretraining run of the smoke config's tiny UNet, checkpointed at both steps."""
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+"""A tqdm progress bar as it is written to stderr."""
+
+
+@dataclass
+class Env:
+    """What a case's setup may use: a fresh directory, monkeypatch, and the module's fixtures."""
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: the script, its arguments built in `env`, and what its error line must say."""
+    id: str
+    main: Callable[[list[str] | None], None]
+    argv: Callable[[Env], list[str]]
+    expect: tuple[str, ...]
+    after: Callable[[Env], None] | None = None  # checks on the files the failed run left
+
+
+def _sets(overrides: tuple[str, ...]) -> list[str]:
+    """--set KEY=VALUE for each override."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _args(env: Env, *overrides: str, out: str = "run", extra: tuple[str, ...] = ()) -> list[str]:
+    """--cfg smoke.yaml --out TMP/out, the overrides, then `extra`."""
+    return ["--cfg", str(SMOKE), "--out", str(env.tmp / out), *_sets(overrides), *extra]
+
+
+def _folder(env: Env, name: str, files: dict[str, bytes] | None = None) -> str:
+    """The data.root override for TMP/name, a folder holding `files` (None: no folder at all)."""
+    root = env.tmp / name
+    if files is not None:
+        root.mkdir()
+        for fname, content in files.items():
+            (root / fname).write_bytes(content)
+    return f"data.root={root}"
+
+
+def _config_file(env: Env, text: str) -> list[str]:
+    """A config file in TMP that extends the smoke config with `text`."""
+    path = env.tmp / "mine.yaml"
+    path.write_text(f"base: {SMOKE}\n{text}")
+    return ["--cfg", str(path), "--out", str(env.tmp / "run")]
+
+
+def _tiny_on_mixed(folder: Path) -> tuple[str, ...]:
+    """The tiny pretraining run on an RGB folder of images."""
+    return ("data.source=folder", f"data.root={folder}", "data.channels=3", *TINY_PRETRAIN)
+
+
+def _truncated_checkpoint(env: Env) -> list[str]:
+    """A copy of the tiny run whose newest checkpoint's training state is cut in half, resumed."""
+    run = shutil.copytree(env.request.getfixturevalue("tiny_run"), env.tmp / "run")
+    state = list_checkpoints(run / "checkpoints")[-1] / "training_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
+
+
+def _unwritable_out(env: Env) -> list[str]:
+    """--out inside a read-only directory: chmod 0o500, or (as root, which ignores permissions) a
+    mkdir that fails there the way it would."""
+    locked = env.tmp / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        mkdir = Path.mkdir
+
+        def denied(self: Path, *args, **kwargs):
+            if locked in self.parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return mkdir(self, *args, **kwargs)
+        env.monkeypatch.setattr(Path, "mkdir", denied)
+    else:
+        locked.chmod(0o500)
+        env.request.addfinalizer(lambda: locked.chmod(0o700))
+    return _args(env, out="locked/run")
+
+
+def _disk_full_at_second_checkpoint(env: Env) -> list[str]:
+    """torch.save fails with ENOSPC from its second call on: step_1's checkpoint is written, step_2's is not."""
+    save, calls = torch.save, []
+
+    def save_until_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(*args, **kwargs)
+    env.monkeypatch.setattr(torch, "save", save_until_full)
+    return _args(env, *TINY_PRETRAIN)
+
+
+def _disk_full_writing_samples(env: Env) -> list[str]:
+    """Saving an image (the sample grid) fails with ENOSPC: outside any checkpoint write."""
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+    env.monkeypatch.setattr(Image.Image, "save", full)
+    return _args(env, *TINY_PRETRAIN)
+
+
+def _only_step_1_remains(env: Env) -> None:
+    """The failed save left no partial directory: step_1 is the only entry, and it is complete."""
+    ckpts = env.tmp / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_1"]
+    assert list_checkpoints(ckpts) == [ckpts / "step_1"]
+
+
+def _other_extractor_artifact(env: Env) -> list[str]:
+    """A reward artifact built with the 'pixels' extractor, used by a config that asks for EfficientNet."""
+    cfg = load_config(SMOKE, ["reward.features.name=pixels", "reward.realism.enabled=false"])
+    model = build_reward_model(cfg, reference_images=procedural_set(16, size=32, channels=1, seed=0),
+                               fake_images=None)
+    path = save_artifact(model, env.tmp / "pixels_reward")
+    return _args(env, f"reward.artifact={path}")
+
+
+CORRUPT = {"a.png": b"\x89PNG\r\n\x1a\n not really", "b.jpg": b"\xff\xd8\xff garbage", "c.tif": b""}
+"""Image files that no reader can decode: a PNG and a JPEG cut after their signatures, an empty TIFF."""
+
+CASES = [
+    Case("unknown-key", pretrain_ddpm.main, lambda env: _config_file(env, "sampler:\n  num_step: 5\n"),
+         ("mine.yaml", "unknown key 'sampler.num_step'", "did you mean 'sampler.num_steps'")),
+    Case("wrong-type", pretrain_ddpm.main, lambda env: _args(env, "sampler.num_steps=ten"),
+         ("key 'sampler.num_steps' must be int", "got 'ten'")),
+    Case("channels-not-1-or-3", pretrain_ddpm.main, lambda env: _args(env, "data.channels=2"),
+         ("key 'data.channels' must be one of 1, 3", "got 2")),
+    Case("negative-learning-rate", finetune.main, lambda env: _args(env, "rl.lr=-3e-5"),
+         ("key 'rl.lr' must be > 0.0", "got -3e-05")),
+    Case("clip-zero", finetune.main, lambda env: _args(env, "rl.ppo.clip_range=0"),
+         ("key 'rl.ppo.clip_range' must be > 0.0", "got 0.0")),
+    Case("eta-zero-with-rl", finetune.main, lambda env: _args(env, "sampler.eta=0"),
+         ("sampler.eta is 0", "deterministic", "set sampler.eta > 0")),
+    Case("sigma-floor-zero", finetune.main, lambda env: _args(env, "sampler.sigma_floor=0"),
+         ("key 'sampler.sigma_floor' must be > 0.0", "got 0.0")),
+    Case("trpo-with-kl-base", finetune.main, lambda env: _args(env, "rl.algorithm=trpo", "rl.kl_base_coef=0.1"),
+         ("rl.kl_base_coef is 0.1 but rl.algorithm trpo ignores it", "set rl.kl_base_coef=0")),
+    Case("trpo-with-kl-final", finetune.main, lambda env: _args(env, "rl.algorithm=trpo", "rl.kl_final_coef=1"),
+         ("rl.kl_final_coef is 1.0 but rl.algorithm trpo ignores it", "set rl.kl_final_coef=0")),
+    Case("data-root-unset", pretrain_ddpm.main, lambda env: _args(env, "data.source=folder"),
+         ("data.root is not set", "set it to a folder of images")),
+    Case("missing-data-folder", pretrain_ddpm.main,
+         lambda env: _args(env, "data.source=folder", _folder(env, "absent")),
+         ("absent does not exist", "check the path")),
+    Case("empty-data-folder", pretrain_ddpm.main,
+         lambda env: _args(env, "data.source=folder", _folder(env, "empty", {"notes.txt": b"no images"})),
+         ("holds no image files", "add images or fix the path")),
+    Case("only-corrupt-images", pretrain_ddpm.main,
+         lambda env: _args(env, "data.source=folder", _folder(env, "corrupt", CORRUPT)),
+         ("holds 3 image files but none could be read", "replace the corrupt files")),
+    Case("missing-base-model", finetune.main, lambda env: _args(env, f"model.pretrained={env.tmp / 'no_model'}"),
+         ("no DDPM model at", "no_model", "set model.pretrained to a saved model directory")),
+    Case("reward-artifact-of-other-extractor", finetune.main, _other_extractor_artifact,
+         ("was built with extractor 'pixels' but the config asks for 'efficientnet_lite0'", "rebuild it")),
+    Case("truncated-checkpoint", pretrain_ddpm.main, _truncated_checkpoint,
+         ("training_state.pt", "corrupt or truncated", "delete that checkpoint directory")),
+    Case("unwritable-out-dir", pretrain_ddpm.main, _unwritable_out,
+         ("cannot write to run directory", "Permission denied", "choose a writable --out")),
+    Case("disk-full-while-saving", pretrain_ddpm.main, _disk_full_at_second_checkpoint,
+         ("disk full while saving checkpoint step_2", "step_1' is kept", "free space, then rerun with --resume"),
+         after=_only_step_1_remains),
+    Case("disk-full-while-writing-samples", pretrain_ddpm.main, _disk_full_writing_samples,
+         ("disk full while writing", "samples", "free space, then rerun with --resume")),
+    Case("resume-with-nothing-to-resume", finetune.main, lambda env: _args(env, extra=("--resume",)),
+         ("--resume: no complete checkpoint", "start without --resume")),
+]
+
+
+def _error_line(stderr: str) -> str:
+    """The one line a failed script printed, checked to be alone apart from progress bars (which tqdm
+    draws with carriage returns): exactly one 'error: ' line, the last, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [s.strip() for s in re.split(r"[\r\n]", stderr) if s.strip()]
+    others = [s for s in lines[:-1] if not PROGRESS_BAR.search(s) or "error" in s]
+    assert lines and not others, stderr
+    assert lines[-1].startswith("error: "), stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """Images of every common mode at different sizes and aspect ratios, one of them 16-bit."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    for i, (mode, size) in enumerate([("L", (40, 40)), ("RGB", (64, 48)), ("RGBA", (33, 57)), ("P", (128, 96)),
+                                      ("LA", (20, 31)), ("I;16", (50, 50)), ("1", (36, 36)), ("CMYK", (45, 60))]):
+        rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        img = (Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16)) if mode == "I;16"
+               else rgb.convert(mode))
+        img.save(root / f"{i}_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mixed_folder) -> Path:
+    """A finished two-step pretraining run on `mixed_folder` (the truncated-checkpoint case copies it)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    run_main(pretrain_ddpm.main, ["--cfg", str(SMOKE), "--out", str(run), *_sets(_tiny_on_mixed(mixed_folder))])
+    return run
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_is_one_line_and_a_nonzero_exit(case, tmp_path, monkeypatch, request, capsys):
+    env = Env(tmp_path, monkeypatch, request)
+    argv = case.argv(env)
+    capsys.readouterr()  # only what the script prints
+    with pytest.raises(SystemExit) as exit_:
+        run_main(case.main, argv)
+    assert exit_.value.code not in (0, None)
+    line = _error_line(capsys.readouterr().err)
+    for fragment in case.expect:
+        assert fragment in line, line
+    if case.after:
+        case.after(env)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_images_of_mixed_modes_and_sizes_are_all_read(mixed_folder, channels):
+    images, kept = load_image_folder(mixed_folder, size=32, channels=channels)
+    assert len(kept) == 8 and images.shape == (8, channels, 32, 32)
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_pretraining_on_images_of_mixed_modes_and_sizes_succeeds(tiny_run):
+    assert (tiny_run / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tiny_run / "checkpoints")] == ["step_1", "step_2"]
+    with Image.open(tiny_run / "samples" / "step_2.png") as grid:
+        assert grid.mode == "RGB"
