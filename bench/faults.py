@@ -8,8 +8,10 @@ For `scripts.finetune` and `scripts.pretrain_ddpm` on configs/smoke.yaml (CPU, T
 2. a run of the same config and seed that is SIGKILLed and relaunched until it exits cleanly:
    first while a checkpoint is being written (its files and COMPLETE marker are in the hidden
    temporary directory, the rename has not happened; the step is drawn with the seed from the
-   reference's checkpoint steps), then N times after a delay drawn with the seed within the
-   reference run's duration (a delay longer than the launch lets it finish: that kill missed).
+   reference's checkpoint steps), then N times at a random moment of the launch's remaining work
+   (drawn with the seed: mostly once the next checkpoint is written, a delay within one checkpoint
+   interval of the reference; else from the start, a delay within the reference's time to its first
+   checkpoint; a launch that finishes first lets the kill miss).
    Each relaunch passes --resume when a complete checkpoint exists and starts afresh otherwise.
 
 After every kill: each visible `checkpoints/step_N/` is complete (COMPLETE marker, every file loads
@@ -75,7 +77,7 @@ def append_record(trace: Path, record: dict) -> None:
 def instrument_checkpoints(trace: Path, pause_step: int | None) -> None:
     """Wrap `utils.atomic_directory`, through which `utils.atomic_checkpoint` writes every checkpoint.
 
-    Each finished checkpoint write appends {"step": N} to `trace`. The write of step `pause_step`
+    Each finished checkpoint write appends {"step": N, "time": wall-clock seconds} to `trace`. The write of step `pause_step`
     appends {"step": N, "paused": true} once its files and COMPLETE marker are in the temporary
     directory and then sleeps before the rename, so that the parent kills it exactly there.
     """
@@ -90,7 +92,7 @@ def instrument_checkpoints(trace: Path, pause_step: int | None) -> None:
                 append_record(trace, {"step": step, "paused": True, "tmp": Path(tmp).name})
                 time.sleep(PAUSE_S)
         if step is not None:
-            append_record(trace, {"step": step})
+            append_record(trace, {"step": step, "time": time.time()})
 
     utils.atomic_directory = traced
 
@@ -121,10 +123,12 @@ def read_trace(trace: Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class Kill:
-    """A planned kill: while checkpoint `pause_step` is being written, or `delay_s` after the launch."""
+    """A planned kill: while checkpoint `pause_step` is being written, or `delay_s` after the launch
+    has written checkpoint `after_step` (None: `delay_s` after the launch started)."""
     kind: Literal["checkpoint_write", "random"]
     pause_step: int | None = None
     delay_s: float | None = None
+    after_step: int | None = None
 
 
 @dataclass
@@ -200,10 +204,10 @@ def wait_until(proc: subprocess.Popen, deadline: float) -> None:
         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def wait_for_pause(proc: subprocess.Popen, trace: Path, step: int, deadline: float) -> None:
-    """Return once the child holds the write of checkpoint `step`, or has exited, or at `deadline`."""
+def wait_for_trace(proc: subprocess.Popen, trace: Path, seen, deadline: float) -> None:
+    """Return once a record of `trace` satisfies `seen`, or the child has exited, or at `deadline`."""
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(r.get("paused") and r["step"] == step for r in read_trace(trace)):
+        if any(seen(r) for r in read_trace(trace)):
             return
         time.sleep(0.02)
 
@@ -220,9 +224,11 @@ def run_launch(module: str, args: list[str], plan: Kill | None, *, trace: Path, 
     if plan is None:
         wait_until(proc, timeout)
     elif plan.kind == "checkpoint_write":
-        wait_for_pause(proc, trace, plan.pause_step, timeout)
+        wait_for_trace(proc, trace, lambda r: r.get("paused") and r["step"] == plan.pause_step, timeout)
     else:
-        wait_until(proc, min(timeout, t0 + plan.delay_s))
+        if plan.after_step is not None:
+            wait_for_trace(proc, trace, lambda r: not r.get("paused") and r["step"] >= plan.after_step, timeout)
+        wait_until(proc, min(timeout, time.monotonic() + plan.delay_s))
     seconds = time.monotonic() - t0
     if proc.poll() is None:
         kill(proc)
@@ -387,21 +393,57 @@ def leftover_temporaries(run_dir: Path) -> list[str]:
 # One script, all scripts
 # ----------------------------------------------------------------------------------------------
 
-def plan_kills(rng: random.Random, kills: int, reference_seconds: float, checkpoint_steps: list[int]) -> list[Kill]:
+def first_kill(rng: random.Random, checkpoint_steps: list[int]) -> Kill | None:
     """The checkpoint-write kill comes first, while every checkpoint step is still ahead of the run."""
-    plan = [Kill("checkpoint_write", pause_step=rng.choice(checkpoint_steps))] if checkpoint_steps else []
-    return plan + [Kill("random", delay_s=round(rng.uniform(0.0, reference_seconds), 2)) for _ in range(kills)]
+    return Kill("checkpoint_write", pause_step=rng.choice(checkpoint_steps)) if checkpoint_steps else None
 
 
-def run_killed(module: str, run_dir: Path, plan: list[Kill], *, cfg: Path, threads: int,
-               overrides: list[str], logs: Path, traces: Path) -> list[Launch]:
-    """Launch, kill as planned, check, relaunch, until a launch exits (cleanly or not)."""
+@dataclass(frozen=True)
+class Pace:
+    """When the reference run wrote its checkpoints: the first one `first_s` after its launch, then one
+    every `interval_s`."""
+    first_s: float
+    interval_s: float
+
+    @classmethod
+    def of(cls, records: list[dict], launched: float, seconds: float) -> "Pace":
+        times = sorted(r["time"] for r in records if not r.get("paused"))
+        if not times:
+            return cls(seconds, seconds)
+        interval = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else seconds - (times[0] - launched)
+        return cls(times[0] - launched, max(interval, 0.01))
+
+
+def random_kill(rng: random.Random, pace: Pace, checkpoint_steps: list[int], resume_from: int | None) -> Kill:
+    """A kill at a random moment of a launch that resumes from `resume_from`.
+
+    Three times in four: once the next checkpoint is written, a delay within one checkpoint interval
+    (mid-training, sometimes inside the following write or the final export); else a delay from the
+    launch's start within the reference's time to its first checkpoint (start-up, loading, the first
+    steps). Delays drawn over the whole run would mostly miss a resumed launch, which has only the
+    rest of the run to do.
+    """
+    ahead = [s for s in checkpoint_steps if s > (resume_from or 0)]
+    if ahead and rng.random() < 0.75:
+        return Kill("random", delay_s=round(rng.uniform(0.0, pace.interval_s), 2), after_step=ahead[0])
+    return Kill("random", delay_s=round(rng.uniform(0.0, pace.first_s), 2))
+
+
+def run_killed(module: str, run_dir: Path, rng: random.Random, kills: int, pace: Pace,
+               reference_steps: list[int], *, cfg: Path, threads: int, overrides: list[str], logs: Path,
+               traces: Path) -> list[Launch]:
+    """Launch, kill (one kill inside a checkpoint write, then `kills` random ones), check, relaunch,
+    until a launch exits (cleanly or not)."""
     launches: list[Launch] = []
+    first = first_kill(rng, reference_steps)
+    planned = kills + (first is not None)
     while True:
         i = len(launches)
         latest = utils.latest_checkpoint(run_dir / "checkpoints")
-        launch = Launch(resume_from=checkpoint_step(latest) if latest else None,
-                        kill=plan[i] if i < len(plan) else None)
+        resume_from = checkpoint_step(latest) if latest else None
+        kill = (first if i == 0 and first is not None
+                else random_kill(rng, pace, reference_steps, resume_from) if i < planned else None)
+        launch = Launch(resume_from=resume_from, kill=kill)
         args = script_args(cfg, run_dir, threads=threads, overrides=overrides, resume=latest is not None)
         log, trace = logs / f"launch_{i + 1}.log", traces / f"launch_{i + 1}.jsonl"
         launch.seconds, launch.returncode, launch.killed = run_launch(module, args, launch.kill, trace=trace,
@@ -453,16 +495,18 @@ def bench_script(name: str, out: Path, *, kills: int, seed: int, threads: int = 
     traces.mkdir()
     reference, killed = root / "reference", root / "killed"
     overrides = list(overrides)
+    launched = time.time()
     ref_s, ref_rc, _ = run_launch(module, script_args(cfg, reference, threads=threads, overrides=overrides,
                                                       resume=False),
                                   None, trace=traces / "reference.jsonl", log=logs / "reference.log", threads=threads)
     if ref_rc != 0:
         raise RuntimeError(f"the reference run of {module} failed with status {ref_rc}: "
                            f"{last_line(logs / 'reference.log')}")
-    ref_steps = sorted({r["step"] for r in read_trace(traces / "reference.jsonl")})
-    plan = plan_kills(random.Random(f"{seed}:{name}"), kills, ref_s, ref_steps)
-    launches = run_killed(module, killed, plan, cfg=cfg, threads=threads, overrides=overrides, logs=logs,
-                          traces=traces)
+    ref_trace = read_trace(traces / "reference.jsonl")
+    ref_steps = sorted({r["step"] for r in ref_trace})
+    pace = Pace.of(ref_trace, launched, ref_s)
+    launches = run_killed(module, killed, random.Random(f"{seed}:{name}"), kills, pace, ref_steps, cfg=cfg,
+                          threads=threads, overrides=overrides, logs=logs, traces=traces)
     finished = launches[-1].returncode == 0
     problems = launch_problems(launches, logs)
     weights = weights_problems(reference, killed) if finished else ["not finished"]
