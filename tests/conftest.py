@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,26 @@ def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def smoke_argv(out: Path, *overrides: str) -> list[str]:
+    """A script's arguments for configs/smoke.yaml: --cfg, --out OUT, then --set for each override."""
+    return ["--cfg", str(ROOT / "configs" / "smoke.yaml"), "--out", str(out), *(a for o in overrides for a in ("--set", o))]
+
+
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+"""A tqdm progress bar as it is written to stderr."""
+
+
+def error_line(stderr: str) -> str:
+    """The one line a failed script printed, checked to be alone apart from progress bars (which tqdm
+    draws with carriage returns): exactly one 'error: ' line, the last, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [s.strip() for s in re.split(r"[\r\n]", stderr) if s.strip()]
+    others = [s for s in lines[:-1] if not PROGRESS_BAR.search(s) or "error" in s]
+    assert lines and not others, stderr
+    assert lines[-1].startswith("error: "), stderr
+    return lines[-1]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,11 @@ from reward.procedural import procedural_set
 from scripts import finetune, pretrain_ddpm
 from utils import PROJECT_ROOT, list_checkpoints, load_config, run_main
 
+from .conftest import error_line, smoke_argv
+
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
 TINY_PRETRAIN = ("tensorboard=false", "pretrain.steps=2", "pretrain.checkpoint_every=1", "pretrain.log_every=1")
 """A two-step pretraining run of the smoke config's tiny UNet, checkpointed at both steps."""
-PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
-"""A tqdm progress bar as it is written to stderr."""
 
 
 @dataclass
@@ -51,14 +50,9 @@ class Case:
     after: Callable[[Env], None] | None = None  # checks on the files the failed run left
 
 
-def _sets(overrides: tuple[str, ...]) -> list[str]:
-    """--set KEY=VALUE for each override."""
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def _args(env: Env, *overrides: str, out: str = "run", extra: tuple[str, ...] = ()) -> list[str]:
     """--cfg smoke.yaml --out TMP/out, the overrides, then `extra`."""
-    return ["--cfg", str(SMOKE), "--out", str(env.tmp / out), *_sets(overrides), *extra]
+    return [*smoke_argv(env.tmp / out, *overrides), *extra]
 
 
 def _folder(env: Env, name: str, files: dict[str, bytes] | None = None) -> str:
@@ -198,17 +192,6 @@ CASES = [
 ]
 
 
-def _error_line(stderr: str) -> str:
-    """The one line a failed script printed, checked to be alone apart from progress bars (which tqdm
-    draws with carriage returns): exactly one 'error: ' line, the last, and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [s.strip() for s in re.split(r"[\r\n]", stderr) if s.strip()]
-    others = [s for s in lines[:-1] if not PROGRESS_BAR.search(s) or "error" in s]
-    assert lines and not others, stderr
-    assert lines[-1].startswith("error: "), stderr
-    return lines[-1]
-
-
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory) -> Path:
     """Images of every common mode at different sizes and aspect ratios, one of them 16-bit."""
@@ -227,7 +210,7 @@ def mixed_folder(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory, mixed_folder) -> Path:
     """A finished two-step pretraining run on `mixed_folder` (the truncated-checkpoint case copies it)."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    run_main(pretrain_ddpm.main, ["--cfg", str(SMOKE), "--out", str(run), *_sets(_tiny_on_mixed(mixed_folder))])
+    run_main(pretrain_ddpm.main, smoke_argv(run, *_tiny_on_mixed(mixed_folder)))
     return run
 
 
@@ -239,7 +222,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(case, tmp_path, monkeypatch, r
     with pytest.raises(SystemExit) as exit_:
         run_main(case.main, argv)
     assert exit_.value.code not in (0, None)
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     for fragment in case.expect:
         assert fragment in line, line
     if case.after:

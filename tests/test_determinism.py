@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from bench.faults import metric_rows  # metrics.csv less its wall-clock and memory columns
 from utils import run_main
 
-from .conftest import ROOT
+from .conftest import smoke_argv
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
@@ -25,10 +25,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 def _twice(tmp_path, main, over: list[str]) -> tuple[Path, Path]:
     runs = (tmp_path / "a", tmp_path / "b")
     for run in runs:
-        args = ["--cfg", ROOT / "configs" / "smoke.yaml", "--out", run]
-        for o in ("num_threads=1", "tensorboard=false", *over):
-            args += ["--set", o]
-        run_main(main, [str(a) for a in args])
+        run_main(main, smoke_argv(run, "num_threads=1", "tensorboard=false", *over))
     return runs
 
 

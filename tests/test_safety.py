@@ -3,6 +3,7 @@ smoke pipeline runs with networking blocked."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from utils import run_main
 
-from .conftest import ROOT
+from .conftest import ROOT, error_line, smoke_argv
 
 SOURCE_DIRS = ("bench", "ddpm", "reward", "rl", "scripts")
 
@@ -39,9 +40,8 @@ def _one_line_error(capsys, main, argv) -> str:
     capsys.readouterr()  # drop what earlier runs printed
     with pytest.raises(SystemExit) as e:
         run_main(main, [str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    assert e.value.code == 2
+    return error_line(capsys.readouterr().err)
 
 
 def test_the_planted_pickle_really_runs_code(tmp_path):
@@ -52,36 +52,24 @@ def test_the_planted_pickle_really_runs_code(tmp_path):
     assert marker.read_text() == "code ran"
 
 
-def _smoke(tmp_path, *over):
-    args = ["--cfg", ROOT / "configs" / "smoke.yaml"]
-    for o in ("num_threads=1", "tensorboard=false", *over):
-        args += ["--set", o]
-    return args
+# each script's smallest run with a checkpoint at `step`, and the settings that make --resume go on from it
+RESUMABLE = {
+    "finetune": (("reward.features.name=pixels", "reward.realism.enabled=false", "rl.iterations=1",
+                  "rl.batch_size=8", "rl.microbatch=4", "sampler.num_steps=2"), 1, "rl.iterations=2"),
+    "pretrain_ddpm": (("pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.sample_every=100",
+                       "pretrain.batch_size=4"), 2, "pretrain.steps=4"),
+}
 
 
-def test_finetune_resume_refuses_a_pickled_training_state(tmp_path, tiny_base, capsys):
-    from scripts import finetune
-
+@pytest.mark.parametrize("script", sorted(RESUMABLE))
+def test_resume_refuses_a_pickled_training_state(tmp_path, tiny_base, capsys, script):
+    main = importlib.import_module(f"scripts.{script}").main
+    overrides, step, longer = RESUMABLE[script]
     run, marker = tmp_path / "run", tmp_path / "ran"
-    args = _smoke(tmp_path, f"model.pretrained={tiny_base}", "reward.features.name=pixels",
-                  "reward.realism.enabled=false", "rl.iterations=1", "rl.batch_size=8", "rl.microbatch=4",
-                  "sampler.num_steps=2") + ["--out", run]
-    run_main(finetune.main, [str(a) for a in args])
-    plant(run / "checkpoints" / "step_1" / "training_state.pt", marker)
-    err = _one_line_error(capsys, finetune.main, args + ["--resume", "--set", "rl.iterations=2"])
-    assert "refused to load checkpoint file" in err and "training_state.pt" in err and "pickled object (exec)" in err
-    assert not marker.exists()
-
-
-def test_pretrain_resume_refuses_a_pickled_training_state(tmp_path, capsys):
-    from scripts import pretrain_ddpm
-
-    run, marker = tmp_path / "run", tmp_path / "ran"
-    args = _smoke(tmp_path, "pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.sample_every=100",
-                  "pretrain.batch_size=4") + ["--out", run]
-    run_main(pretrain_ddpm.main, [str(a) for a in args])
-    plant(run / "checkpoints" / "step_2" / "training_state.pt", marker)
-    err = _one_line_error(capsys, pretrain_ddpm.main, args + ["--resume", "--set", "pretrain.steps=4"])
+    args = smoke_argv(run, "num_threads=1", "tensorboard=false", f"model.pretrained={tiny_base}", *overrides)
+    run_main(main, args)
+    plant(run / "checkpoints" / f"step_{step}" / "training_state.pt", marker)
+    err = _one_line_error(capsys, main, args + ["--resume", "--set", longer])
     assert "refused to load checkpoint file" in err and "training_state.pt" in err and "pickled object (exec)" in err
     assert not marker.exists()
 
