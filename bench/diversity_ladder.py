@@ -27,7 +27,7 @@ from scipy.stats import spearmanr
 
 from reward.features import build_extractor, extract_features
 from reward.metrics import fit_pca, frechet_distance, gp_mi, knn_entropy, median_bandwidth, mmd2_unbiased, ot_rewards
-from reward.procedural import procedural_set
+from data.procedural import procedural_set
 
 METRICS = ("mmd", "mi", "knn_entropy", "fid", "ot")
 

@@ -14,7 +14,7 @@ Sets:
 * `modes`: what is trained, at the default's budget (25 iterations of 64 trajectories, PPO, the
   MMD + GP-MI reward): every UNet weight (`full`, the default), LoRA adapters, the latent drift
   net, the sampler-schedule policy (`MODES`; each with its own learning rate).
-* `tune`: the levers tried to meet the target (DESIGN.md, "Measured warning": the step size and the
+* `tune`: the levers tried to meet the target (docs/design.md, "Measured warning": the step size and the
   reward decide): KL to the base model, the realism term, and one-to-one (minibatch) OT matching,
   each a set of --set overrides on `configs/default.yaml` (`TUNING`).
 
@@ -24,12 +24,12 @@ can be re-run after a crash or with more seeds. The runs of a set share one rewa
 (RUNS/reward, built once from configs/default.yaml: the weights and the OT matching are applied when
 it is loaded; the features, reference and realism scorer do not depend on them).
 
-Then every model and the base model are evaluated together by `reward.eval_run.evaluate_run` (the
+Then every model and the base model are evaluated together by `evaluation.run.evaluate_run` (the
 `scripts.eval` code) at the same sampling seeds, against the held-out split, in the reward's
 extractor and an independent one; OUT gets that full report (report.json/.md/.html) and
 summary.json/summary.md: per variant the headline metrics, mean ± std over training seeds (over
 sampling seeds when there is one training seed), the mean wall time of a run, and for every variant the
-target check of DESIGN.md (coverage and KID halfway from the base model to the train-split ceiling,
+target check of docs/design.md ("Evaluation") (coverage and KID halfway from the base model to the train-split ceiling,
 precision down by at most 0.1, at most 15 minutes).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reward.eval_run import BASE, CEILING, ModelSpec, evaluate_run
+from evaluation.run import BASE, CEILING, ModelSpec, evaluate_run
 from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -113,12 +113,12 @@ def variants(which: str, *, realism_weight: float) -> list[Variant]:
 
 def shared_artifact(root: Path) -> Path:
     """RUNS/reward, built from configs/default.yaml if missing; returns its path."""
-    from reward.build import build_and_save
+    from rl.build import build_reward_artifact
 
     path = root / "reward"
     if not (path / "reward.yaml").is_file():
         t0 = time.perf_counter()
-        build_and_save(load_config(DEFAULT_CFG), path)
+        build_reward_artifact(load_config(DEFAULT_CFG), path)
         (root / "reward_build_s.json").write_text(json.dumps({"reward_build_s": time.perf_counter() - t0}))
     return path
 
@@ -197,7 +197,8 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
 
 
 def target_check(summary: dict, variant: str) -> dict:
-    """DESIGN.md's target for `variant` against the base model and the ceiling (reward's extractor)."""
+    """The held-out target (docs/design.md, "Evaluation") for `variant`, against the base model and the
+    ceiling, in the reward's extractor."""
     ex = "efficientnet_lite0"
     b, c, v = summary[BASE], summary[CEILING], summary[variant]
     get = lambda row, m: row[f"{ex}/{m}"]["mean"]  # noqa: E731

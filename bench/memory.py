@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -> dict:
@@ -34,7 +27,7 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
     from rl.policy import DiffusionPolicy
     from rl.ppo import ppo_update
     from rl.advantages import normalize_batch
-    from utils import RLConfig, SamplerConfig, config_from_dict
+    from utils import RLConfig, SamplerConfig, config_from_dict, peak_mem_mb
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -50,7 +43,7 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
-    before = peak_mb(dev)
+    before = peak_mem_mb(dev)
     if method == "two_pass":
         ppo_update(policy, opt, traj, adv, cfg, generator=gen)
     else:
@@ -61,7 +54,7 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
                       for k in range(steps)]
             (torch.stack(losses).mean() * len(idx) / batch).backward()
         opt.step()
-    return {"steps": steps, "method": method, "peak_mb": peak_mb(dev), "peak_before_update_mb": before,
+    return {"steps": steps, "method": method, "peak_mb": peak_mem_mb(dev), "peak_before_update_mb": before,
             "device": str(dev)}
 
 

@@ -1,6 +1,6 @@
 """The DDIM step as a Gaussian policy, with its log-probability and a sigma floor.
 
-Notation (variable -> symbol of DESIGN.md, "Policy"; Song et al. 2021, eq. 12 and 16):
+Notation (variable -> symbol of docs/design.md, "Policy"; Song et al. 2021, eq. 12 and 16):
 
 | variable         | symbol          | meaning |
 |------------------|-----------------|---------|

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from utils import CraterdiffError, atomic_directory
+from utils import CraterdiffError, atomic_directory, first_line
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
 
@@ -44,6 +44,5 @@ def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
         unet = UNet2DModel.from_pretrained(path, subfolder="unet", local_files_only=True, use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CraterdiffError(f"cannot load the DDPM model at '{path}': {first[:200]}") from None
+        raise CraterdiffError(f"cannot load the DDPM model at '{path}': {first_line(e)}") from None
     return unet, scheduler

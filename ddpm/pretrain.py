@@ -25,7 +25,7 @@ from ddpm.pipeline import load_pipeline, save_pipeline
 from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
-from reward.sources import load_image_set
+from data.sources import load_image_set
 from utils import (Config, RunLogger, atomic_checkpoint, autocast, latest_checkpoint, load_state, prune_checkpoints,
                    image_grid, resolve_device, resolve_path, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils import CraterdiffError, atomic_directory, resolve_path
+from utils import CraterdiffError, atomic_directory, first_line, resolve_path
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -89,8 +89,7 @@ def load_stable_diffusion(path: str | Path, *, dtype: torch.dtype = torch.float3
         # the DDPM scheduler carries the training β schedule; the policy builds its own DDIM steps from it
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CraterdiffError(f"cannot load the Stable Diffusion model at '{path}': {first[:200]}") from None
+        raise CraterdiffError(f"cannot load the Stable Diffusion model at '{path}': {first_line(e)}") from None
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     return StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler)

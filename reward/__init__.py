@@ -1,4 +1,4 @@
-"""Reward stage: image sets, feature extractors, diversity metrics, realism scorer, the frozen artifact."""
+"""Reward stage: feature extractors, diversity metrics, realism scorer, the frozen artifact."""
 from __future__ import annotations
 
 

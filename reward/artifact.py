@@ -31,7 +31,7 @@ from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, me
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from utils import CraterdiffError, atomic_directory
 
-ARTIFACT_FORMAT = 1
+REWARD_ARTIFACT_VERSION = 1
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot")
 FILES = ("reference_features.npy", "pca.npz", "realism.safetensors")
 
@@ -115,7 +115,7 @@ class RewardModel:
 
         `generator` draws the OT reference subset when `ot_match` is 'minibatch' (see `ot_reference`).
         With several processes, gather every process's features first: the components are
-        set-level, so they must see the whole batch (DESIGN.md, "Rewards").
+        set-level, so they must see the whole batch (docs/design.md, "Rewards").
         """
         x = feats.double()
         if x.shape[0] < max(4, self.knn_k + 2):
@@ -213,7 +213,7 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
             save_realism(model.realism, tmp / "realism.safetensors")
         ex = model.extractor
         meta = {
-            "format": ARTIFACT_FORMAT,
+            "format": REWARD_ARTIFACT_VERSION,
             "extractor": {"name": ex.name, "input_size": int(ex.input_size), "dim": int(ex.dim),
                           "path": model.info.get("extractor_path"), "seed": int(model.info.get("extractor_seed", 0))},
             "weights": model.weights,
@@ -260,8 +260,8 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
         fmt, ex = meta["format"], meta["extractor"]
     except (yaml.YAMLError, KeyError, TypeError):
         raise CraterdiffError(f"reward artifact file '{meta_path}' is corrupted; rebuild the artifact") from None
-    if fmt != ARTIFACT_FORMAT:
-        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads {ARTIFACT_FORMAT}; "
+    if fmt != REWARD_ARTIFACT_VERSION:
+        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads {REWARD_ARTIFACT_VERSION}; "
                               f"rebuild it")
     if expect_extractor is not None and ex["name"] != expect_extractor:
         raise CraterdiffError(f"reward artifact '{path}' was built with extractor '{ex['name']}' but the config asks "

@@ -1,4 +1,9 @@
-"""Building the reward artifact from a config: reference images, base-model images, fit, save."""
+"""Building the reward artifact from a config and the images it is given: fit, save.
+
+The reward stage never samples a diffusion model itself: the base-model images its realism scorer is
+trained against come from the caller (`rl.build.build_reward_artifact`, which samples `model.pretrained`),
+or from the folder `reward.realism.fake_dir`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,24 +11,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data.datasets import load_image_folder
+from data.sources import ImageSet, load_image_set
 from reward.artifact import RewardModel, build_reward_model, save_artifact
-from reward.datasets import load_image_folder
-from reward.features import build_extractor
-from reward.sources import load_image_set
+from reward.features import FeatureExtractor, build_extractor
 from utils import Config, CraterdiffError, resolve_device, resolve_path
-
-
-def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -> torch.Tensor:
-    """n samples (n, C, H, W) of the base model `model.pretrained` with the configured sampler."""
-    if not cfg.model.pretrained:
-        raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
-                              "or reward.realism.fake_dir to a folder of its samples")
-    from rl.build import base_model_path, model_sampler
-
-    # Stable Diffusion: over the training prompts, the prompts the policy is trained on
-    sample = model_sampler(cfg, base_model_path(cfg), device, prompts=cfg.model.prompts,
-                           name="the base model", progress=True)
-    return sample(n, torch.Generator().manual_seed(seed))
 
 
 def artifact_path(cfg: Config, run_dir: Path) -> Path:
@@ -31,19 +23,40 @@ def artifact_path(cfg: Config, run_dir: Path) -> Path:
     return resolve_path(cfg.reward.artifact) if cfg.reward.artifact else run_dir / "reward"
 
 
-def build_and_save(cfg: Config, out: Path) -> RewardModel:
-    """Build the reward model of `cfg` on the train split and save the artifact to `out`."""
-    device = resolve_device(cfg.device)
+def reward_extractor(cfg: Config, device: torch.device) -> FeatureExtractor:
+    """The feature extractor φ of `reward.features` (built first, so a bad extractor fails before any sampling)."""
     f = cfg.reward.features
-    extractor = build_extractor(f.name, input_size=f.input_size, path=f.path, seed=cfg.seed, device=device)
-    ref = load_image_set(cfg.data, "train")
+    return build_extractor(f.name, input_size=f.input_size, path=f.path, seed=cfg.seed, device=device)
+
+
+def needs_base_images(cfg: Config) -> bool:
+    """Whether the realism scorer must be handed base-model images (enabled, and no `fake_dir`)."""
+    return cfg.reward.realism.enabled and not cfg.reward.realism.fake_dir
+
+
+def n_base_images(cfg: Config, reference: ImageSet) -> int:
+    """How many base-model images the realism scorer is trained against: `n_fake`, else as many as references."""
+    return cfg.reward.realism.n_fake or len(reference)
+
+
+def build_and_save(cfg: Config, out: Path, *, base_images: torch.Tensor | None = None,
+                   reference: ImageSet | None = None, extractor: FeatureExtractor | None = None) -> RewardModel:
+    """Build the reward model of `cfg` on the train split (`reference`, loaded if not given) and save the
+    artifact to `out`. `base_images` (n, C, H, W) in [-1, 1]: the base model's samples for the realism
+    scorer, required when it is enabled without `reward.realism.fake_dir`."""
+    device = resolve_device(cfg.device)
+    extractor = extractor or reward_extractor(cfg, device)
+    ref = reference if reference is not None else load_image_set(cfg.data, "train")
     fake = None
-    if cfg.reward.realism.enabled:
-        rc = cfg.reward.realism
+    rc = cfg.reward.realism
+    if rc.enabled:
         if rc.fake_dir:
             fake, _ = load_image_folder(resolve_path(rc.fake_dir), size=cfg.data.image_size, channels=cfg.data.channels)
+        elif base_images is None:
+            raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
+                                  "or reward.realism.fake_dir to a folder of its samples")
         else:
-            fake = base_model_images(cfg, rc.n_fake or len(ref), seed=cfg.seed + 1, device=device).cpu()
+            fake = base_images.cpu()
     tqdm.write(f"building the reward model: {len(ref)} reference images, extractor {cfg.reward.features.name}"
                + (f", realism on {len(fake)} base-model images" if fake is not None else ""))
     model = build_reward_model(cfg, reference_images=ref.images, fake_images=fake, device=device, progress=True,

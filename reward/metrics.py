@@ -60,7 +60,7 @@ from torch import Tensor
 __all__ = [
     "SetMetric", "PCA", "pairwise_sq_dists", "rbf_kernel", "median_bandwidth",
     "mmd2_unbiased", "mmd2_unbiased_loo", "gp_mi", "gp_mi_loo", "fit_pca", "knn_entropy",
-    "knn_entropy_loo", "frechet_distance", "fid_loo", "ot_rewards", "METRICS", "set_metric",
+    "knn_entropy_loo", "trace_sqrt_product", "frechet_distance", "fid_loo", "ot_rewards", "METRICS", "set_metric",
 ]
 
 
@@ -88,8 +88,9 @@ class SetMetric:
 # Checks and kernels
 # ----------------------------------------------------------------------------------------------
 
-def _as_f64(x: Tensor, name: str, *, min_rows: int = 1) -> Tensor:
-    """Validate a feature matrix (rows = points) and return it as float64 on its device."""
+def as_feature_matrix(x: Tensor, name: str, *, min_rows: int = 1) -> Tensor:
+    """Validate a feature matrix (rows = points) and return it as float64 on its device (the one check of
+    every metric here and in `evaluation.metrics`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -122,7 +123,7 @@ def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
     result can be off by ~1e-16 |x|^2 through cancellation, which is harmless for kernels but is
     why `knn_entropy` computes its (small, PCA-reduced) distances directly instead.
     """
-    x, y = _as_f64(x, "x"), _as_f64(y, "y")
+    x, y = as_feature_matrix(x, "x"), as_feature_matrix(y, "y")
     _check_same_dim(x, y)
     sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
     return sq.clamp_min_(0.0)
@@ -149,7 +150,7 @@ def median_bandwidth(y: Tensor) -> float:
 
     y: (m, d), m >= 2  ->  float. A distance, to be used as `bandwidth` in `rbf_kernel`.
     """
-    y = _as_f64(y, "y", min_rows=2)
+    y = as_feature_matrix(y, "y", min_rows=2)
     h = float(_median(torch.pdist(y)))
     if h <= 0:
         raise ValueError("median pairwise distance of the reference is 0 (more than half the pairs are duplicates)")
@@ -180,7 +181,7 @@ def mmd2_unbiased(x: Tensor, y: Tensor, *, bandwidth: float) -> float:
     x: (n, d), y: (m, d), n, m >= 2  ->  float (can be slightly negative; 0 in expectation when X and
     Y come from the same distribution).
     """
-    x, y = _as_f64(x, "x", min_rows=2), _as_f64(y, "y", min_rows=2)
+    x, y = as_feature_matrix(x, "x", min_rows=2), as_feature_matrix(y, "y", min_rows=2)
     _check_same_dim(x, y)
     n, m = x.shape[0], y.shape[0]
     a, b, c_yy = _mmd2_parts(x, y, bandwidth)
@@ -197,7 +198,7 @@ def mmd2_unbiased_loo(x: Tensor, y: Tensor, *, bandwidth: float) -> SetMetric:
     x: (n, d), n >= 3; y: (m, d), m >= 2. value = MMD^2(X, Y), score = -value,
     loo: (n,) MMD^2(X \\ i, Y), rewards: (n,) loo - value (a distance: removing a helpful sample raises it).
     """
-    x, y = _as_f64(x, "x", min_rows=3), _as_f64(y, "y", min_rows=2)
+    x, y = as_feature_matrix(x, "x", min_rows=3), as_feature_matrix(y, "y", min_rows=2)
     _check_same_dim(x, y)
     n, m = x.shape[0], y.shape[0]
     a, b, c_yy = _mmd2_parts(x, y, bandwidth)
@@ -233,7 +234,7 @@ def gp_mi(x: Tensor, *, bandwidth: float, noise: float) -> float:
     (smaller = more sensitive to near-duplicates; 0.1-1 is usual with a unit-diagonal kernel)
     ->  float. Computed as sum log diag(L), L = chol(A).
     """
-    x = _as_f64(x, "x")
+    x = as_feature_matrix(x, "x")
     chol = torch.linalg.cholesky(_gp_a(x, bandwidth, noise))
     return float(torch.log(chol.diagonal()).sum())
 
@@ -250,7 +251,7 @@ def gp_mi_loo(x: Tensor, y: Optional[Tensor] = None, *, bandwidth: float, noise:
     the other metrics); bandwidth, noise as in `gp_mi`. value = score = D(X) in nats,
     loo: (n,) D(X \\ i), rewards: (n,) value - loo (always >= 0: every point adds information).
     """
-    x = _as_f64(x, "x", min_rows=2)
+    x = as_feature_matrix(x, "x", min_rows=2)
     chol = torch.linalg.cholesky(_gp_a(x, bandwidth, noise))
     value = float(torch.log(chol.diagonal()).sum())
     eye = torch.eye(x.shape[0], dtype=torch.float64, device=x.device)
@@ -291,7 +292,7 @@ class PCA:
 
     def project(self, x: Tensor) -> Tensor:
         """z = (x - mean) components^T:  x: (n, d)  ->  (n, k) float64 on x's device."""
-        x = _as_f64(x, "x")
+        x = as_feature_matrix(x, "x")
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"PCA was fitted on {self.mean.shape[0]}-d features, got {x.shape[1]}-d")
         return (x - self.mean.to(x.device)) @ self.components.to(x.device).T
@@ -304,7 +305,7 @@ def fit_pca(y: Tensor, *, k: int) -> PCA:
 
     y: (m, d), 1 <= k <= min(m - 1, d) (m - 1: the centred data have rank at most m - 1)  ->  PCA.
     """
-    y = _as_f64(y, "y", min_rows=2)
+    y = as_feature_matrix(y, "y", min_rows=2)
     m, d = y.shape
     if not (isinstance(k, int) and 1 <= k <= min(m - 1, d)):
         raise ValueError(f"PCA k must be an int in [1, min(m - 1, d)] = [1, {min(m - 1, d)}], got {k!r}")
@@ -346,7 +347,7 @@ def _knn_dists(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _check_knn(z: Tensor, k: int, extra: int) -> Tensor:
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"kNN k must be a positive int, got {k!r}")
-    return _as_f64(z, "z", min_rows=k + 1 + extra)
+    return as_feature_matrix(z, "z", min_rows=k + 1 + extra)
 
 
 def _kl_entropy(log_eps_sum: Tensor | float, n: int, d: int, k: int) -> Tensor | float:
@@ -423,24 +424,49 @@ def _mean_cov(x: Tensor) -> tuple[Tensor, Tensor]:
     return mu, xc.T @ xc / (x.shape[0] - 1)
 
 
-def frechet_distance(x: Tensor, y: Tensor) -> float:
-    """Frechet distance between Gaussians fitted to X and Y (FID when the features are Inception's):
+def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
+    """tr √(Σ_1 Σ_2) exactly, for Σ_1 = AᵀA / (m-1), Σ_2 = BᵀB / (n-1), from the centred matrices:
 
-        FID = |mu_x - mu_y|^2 + tr Sigma_x + tr Sigma_y - 2 tr (Sigma_y^{1/2} Sigma_x Sigma_y^{1/2})^{1/2}
+        tr √(Σ_1 Σ_2) = ‖A Bᵀ‖_* / √((m-1)(n-1))
 
-    (the last trace equals tr (Sigma_x^{1/2} Sigma_y Sigma_x^{1/2})^{1/2} = tr (Sigma_x Sigma_y)^{1/2}:
-    the matrices are similar). Square roots by eigendecomposition of symmetric PSD matrices, tiny
-    negative eigenvalues clamped to 0; covariances unbiased (1/(n-1)), as numpy's `np.cov`.
+    (‖·‖_* the nuclear norm, the sum of singular values; rows are samples). Why: the non-zero
+    eigenvalues of AᵀA BᵀB equal those of (A Bᵀ)(A Bᵀ)ᵀ (cyclic permutation), i.e. the squared
+    singular values of A Bᵀ, and Σ_1 Σ_2 is similar to the PSD Σ_1^{1/2} Σ_2 Σ_1^{1/2}, so its square
+    root's trace is the sum of their square roots. No sqrtm, no eigenvalues of a non-symmetric
+    product, exact when either covariance is singular (m or n <= d). Computed as ‖R_A R_Bᵀ‖_* with
+    A = Q_A R_A, B = Q_B R_B (reduced QR; orthonormal Q_A, Q_B keep singular values), a
+    min(m, d) x min(n, d) matrix.
 
-    x: (n, d), y: (m, d), n, m >= 2 (use PCA-reduced features with d << n)  ->  float.
+    a: (m, d), b: (n, d) centred, float64  ->  float.
     """
-    x, y = _as_f64(x, "x", min_rows=2), _as_f64(y, "y", min_rows=2)
+    r_a = torch.linalg.qr(a, mode="r").R
+    r_b = torch.linalg.qr(b, mode="r").R
+    nuc = torch.linalg.matrix_norm(r_a @ r_b.T, ord="nuc")
+    return float(nuc) / math.sqrt((a.shape[0] - 1) * (b.shape[0] - 1))
+
+
+def frechet_distance(x: Tensor, y: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to X and Y (FID when the features are Inception's):
+
+        FID = |mu_x - mu_y|² + tr Σ_x + tr Σ_y - 2 tr √(Σ_x Σ_y)
+
+    with unbiased covariances (1/(n-1), as `np.cov`) and tr √(Σ_x Σ_y) from `trace_sqrt_product`,
+    exact even for rank-deficient covariances. Symmetric in X and Y. The reward (on PCA-reduced
+    features, `fid_loo`) and the evaluation (`evaluation.metrics`, on full features) both use it.
+
+    Small-sample caveat: FID is biased, and the bias grows as d/n (Chong & Forsyth 2020). At ~150
+    images in 1280-d (both covariances of rank <= 149) the bias is as large as a real difference
+    between models: compare FID only at the same n and feature extractor, and prefer KID.
+
+    x: (n, d), y: (m, d), n, m >= 2  ->  float (>= 0 up to rounding).
+    """
+    x, y = as_feature_matrix(x, "x", min_rows=2), as_feature_matrix(y, "y", min_rows=2)
     _check_same_dim(x, y)
-    mu_x, cov_x = _mean_cov(x)
-    mu_y, cov_y = _mean_cov(y)
-    sy = _psd_sqrt(cov_y)
-    tr_sqrt = _trace_sqrt_psd(sy @ cov_x @ sy)
-    return float(((mu_x - mu_y) ** 2).sum() + cov_x.trace() + cov_y.trace() - 2.0 * tr_sqrt)
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    a, b = x - mu_x, y - mu_y
+    tr_x = float((a * a).sum()) / (x.shape[0] - 1)
+    tr_y = float((b * b).sum()) / (y.shape[0] - 1)
+    return float(((mu_x - mu_y) ** 2).sum()) + tr_x + tr_y - 2.0 * trace_sqrt_product(a, b)
 
 
 def fid_loo(x: Tensor, y: Tensor) -> SetMetric:
@@ -457,7 +483,7 @@ def fid_loo(x: Tensor, y: Tensor) -> SetMetric:
     x: (n, d), n >= 3; y: (m, d), m >= 2. value = FID(X, Y), score = -value,
     loo: (n,) FID(X \\ i, Y), rewards: (n,) loo - value.
     """
-    x, y = _as_f64(x, "x", min_rows=3), _as_f64(y, "y", min_rows=2)
+    x, y = as_feature_matrix(x, "x", min_rows=3), as_feature_matrix(y, "y", min_rows=2)
     _check_same_dim(x, y)
     n = x.shape[0]
     mu_x, cov_x = _mean_cov(x)
@@ -504,7 +530,7 @@ def ot_rewards(
     normalised cost (0.01-0.1 usual; smaller = closer to emd, slower to converge).
     value = OT cost (dimensionless), score = -value.
     """
-    x, y = _as_f64(x, "x"), _as_f64(y, "y")
+    x, y = as_feature_matrix(x, "x"), as_feature_matrix(y, "y")
     _check_same_dim(x, y)
     n, m = x.shape[0], y.shape[0]
     cost = pairwise_sq_dists(x, y)

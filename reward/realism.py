@@ -14,7 +14,7 @@ s(x)     the logit, forward(x): (B,); sigmoid(s) estimates P(real | x)
 w        `width`, channels of the first conv block (the last two have 2 w)
 
 Artifact: `realism.safetensors` holds the state dict; its safetensors metadata holds
-`format` = "craterdiff.realism", `version` and `config` (RealismConfig as JSON), so that
+`format` = "craterdiff.realism", `version` and `config` (RealismArchitecture as JSON), so that
 `load_realism` rebuilds the network exactly without running any code from the file.
 """
 from __future__ import annotations
@@ -35,13 +35,13 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-from utils import CraterdiffError
+from utils import CraterdiffError, first_line
 
 REALISM_FILENAME = "realism.safetensors"
 """File name of the scorer inside a reward artifact directory."""
 
-ARTIFACT_FORMAT = "craterdiff.realism"
-ARTIFACT_VERSION = "1"
+REALISM_FILE_FORMAT = "craterdiff.realism"
+REALISM_FILE_VERSION = "1"
 
 MIN_IMAGES = 8
 """Fewest images per class train_realism accepts (a couple go to the held-out part)."""
@@ -55,7 +55,7 @@ MIN_SIZE = 16
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class RealismConfig:
+class RealismArchitecture:
     """Constructor arguments of RealismCNN, stored in the artifact to rebuild it."""
 
     channels: int = 1
@@ -81,7 +81,7 @@ class RealismCNN(nn.Module):
         super().__init__()
         if channels < 1 or width < 1:
             raise ValueError(f"need channels >= 1 and width >= 1, got {channels}, {width}")
-        self.config = RealismConfig(channels=channels, width=width)
+        self.config = RealismArchitecture(channels=channels, width=width)
         w = width
         act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
 
@@ -240,7 +240,7 @@ def train_realism(
 
     heldout_fraction: usually 0.2-0.3. epochs: 20-50 is typical for ~100-1000 images per class.
     lr: AdamW step size, 3e-4 to 3e-3. weight_decay: AdamW decoupled decay, 0 to 1e-3.
-    width: RealismConfig.width. seed: everything random (split, init, batches, augmentation) is
+    width: RealismArchitecture.width. seed: everything random (split, init, batches, augmentation) is
     drawn from it without touching the global RNG; same seed on CPU gives the same model.
     progress: print one line per epoch (loss) to stderr.
 
@@ -338,7 +338,7 @@ def save_realism(model: RealismCNN, path: str | Path) -> Path:
     path = _resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
+    metadata = {"format": REALISM_FILE_FORMAT, "version": REALISM_FILE_VERSION,
                 "config": json.dumps(dataclasses.asdict(model.config))}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -367,20 +367,20 @@ def load_realism(path: str | Path) -> RealismCNN:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CraterdiffError(f"realism scorer {path} is not a readable safetensors file "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {redo}") from None
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise CraterdiffError(f"realism scorer {path} is not a {ARTIFACT_FORMAT} file "
+                              f"({first_line(e)}): {redo}") from None
+    if meta.get("format") != REALISM_FILE_FORMAT:
+        raise CraterdiffError(f"realism scorer {path} is not a {REALISM_FILE_FORMAT} file "
                               f"(format {meta.get('format')!r}): {redo}")
-    if meta.get("version") != ARTIFACT_VERSION:
+    if meta.get("version") != REALISM_FILE_VERSION:
         raise CraterdiffError(f"realism scorer {path} has version {meta.get('version')!r}, this code reads "
-                              f"{ARTIFACT_VERSION!r}: {redo}")
+                              f"{REALISM_FILE_VERSION!r}: {redo}")
     try:
-        cfg = RealismConfig(**json.loads(meta["config"]))
+        cfg = RealismArchitecture(**json.loads(meta["config"]))
         model = RealismCNN(channels=int(cfg.channels), width=int(cfg.width))
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CraterdiffError(f"realism scorer {path} does not match its stored config ({first}): {redo}") from None
+        raise CraterdiffError(f"realism scorer {path} does not match its stored config ({first_line(e)}): {redo}"
+                              ) from None
     if not all(torch.isfinite(v).all() for v in state.values()):
         raise CraterdiffError(f"realism scorer {path} holds NaN or inf weights: {redo}")
     return model.eval().requires_grad_(False)

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import torch
 
+from reward.artifact import RewardModel
+from reward.build import build_and_save, n_base_images, needs_base_images, reward_extractor
 from rl.modes import load_head, saved_head
 from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
-from utils import Config, CraterdiffError, autocast, resolve_path, setup_precision
+from utils import Config, CraterdiffError, autocast, resolve_device, resolve_path, setup_precision
 
 
 def base_model_path(cfg: Config) -> Path:
@@ -18,6 +20,32 @@ def base_model_path(cfg: Config) -> Path:
 
         return locate_stable_diffusion(cfg.model.pretrained)
     return resolve_path(cfg.model.pretrained)
+
+
+def base_model_images(cfg: Config, n: int, *, seed: int, device: torch.device) -> torch.Tensor:
+    """n samples (n, C, H, W) of the base model `model.pretrained` with the configured sampler (Stable
+    Diffusion: over the training prompts, the prompts the policy is trained on)."""
+    if not cfg.model.pretrained:
+        raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
+                              "or reward.realism.fake_dir to a folder of its samples")
+    sample = model_sampler(cfg, base_model_path(cfg), device, prompts=cfg.model.prompts,
+                           name="the base model", progress=True)
+    return sample(n, torch.Generator().manual_seed(seed))
+
+
+def build_reward_artifact(cfg: Config, out: Path) -> RewardModel:
+    """The reward stage of `cfg`, saved to `out`, with the base model's samples for its realism scorer.
+
+    Sampling a saved model is this layer's job, so the base-model images are drawn here and handed
+    to `reward.build.build_and_save`; the extractor is built first, so a bad one fails before sampling."""
+    from data.sources import load_image_set
+
+    device = resolve_device(cfg.device)
+    extractor = reward_extractor(cfg, device)
+    reference = load_image_set(cfg.data, "train")
+    base = (base_model_images(cfg, n_base_images(cfg, reference), seed=cfg.seed + 1, device=device)
+            if needs_base_images(cfg) else None)
+    return build_and_save(cfg, out, base_images=base, reference=reference, extractor=extractor)
 
 
 def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:

@@ -10,7 +10,7 @@ bounded drift, at most δ_max times the step's own noise level,
 
     μ_φ(x_t, t) = μ_DDIM(x_t, t) + δ_max · σ̃_t · tanh(f_φ(x_t, t)),      x_prev ~ N(μ_φ, σ_t² I),
 
-so the log-prob, PPO's ratios and TRPO's KL are those of DESIGN.md with μ_θ replaced by μ_φ. f_φ
+so the log-prob, PPO's ratios and TRPO's KL are those of docs/design.md ("Policy") with μ_θ replaced by μ_φ. f_φ
 is a three-layer conv net with a timestep embedding; its last layer starts at zero (δ = 0: the
 policy starts at the base model).
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ddpm.ddim import DDIMStep, gaussian_logprob
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from rl.policy import DiffusionPolicy
-from utils import CraterdiffError, LatentSettings, ScheduleSettings
+from utils import CraterdiffError, LatentSettings, ScheduleSettings, first_line
 
 HEAD_DIR = "policy_head"  # beside the frozen model in RUN/model/: config.json + head.safetensors
 
@@ -285,6 +285,6 @@ def load_head(policy: DiffusionPolicy, model_dir: Path) -> None:
         policy.head.load_state_dict(state)
     except RuntimeError as e:
         raise CraterdiffError(f"the policy head in '{model_dir / HEAD_DIR}' does not fit its model "
-                              f"({str(e).splitlines()[0][:120]})") from None
+                              f"({first_line(e, 120)})") from None
     if not all(torch.isfinite(v).all() for v in state.values()):
         raise CraterdiffError(f"the policy head in '{model_dir / HEAD_DIR}' holds non-finite weights")

@@ -1,6 +1,6 @@
 """The per-step objectives of the policy-gradient algorithms, one function per equation.
 
-Notation (DESIGN.md, "RL algorithms"):
+Notation (docs/design.md, "RL algorithms"):
 
 | variable    | symbol | meaning |
 |-------------|--------|---------|

@@ -6,7 +6,7 @@ from the training prompts; its text embedding c and the empty prompt's c_∅ con
 
     ε̂ = ε_θ(z_t, t, c_∅) + w (ε_θ(z_t, t, c) − ε_θ(z_t, t, c_∅))          (CFG, w = guidance_scale)
 
-in both RL passes, so log π_θ(z_prev | z_t) is the DDIM Gaussian of DESIGN.md on the latents z.
+in both RL passes, so log π_θ(z_prev | z_t) is the DDIM Gaussian of docs/design.md ("Policy") on the latents z.
 The batch's final latents are decoded, D(z / s), turned into the data's channels and size, and
 scored by the reward model like DDPM samples.
 

@@ -7,7 +7,6 @@ A non-finite reward, log-prob or gradient skips the update and keeps the last go
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +16,16 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from reward.artifact import RewardModel, RewardOutput, load_artifact
-from reward.build import artifact_path, build_and_save
+from reward.build import artifact_path
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
                            normalize_batch, terminal_rewards)
 from rl import distributed
-from rl.build import build_policy
-from rl.ppo import UpdateStats, ppo_update, reinforce_update
+from rl.build import build_policy, build_reward_artifact
+from rl.ppo import ppo_update, reinforce_update
+from rl.update import UpdateStats
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
+                   peak_mem_mb,
                    prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)
 
@@ -100,7 +101,7 @@ class Finetuner:
         path = artifact_path(self.cfg, self.run_dir)
         if not (path / "reward.yaml").is_file() and distributed.is_main():
             tqdm.write(f"no reward artifact at {path}: building it first")
-            build_and_save(self.cfg, path)
+            build_reward_artifact(self.cfg, path)
         distributed.barrier()
         # The config's weights and OT matching rule, so --set reward.weights.X=... takes effect on an
         # existing artifact.
@@ -285,13 +286,6 @@ class Finetuner:
             self.policy.save(self.run_dir)
         distributed.barrier()
         return self.run_dir / "model"
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    """Peak memory: CUDA allocator peak since the iteration began, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def summary_line(it: int, total: int, row: dict[str, float]) -> str:

@@ -1,6 +1,6 @@
 """Trust-region policy optimisation on the flattened trainable vector θ (full UNet or LoRA).
 
-Notation (Schulman et al. 2015; DESIGN.md, "RL algorithms"):
+Notation (Schulman et al. 2015; docs/design.md, "TRPO"):
 
 | variable   | symbol | meaning |
 |------------|--------|---------|
@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ddpm.sampling import Trajectory
 from rl import distributed
 from rl.objectives import gaussian_kl
-from rl.ppo import UpdateStats, adv_at, clip_and_step
+from rl.update import UpdateStats, adv_at, clip_and_step
 from rl.policy import DiffusionPolicy
 from utils import RLConfig
 

@@ -1,4 +1,4 @@
-"""Evaluate models against held-out craters and write a report (DESIGN.md, "Evaluation").
+"""Evaluate models against held-out craters and write a report (docs/design.md, "Evaluation").
 
     python -m scripts.eval --cfg CFG [--out DIR] [--set k=v] [--model NAME=PATH ...] [--models base finetuned ...]
         samples eval.n images per seed from the base model (model.pretrained), the run's fine-tuned
@@ -10,13 +10,13 @@
     python -m scripts.eval --real DIR --generated DIR --out DIR [--features NAME ...] [--cfg CFG]
         any two image folders, no model: one row.
 
-The logic lives in reward/eval_run.py.
+The logic lives in evaluation/run.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from reward.eval_run import default_run_dir, evaluate_folders, evaluate_run, parse_model_args, resolve_models
+from evaluation.run import default_run_dir, evaluate_folders, evaluate_run, parse_model_args, resolve_models
 from utils import CraterdiffError, EvalConfig, apply_threads, load_config, run_main, script_parser
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from reward.datasets import load_image_folder
-from reward.mars import build_crater_set
+from data.datasets import load_image_folder
+from data.mars import build_crater_set
 from utils import CraterdiffError, load_config, resolve_path, run_main, save_image_grid, script_parser
 
 

@@ -5,7 +5,8 @@ reward.yaml, reference_features.npy, pca.npz, realism.safetensors. `reward.load(
 """
 from __future__ import annotations
 
-from reward.build import artifact_path, build_and_save
+from reward.build import artifact_path
+from rl.build import build_reward_artifact
 from utils import apply_threads, load_config, prepare_run_dir, run_main, script_parser
 
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(cfg)
     run_dir = prepare_run_dir(args.out, cfg, resume=False, guard_checkpoints=False, config_name="config_reward.yaml")
     out = artifact_path(cfg, run_dir)
-    model = build_and_save(cfg, out)
+    model = build_reward_artifact(cfg, out)
     realism = model.info["realism"]
     extra = (f", realism held-out accuracy {realism['heldout_accuracy']:.3f} AUC {realism['heldout_auc']:.3f}"
              if realism.get("enabled") else "")

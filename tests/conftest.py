@@ -39,6 +39,18 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
+def script_error(proc: subprocess.CompletedProcess, *fragments: str, progress_bars: bool = True) -> str:
+    """The error line of a script that failed as a user mistake should: exit status 2, `error_line`'s
+    one line (and nothing else at all on stderr unless `progress_bars`), holding every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc.stderr)
+    if not progress_bars:
+        assert [s for s in proc.stderr.splitlines() if s.strip()] == [line], proc.stderr
+    for f in fragments:
+        assert f in line, line
+    return line
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """In-process tests run tiny tensors, which are faster on one thread (and far faster when another

@@ -1,5 +1,5 @@
 """Bad input, one row per case: a non-zero exit and one 'error: ...' line naming what is wrong and what
-to do, never a traceback (DESIGN.md, "Reliability and security").
+to do, never a traceback (docs/design.md, "Reliability and security").
 
 Each row runs a script's `main` in-process through `utils.run_main`, as `python -m scripts.X` does;
 tests/test_scripts.py runs a few of the same errors as real subprocesses. Images of mixed modes and
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from reward.artifact import build_reward_model, save_artifact
-from reward.datasets import load_image_folder
-from reward.procedural import procedural_set
+from data.datasets import load_image_folder
+from data.procedural import procedural_set
 from scripts import finetune, pretrain_ddpm
 from utils import PROJECT_ROOT, list_checkpoints, load_config, run_main
 

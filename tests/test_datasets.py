@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.datasets import IMAGE_EXTENSIONS, load_image, load_image_folder, load_mars_craters
+from data.datasets import IMAGE_EXTENSIONS, load_image, load_image_folder, load_mars_craters
 from utils import CraterdiffError
 
 
@@ -129,7 +129,7 @@ def test_only_corrupt_files_raises(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The embedded crater set (reward/data/mars_craters, built by reward.mars.build_crater_set)
+# The embedded crater set (data/mars_craters, built by data.mars.build_crater_set)
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [32, 64])

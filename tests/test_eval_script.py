@@ -66,7 +66,7 @@ def _one_line_error(proc, *fragments):
 
 
 def test_folder_mode_end_to_end(tmp_path):
-    from reward.procedural import procedural_set
+    from data.procedural import procedural_set
 
     real, gen = tmp_path / "real", tmp_path / "gen"
     save_images(procedural_set(14, size=24, channels=1, seed=0), real)
@@ -107,7 +107,7 @@ def _pipeline_copy(dst: Path) -> Path:
 def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     from ddpm.pipeline import SHIPPED_MODEL
     from reward.artifact import build_reward_model, save_artifact
-    from reward.sources import load_image_set
+    from data.sources import load_image_set
 
     run = tmp_path / "run"
     # a reward artifact with a realism scorer (pixel features, one epoch: seconds) and a metrics.csv,
@@ -170,7 +170,7 @@ def test_eval_errors_are_one_line(tmp_path, smoke_cfg):
 
 
 def test_model_arguments_are_checked():
-    from reward.eval_run import parse_model_args, resolve_models
+    from evaluation.run import parse_model_args, resolve_models
     from utils import CraterdiffError
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")

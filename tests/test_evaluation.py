@@ -1,5 +1,5 @@
-"""Evaluation metrics (reward.evaluation) against independent implementations and brute force, and the
-report writers (reward.report). Where each expected value comes from is said in each test.
+"""Evaluation metrics (evaluation.metrics) against independent implementations and brute force, and the
+report writers (evaluation.report). Where each expected value comes from is said in each test.
 
 Oracles: the `prdc` package (Naeem et al.'s reference code; strict `<`), `vendi-score` (the Vendi
 authors' package), `scipy.linalg.sqrtm`, scikit-learn's polynomial kernel, NumPy eigendecompositions
@@ -17,9 +17,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from reward import evaluation as E
-from reward.metrics import frechet_distance, median_bandwidth, mmd2_unbiased
-from reward.report import training_curves, tsne_plot
+from evaluation import metrics as E
+from reward.metrics import frechet_distance, median_bandwidth, mmd2_unbiased, trace_sqrt_product
+from evaluation.report import training_curves, tsne_plot
 
 
 
@@ -186,18 +186,18 @@ def _fid_eigen(real: np.ndarray, gen: np.ndarray) -> float:
 def test_fid_matches_scipy_sqrtm_on_full_rank_data():
     real, gen = _randn(300, 10, seed=13), _randn(250, 10, seed=14, shift=0.4) * 1.3
     ref = _fid_sqrtm(real.numpy(), gen.numpy())
-    assert E.fid(real, gen) == pytest.approx(ref, rel=1e-9)
-    assert E.fid(real, gen) == pytest.approx(frechet_distance(gen, real), rel=1e-9)  # the reward's FID
+    assert frechet_distance(real, gen) == pytest.approx(ref, rel=1e-9)
+    assert frechet_distance(gen, real) == pytest.approx(ref, rel=1e-9)  # symmetric
 
 
 def test_fid_is_exact_on_rank_deficient_covariances():
     # n < d: both covariances singular (rank 19 and 24 in 64-d), as ~150 images in 1280-d.
     real, gen = _randn(20, 64, seed=15), _randn(25, 64, seed=16, shift=0.3)
-    assert E.fid(real, gen) == pytest.approx(_fid_eigen(real.numpy(), gen.numpy()), rel=1e-6)
+    assert frechet_distance(real, gen) == pytest.approx(_fid_eigen(real.numpy(), gen.numpy()), rel=1e-6)
     # FID(X, X) = 0 exactly in theory: tr √(Σ²) = tr Σ. The nuclear-norm form keeps it at rounding
     # level even though Σ is singular (the eigenvalue route gets sqrt(rounding) per zero eigenvalue).
     scale = float(torch.cov(real.T).trace())
-    assert abs(E.fid(real, real)) < 1e-10 * scale
+    assert abs(frechet_distance(real, real)) < 1e-10 * scale
 
 
 def test_trace_sqrt_product_equals_nuclear_norm_of_cross_product():
@@ -205,7 +205,7 @@ def test_trace_sqrt_product_equals_nuclear_norm_of_cross_product():
     a, b = _randn(30, 8, seed=17), _randn(12, 8, seed=18)
     a, b = a - a.mean(0), b - b.mean(0)
     direct = float(torch.linalg.svdvals(a @ b.T).sum()) / math.sqrt(29 * 11)
-    assert E.trace_sqrt_product(a, b) == pytest.approx(direct, rel=1e-12)
+    assert trace_sqrt_product(a, b) == pytest.approx(direct, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_evaluate_features_keys_and_values():
               "vendi_real", "mode_coverage", "n_real", "n_generated", "features"):
         assert k in r, k
     assert (r["n_real"], r["n_generated"], r["n_modes"], r["features"]) == (40, 30, 40, "test")  # modes capped
-    assert r["fid"] == pytest.approx(E.fid(real, gen))
+    assert r["fid"] == pytest.approx(frechet_distance(real, gen))
     assert r["kid_mean"] == pytest.approx(E.kid(real, gen, subsets=10, seed=0)[0])
     assert r["vendi_real"] == pytest.approx(E.vendi(real))
     r32 = E.evaluate_features(real.float(), gen.float(), features="test", seed=0, kid_subsets=10, n_modes=50)

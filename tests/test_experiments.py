@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bench.experiments import REWARDS, summarize_variants, summary_markdown, target_check, variants
-from reward.eval_run import BASE, CEILING
+from evaluation.run import BASE, CEILING
 from utils import load_config
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from reward.mars import MARS_RADIUS_KM, cut_tile, normalize_lon, stratified_split, tile_lat_lon
+from data.mars import MARS_RADIUS_KM, cut_tile, normalize_lon, stratified_split, tile_lat_lon
 
 
 def _smooth_map(h: int = 64, w: int = 128, seed: int = 0) -> np.ndarray:

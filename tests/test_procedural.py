@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reward.procedural import (
+from data.procedural import (
     FACTOR_RANGES,
     CraterFactors,
     height_field,

@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reward.procedural import procedural_set
+from data.procedural import procedural_set
 from reward.realism import (
     REALISM_FILENAME,
     RealismCNN,
-    RealismConfig,
+    RealismArchitecture,
     RealismMetrics,
     augment,
     load_realism,
@@ -67,7 +67,7 @@ def test_returned_model_is_frozen_and_in_eval_mode(trained):
     model, _ = trained
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.config == RealismConfig(channels=1, width=8)
+    assert model.config == RealismArchitecture(channels=1, width=8)
 
 
 def test_same_seed_same_model_and_global_rng_untouched(easy_split, trained):

@@ -12,7 +12,8 @@ from ddpm.unet import build_unet
 from rl.advantages import gae, normalize_batch, PerPromptStatTracker
 from rl.objectives import approx_kl, gaussian_kl, ppo_clip_loss, trajectory_log_ratio
 from rl.policy import DiffusionPolicy
-from rl.ppo import kl_base_coefficients, ppo_update, reinforce_update
+from rl.ppo import ppo_update, reinforce_update
+from rl.update import kl_base_coefficients
 from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
                      old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
 from utils import RLConfig, SamplerConfig, config_from_dict

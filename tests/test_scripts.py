@@ -5,16 +5,7 @@ import csv
 
 from PIL import Image
 
-from .conftest import run_script
-
-
-def _one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from .conftest import run_script, script_error
 
 
 def test_make_dataset_smoke(tmp_path, smoke_cfg):
@@ -42,7 +33,7 @@ def test_pretrain_then_sample_smoke(tmp_path, smoke_cfg):
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20] and float(rows[-1]["loss"]) < float(rows[0]["loss"])
 
     # a second start into the same directory is refused rather than clobbering the run
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", run), "--resume")
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", run), "--resume", progress_bars=False)
     # --resume with more steps continues from step 20
     proc = run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", run, "--resume",
                       "--set", "pretrain.steps=30")
@@ -68,17 +59,17 @@ def test_sample_shipped_model(tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path, smoke_cfg):
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "a",
-                               "--set", "pretrain.lrr=1"), "unknown key 'pretrain.lrr'", "did you mean 'pretrain.lr'")
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", tmp_path / "missing.yaml"), "not found")
-    _one_line_error(run_script("scripts.sample", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "s"),
-                    "no DDPM model at")
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "b", "--resume"),
-                    "no complete checkpoint")
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "a",
+                               "--set", "pretrain.lrr=1"), "unknown key 'pretrain.lrr'", "did you mean 'pretrain.lr'", progress_bars=False)
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", tmp_path / "missing.yaml"), "not found", progress_bars=False)
+    script_error(run_script("scripts.sample", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "s"),
+                    "no DDPM model at", progress_bars=False)
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "b", "--resume"),
+                    "no complete checkpoint", progress_bars=False)
     (tmp_path / "no_images").mkdir()
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "c",
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "c",
                                "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'no_images'}"),
-                    "holds no image files")
-    _one_line_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "d",
+                    "holds no image files", progress_bars=False)
+    script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "d",
                                "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'absent'}"),
-                    "does not exist")
+                    "does not exist", progress_bars=False)

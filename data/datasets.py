@@ -25,7 +25,7 @@ from utils import CraterdiffError
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 """Lower-case file suffixes treated as images (matching is case-insensitive)."""
 
-MARS_CRATERS_DIR: Path = Path(__file__).parent / "data" / "mars_craters"
+MARS_CRATERS_DIR: Path = Path(__file__).parent / "mars_craters"
 """The embedded crater set: `{size}/{index:04d}.png` and `metadata.csv` (see its README.md)."""
 
 Split = Literal["train", "heldout", "all"]

@@ -36,33 +36,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reward.metrics import median_bandwidth, mmd2_unbiased, rbf_kernel
+from reward.metrics import as_feature_matrix, frechet_distance, median_bandwidth, mmd2_unbiased, rbf_kernel
 
-__all__ = ["kid", "fid", "mmd", "prdc", "vendi", "mode_coverage", "evaluate_features", "METRIC_KEYS"]
+__all__ = ["kid", "mmd", "prdc", "vendi", "mode_coverage", "evaluate_features", "METRIC_KEYS"]
 
 METRIC_KEYS: tuple[str, ...] = ("fid", "kid_mean", "kid_std", "mmd", "precision", "recall", "density", "coverage",
                                 "vendi", "vendi_real", "mode_coverage")
 """The per-set metrics `evaluate_features` returns (besides n_real, n_generated, n_modes, features)."""
 
 
-def _f64(x: Tensor, name: str, *, min_rows: int = 1) -> Tensor:
-    """Validate a (rows, features) matrix and return it as float64 on the CPU."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a (rows, features) matrix, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows, got {x.shape[0]}")
-    x = x.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains non-finite values")
-    return x
-
-
 def _pair(real: Tensor, gen: Tensor, *, min_real: int = 1, min_gen: int = 1) -> tuple[Tensor, Tensor]:
-    real, gen = _f64(real, "real", min_rows=min_real), _f64(gen, "gen", min_rows=min_gen)
+    real = as_feature_matrix(real, "real", min_rows=min_real).cpu()
+    gen = as_feature_matrix(gen, "gen", min_rows=min_gen).cpu()
     if real.shape[1] != gen.shape[1]:
         raise ValueError(f"real and gen must have the same feature dimension, got {real.shape[1]} and {gen.shape[1]}")
     return real, gen
@@ -125,54 +110,6 @@ def kid(real: Tensor, gen: Tensor, *, subsets: int = 100, subset_size: int | Non
         x = gen[torch.from_numpy(rng.choice(n, s, replace=False))]
         values[t] = mmd2_unbiased_kernel(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
     return float(values.mean()), float(values.std())
-
-
-# ----------------------------------------------------------------------------------------------
-# FID
-# ----------------------------------------------------------------------------------------------
-
-def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
-    """tr √(Σ_1 Σ_2) exactly, for Σ_1 = AᵀA / (m-1), Σ_2 = BᵀB / (n-1), from the centred matrices:
-
-        tr √(Σ_1 Σ_2) = ‖A Bᵀ‖_* / √((m-1)(n-1))
-
-    (‖·‖_* the nuclear norm, the sum of singular values). Why: the non-zero eigenvalues of
-    AᵀA BᵀB equal those of (A Bᵀ)(A Bᵀ)ᵀ (cyclic permutation), i.e. the squared singular values of
-    A Bᵀ, and Σ_1 Σ_2 is similar to the PSD Σ_1^{1/2} Σ_2 Σ_1^{1/2}, so its square root's trace is the
-    sum of their square roots. (DESIGN.md writes AᵀB with samples as columns; here rows are samples.)
-    No sqrtm, no eigenvalues of a non-symmetric product, exact when either covariance is singular
-    (m or n <= d). Computed as ‖R_A R_Bᵀ‖_* with A = Q_A R_A, B = Q_B R_B (reduced QR; orthonormal
-    Q_A, Q_B keep singular values), a min(m, d) x min(n, d) matrix.
-
-    a: (m, d), b: (n, d) centred, float64  ->  float.
-    """
-    r_a = torch.linalg.qr(a, mode="r").R
-    r_b = torch.linalg.qr(b, mode="r").R
-    nuc = torch.linalg.matrix_norm(r_a @ r_b.T, ord="nuc")
-    return float(nuc) / math.sqrt((a.shape[0] - 1) * (b.shape[0] - 1))
-
-
-def fid(real: Tensor, gen: Tensor) -> float:
-    """Fréchet distance of Gaussians fitted to the two sets (FID with Inception features):
-
-        FID = |mu_Y - mu_X|² + tr Σ_Y + tr Σ_X - 2 tr √(Σ_Y Σ_X)
-
-    with unbiased covariances (1/(N-1), as `np.cov`) and tr √(Σ_Y Σ_X) from `trace_sqrt_product`,
-    exact even for rank-deficient covariances.
-
-    Small-sample caveat: FID is biased, and the bias grows as d/N (Chong & Forsyth 2020). At our
-    sizes (~150 images in 1280-d, both covariances of rank <= 149) the bias is as large as a real
-    difference between models: compare FID only at the same n and feature extractor, and prefer
-    KID, which is unbiased.
-
-    real: (m, d), gen: (n, d), m, n >= 2  ->  float (>= 0 up to rounding).
-    """
-    real, gen = _pair(real, gen, min_real=2, min_gen=2)
-    mu_y, mu_x = real.mean(0), gen.mean(0)
-    a, b = real - mu_y, gen - mu_x
-    tr_y = float((a * a).sum()) / (real.shape[0] - 1)
-    tr_x = float((b * b).sum()) / (gen.shape[0] - 1)
-    return float(((mu_y - mu_x) ** 2).sum()) + tr_y + tr_x - 2.0 * trace_sqrt_product(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +208,7 @@ def similarity_matrix(x: Tensor, *, kernel: Literal["cosine", "rbf"] = "cosine")
 
     x: (n, d)  ->  (n, n) float64.
     """
-    x = _f64(x, "x", min_rows=1)
+    x = as_feature_matrix(x, "x", min_rows=1).cpu()
     if kernel == "cosine":
         xn = _unit_rows(x)
         return xn @ xn.T
@@ -294,7 +231,7 @@ def vendi(x: Tensor, *, kernel: Literal["cosine", "rbf"] = "cosine") -> float:
 
     x: (n, d), n >= 1  ->  float in [1, n].
     """
-    x = _f64(x, "x", min_rows=1)
+    x = as_feature_matrix(x, "x", min_rows=1).cpu()
     n, d = x.shape
     if kernel == "cosine":
         xn = _unit_rows(x)
@@ -352,7 +289,7 @@ def evaluate_features(real: Tensor, gen: Tensor, *, features: str, seed: int = 0
     modes = min(n_modes, real.shape[0])
     kid_mean, kid_std = kid(real, gen, subsets=kid_subsets, seed=seed)
     out = {
-        "fid": fid(real, gen),
+        "fid": frechet_distance(gen, real),
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "mmd": mmd(real, gen),

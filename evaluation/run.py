@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reward.evaluation import METRIC_KEYS, evaluate_features
-from reward.report import training_curves, tsne_plot, write_report
+from evaluation.metrics import METRIC_KEYS, evaluate_features
+from evaluation.report import training_curves, tsne_plot, write_report
 from utils import (PROJECT_ROOT, Config, CraterdiffError, EvalConfig, config_to_dict, resolve_device, resolve_path,
                    save_image_grid)
 
@@ -188,7 +188,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
     `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json)."""
     from reward.features import extract_features
-    from reward.sources import load_image_set
+    from data.sources import load_image_set
     from rl.build import model_sampler
 
     t_start = time.perf_counter()
@@ -322,7 +322,7 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     """Score the images of `generated_dir` against those of `real_dir` (all of each, any size, RGB or
     grayscale: loaded as 3 channels at each extractor's input size) in every extractor of
     `features`; one row ("generated"). Writes grids, t-SNE (if `ev.tsne`) and the report to `out`."""
-    from reward.datasets import load_image_folder
+    from data.datasets import load_image_folder
     from reward.features import build_extractor, extract_features
 
     t_start = time.perf_counter()

@@ -29,8 +29,8 @@ def load_image_set(data: DataConfig, split: Split = "train") -> ImageSet:
     'train' feeds pretraining, the reward reference and the realism scorer; 'heldout' is for
     evaluation only. For source='procedural' the two splits use different seeds.
     """
-    from reward.datasets import load_image_folder, load_mars_craters
-    from reward.procedural import procedural_set
+    from data.datasets import load_image_folder, load_mars_craters
+    from data.procedural import procedural_set
 
     if data.source == "mars":
         images, rows = load_mars_craters(split=split, size=data.image_size, channels=data.channels)

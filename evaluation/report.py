@@ -1,6 +1,6 @@
 """Evaluation reports: t-SNE plots, training curves, and report.json / report.md / report.html.
 
-The report dict (written by `reward.eval_run`, read here) has the shape
+The report dict (written by `evaluation.run`, read here) has the shape
 
     report["models"][model][extractor] = {metric: {"mean": float, "std": float, "values": [per seed]}}
     report["realism_logit"][model]     = {"mean", "std", "values"}          (optional)

@@ -1,0 +1,1 @@
+"""Image sets: image folders, the embedded Mars crater set and its builder, procedural craters."""

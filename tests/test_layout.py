@@ -1,0 +1,58 @@
+"""The package layering of docs/design.md, "Layout": utils ← data ← ddpm ← reward ← rl ← evaluation ←
+scripts/bench. Every import in the toolkit's source (function-level ones included) is read from the
+AST: a module may import its own package or a layer to its left, never one to its right."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = {"utils": 0, "data": 1, "ddpm": 2, "reward": 3, "rl": 4, "evaluation": 5, "scripts": 6, "bench": 6}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level names of every project module `path` imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LAYERS)
+
+
+def source_files() -> list[Path]:
+    files = [ROOT / "utils.py"]
+    for pkg in LAYERS:
+        if (ROOT / pkg).is_dir():
+            files += sorted((ROOT / pkg).rglob("*.py"))
+    return files
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = []
+    for path in source_files():
+        own = layer_of(path)
+        for name in imported_packages(path):
+            if LAYERS[name] > LAYERS[own]:
+                upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert upward == []
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    # the rule must catch an upward import hidden inside a function, as reward/ once had
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from rl.build import model_sampler\n    import evaluation.run\n")
+    assert imported_packages(f) == {"rl", "evaluation"}
+
+
+@pytest.mark.parametrize("pkg", ["data", "ddpm", "reward", "rl", "evaluation"])
+def test_every_package_is_importable_alone(pkg):
+    __import__(pkg)
