@@ -323,6 +323,29 @@ class TRPOConfig:
 
 
 @dataclass(frozen=True)
+class SACConfig:
+    """The SAC-style entropy-regularised actor-critic (docs/design.md, "SAC"): a soft value critic V(x_t, t)
+    with a Polyak-averaged target, the closed-form Gaussian entropy of every stochastic step in the
+    objective, and a learned log factor ζ_k on each step's std so that the entropy has a gradient."""
+    alpha: float = _f(0.01, "temperature α on the per-step entropy (the starting value when auto_alpha)", gt=0.0)
+    auto_alpha: bool = _f(True, "tune α to the target entropy by descending log α · (H̄ − H_target); false: fixed α")
+    alpha_lr: float = _f(1e-2, "Adam learning rate of log α", gt=0.0)
+    target_entropy_offset: float = _f(0.0, "H_target = the starting policy's mean per-action entropy (nats per "
+                                            "dimension with mean reduction) + this; negative lets the noise shrink",
+                                      ge=-10.0, le=10.0)
+    learn_noise_scale: bool = _f(True, "learn ζ_k (σ_k e^ζ_k); false keeps the DDIM std and the entropy constant")
+    max_log_noise_scale: float = _f(0.5, "bound |ζ_k| <= this (0.5: the std may change by up to 1.65x)", gt=0.0,
+                                    le=3.0)
+    noise_lr: float = _f(1e-2, "Adam learning rate of ζ (the UNet or head uses rl.lr)", gt=0.0)
+    gamma: float = _f(1.0, "discount γ of the soft Bellman target (1: the reward arrives once, at the image)",
+                      ge=0.0, le=1.0)
+    tau: float = _f(0.05, "Polyak rate: target ← (1 − τ) target + τ critic after every critic step", gt=0.0, le=1.0)
+    critic_steps: int = _f(4, "critic regression steps on each sampled batch (each over every cached state)", ge=1)
+    critic_lr: float = _f(1e-3, "Adam learning rate of the critic", gt=0.0)
+    critic_width: int = _f(32, "critic conv width", ge=4)
+
+
+@dataclass(frozen=True)
 class AdvantageConfig:
     """From rewards to advantages."""
     normalize: Literal["batch", "per_prompt", "none"] = _f(
@@ -373,7 +396,8 @@ class ScheduleSettings:
 @dataclass(frozen=True)
 class RLConfig:
     """The policy stage (scripts.finetune)."""
-    algorithm: Literal["ppo", "trpo", "reinforce"] = _f("ppo", "ppo (two-pass), trpo (or its penalty mode), reinforce")
+    algorithm: Literal["ppo", "trpo", "reinforce", "sac"] = _f(
+        "ppo", "ppo (two-pass), trpo (or its penalty mode), reinforce, or sac (entropy-regularised actor-critic)")
     policy_mode: Literal["full", "lora", "latent", "schedule"] = _f(
         "full", "what is trained: every UNet weight (full), peft LoRA adapters (lora), a drift net on the DDIM "
                 "means with the UNet frozen (latent), or a Gaussian policy over sampler parameters, one action per "
@@ -401,6 +425,7 @@ class RLConfig:
     sample_every: int = _f(10, "iterations between sample grids", ge=1)
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO settings"})
     trpo: TRPOConfig = field(default_factory=TRPOConfig, metadata={"help": "TRPO settings"})
+    sac: SACConfig = field(default_factory=SACConfig, metadata={"help": "SAC-style actor-critic settings"})
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={"help": "advantages"})
     lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "LoRA settings"})
     latent: LatentSettings = field(default_factory=LatentSettings, metadata={"help": "latent-drift policy"})

@@ -12,6 +12,7 @@ Notation (variable -> symbol of docs/design.md, "Policy"; Song et al. 2021, eq. 
 | `x0`             | x̂0              | predicted clean image |
 | `sigma`          | σ_t             | DDIM noise std of the step, (B,) |
 | `sigma_floor`    | σ_min           | lower bound of the std used in the log-prob: σ̃_t = max(σ_t, σ_min) |
+| `noise_scale`    | e^ζ             | a learned factor on the step's std (SAC's actor): σ_t e^ζ drawn, σ̃_t e^ζ in the log-prob |
 | `mu`             | μ_θ             | mean of the step (plus δ, the latent policy's drift, if given) |
 | `x_prev`         | x_prev          | state after the step: μ_θ + σ_t z |
 | `logp`           | log π_θ(x_prev ∣ x_t) | reduced over (C, H, W) by mean (default) or sum, (B,) |
@@ -123,6 +124,7 @@ def ddim_step_logprob(
     reduction: Reduction = "mean",
     prediction_type: str = "epsilon",
     mean_shift: Tensor | None = None,
+    noise_scale: Tensor | float | None = None,
 ) -> DDIMStep:
     """One DDIM step x_t → x_prev and log π_θ(x_prev | x_t), from the network output ε̂ or v̂.
 
@@ -130,7 +132,8 @@ def ddim_step_logprob(
     given (PPO's second pass, TRPO), it is not sampled: only its log-prob under the current
     parameters is computed. The log-prob uses σ̃_t = max(σ_t, σ_min), so it stays finite and bounded
     when σ_t → 0 (the last step, or η → 0). `mean_shift` δ (B, C, H, W) moves the mean: μ = μ_DDIM + δ
-    (the latent-drift policy).
+    (the latent-drift policy). `noise_scale` e^ζ (a scalar, differentiable) multiplies the step's std,
+    both the noise drawn (σ_t e^ζ z) and the log-prob's (σ̃_t e^ζ); the mean stays the DDIM mean.
     """
     if sigma_floor <= 0:
         raise ValueError(f"sigma_floor must be > 0, got {sigma_floor}")
@@ -144,10 +147,11 @@ def ddim_step_logprob(
     mu = ddim_mean(x0, eps, alpha_bar_prev, sigma)
     if mean_shift is not None:
         mu = mu + mean_shift
+    scale = 1.0 if noise_scale is None else torch.as_tensor(noise_scale, device=x_t.device).to(x_t.dtype)
     if x_prev is None:
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
-        x_prev = mu + _per_sample(sigma, x_t) * noise
-    sigma_tilde = sigma64.clamp(min=sigma_floor).to(x_t.dtype)
+        x_prev = mu + _per_sample(sigma, x_t) * scale * noise
+    sigma_tilde = sigma64.clamp(min=sigma_floor).to(x_t.dtype) * scale
     logp = gaussian_logprob(x_prev.detach(), mu, sigma_tilde, reduction=reduction)
     return DDIMStep(x_prev=x_prev, mu=mu, x0=x0, sigma=sigma, logp=logp)

@@ -4,13 +4,43 @@ A saved model loads with diffusers alone: `DDPMPipeline.from_pretrained(path)`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from utils import CraterdiffError, atomic_directory, first_line
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
+NOISE_SCALE_FILE = "noise_scale.json"
+"""Beside a saved model: the per-step std factors e^ζ_k a SAC run learned, used wherever it is sampled."""
+
+
+def save_step_scales(model_dir: str | Path, scales: torch.Tensor) -> None:
+    """Write the (T,) std factors of each DDIM step to model_dir/noise_scale.json."""
+    path = Path(model_dir) / NOISE_SCALE_FILE
+    path.write_text(json.dumps({"num_steps": int(scales.numel()), "scales": [float(s) for s in scales]}, indent=1))
+
+
+def load_step_scales(model_dir: str | Path, num_steps: int) -> torch.Tensor | None:
+    """The (T,) std factors saved beside a model (None if it has none); a model trained with another
+    number of DDIM steps is refused, since its factors belong to those steps."""
+    path = Path(model_dir) / NOISE_SCALE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        scales = torch.tensor([float(s) for s in saved["scales"]], dtype=torch.float64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CraterdiffError(f"cannot read '{path}' ({first_line(e)}); delete it to sample with the plain "
+                              f"DDIM noise") from None
+    if scales.numel() != num_steps:
+        raise CraterdiffError(f"the model at '{model_dir}' learned noise scales for {scales.numel()} DDIM steps "
+                              f"({path.name}); sample it with --set sampler.num_steps={scales.numel()}")
+    if not (torch.isfinite(scales).all() and (scales > 0).all()):
+        raise CraterdiffError(f"'{path}' holds non-positive or non-finite noise scales; delete it or retrain")
+    return scales
 
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> Path:

@@ -94,12 +94,14 @@ def sample_trajectory(
     reduction: Reduction = "mean",
     shift_fn: OutputFn | None = None,
     noise_scale: Tensor | None = None,
+    step_scales: Tensor | None = None,
 ) -> Trajectory:
     """Sample B = shape[0] DDIM trajectories and record every state and log-prob.
 
     `shift_fn(x_t, t)` (B, C, H, W), if given, is added to every step's mean (the latent-drift policy);
     `noise_scale` (B,) multiplies every step's injected noise, and `eta` may be (B,) too (the schedule
-    policy: one sampler setting per trajectory).
+    policy: one sampler setting per trajectory). `step_scales` (T,) multiplies the std of each step k
+    (SAC's learned noise scales e^ζ_k), in the noise drawn and in the recorded log-probs.
 
     All noise (x_T and each step's z) is drawn on the CPU from `generator`, so a seed gives the
     same trajectories on any device. `keep_on='cpu'` moves the cached states off the accelerator
@@ -121,6 +123,7 @@ def sample_trajectory(
             eta=eta, sigma_floor=sigma_floor, generator=generator, noise=noise, clip_range=clip_range,
             reduction=reduction, prediction_type=schedule.prediction_type,
             mean_shift=None if shift_fn is None else shift_fn(x, t.expand(shape[0]).to(device)).float(),
+            noise_scale=None if step_scales is None else step_scales[k],
         )
         x = step.x_prev
         states.append(x.to(store))
@@ -131,8 +134,10 @@ def sample_trajectory(
 @torch.no_grad()
 def sample_images(output_fn: OutputFn, schedule: DDIMSchedule, *, n: int, batch_size: int, shape: tuple[int, int, int],
                   eta: float, generator: torch.Generator, device: torch.device | str = "cpu",
-                  clip_range: float | None = 1.0, progress: bool = False) -> Tensor:
-    """Draw n images (n, C, H, W) in [-1, 1] in batches, keeping no trajectory."""
+                  clip_range: float | None = 1.0, progress: bool = False, step_scales: Tensor | None = None
+                  ) -> Tensor:
+    """Draw n images (n, C, H, W) in [-1, 1] in batches, keeping no trajectory (`step_scales`: see
+    `sample_trajectory`)."""
     from tqdm.auto import tqdm
 
     out = []
@@ -140,16 +145,20 @@ def sample_images(output_fn: OutputFn, schedule: DDIMSchedule, *, n: int, batch_
         b = min(batch_size, n - start)
         # sigma_floor only enters the log-probs, which are discarded here.
         traj = sample_trajectory(output_fn, schedule, shape=(b, *shape), eta=eta, sigma_floor=1.0,
-                                 generator=generator, device=device, keep_on="device", clip_range=clip_range)
+                                 generator=generator, device=device, keep_on="device", clip_range=clip_range,
+                                 step_scales=step_scales)
         out.append(traj.images.cpu())
     return torch.cat(out)
 
 
 def sample_model(unet, train_config, sampler, *, n: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
-    """n images (n, C, H, W) in [-1, 1] from a UNet2DModel with the settings of a `SamplerConfig`."""
+                 device: torch.device | str = "cpu", progress: bool = False, step_scales: Tensor | None = None
+                 ) -> Tensor:
+    """n images (n, C, H, W) in [-1, 1] from a UNet2DModel with the settings of a `SamplerConfig`
+    (and a SAC run's per-step std factors `step_scales`, if it saved any)."""
     c, size = unet.config.in_channels, unet.config.sample_size
     return sample_images(unet_output_fn(unet), sampler_schedule(train_config, sampler), n=n,
                          batch_size=sampler.batch_size, shape=(c, size, size), eta=sampler.eta,
                          generator=generator, device=device,
-                         clip_range=sampler.clip_range if sampler.clip_sample else None, progress=progress)
+                         clip_range=sampler.clip_range if sampler.clip_sample else None, progress=progress,
+                         step_scales=step_scales)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.pipeline import load_step_scales
 from reward.artifact import RewardModel
 from reward.build import build_and_save, n_base_images, needs_base_images, reward_extractor
 from rl.modes import load_head, saved_head
@@ -88,6 +89,9 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
         if mode is not None:
             load_head(policy, path)
         policy.to(device).eval().requires_grad_(False)
+        scales = load_step_scales(path, cfg.sampler.num_steps)
+        if scales is not None:
+            policy.load_step_scales(scales)
         policy.amp_dtype = amp_dtype
         return _policy_sampler(policy, cfg.sampler.batch_size)
 
@@ -97,11 +101,12 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     unet, scheduler = load_matching_pipeline(path, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                              name=name or f"the model at '{path}'")
     unet.to(device).eval()
+    scales = load_step_scales(path, cfg.sampler.num_steps)
 
     def sample_ddpm(n: int, generator: torch.Generator) -> torch.Tensor:
         with autocast(device, amp_dtype):
             return sample_model(unet, scheduler.config, cfg.sampler, n=n, generator=generator, device=device,
-                                progress=progress)
+                                progress=progress, step_scales=scales)
     return sample_ddpm
 
 

@@ -12,6 +12,10 @@ by `build_policy` from the config); outputs are cast back to fp32 before the Gau
 log-probs, ratios and losses are fp32. `plain()` turns autocast and gradient checkpointing off for
 TRPO's Fisher-vector products, which differentiate twice.
 
+Noise scale (SAC's actor, `enable_noise_scale`): a learned log factor ζ_k on the std of every
+stochastic step, σ_k e^ζ_k drawn and σ̃_k e^ζ_k in the log-prob, part of θ; saved beside the model as
+`noise_scale.json` (docs/design.md, "SAC").
+
 Step index k runs over the T DDIM steps (k = 0 is the noisiest); `schedule` holds t_k, ᾱ_k, ᾱ_prev,k.
 """
 from __future__ import annotations
@@ -25,13 +29,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
-from ddpm.pipeline import save_pipeline
+from ddpm.pipeline import save_pipeline, save_step_scales
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
 from utils import LoRASettings, SamplerConfig, autocast
 
 
 FROZEN_UNET_MODES = ("latent", "schedule")
+NOISE_SCALE_KEY = "log_noise_scale"  # ζ's name in `trainable_state`
 
 
 class DiffusionPolicy(nn.Module):
@@ -67,6 +72,8 @@ class DiffusionPolicy(nn.Module):
         self.head: nn.Module | None = None  # the trained module of the frozen-UNet modes (rl/modes.py)
         self.amp_dtype: torch.dtype | None = None  # autocast dtype of the UNet passes (None: fp32)
         self._plain = False
+        self.log_noise_scale: nn.Parameter | None = None  # ζ (T,), SAC's learned std factors (None: off)
+        self.max_log_noise_scale = 0.0
 
     # --- precision and memory -------------------------------------------------------------------
 
@@ -105,8 +112,45 @@ class DiffusionPolicy(nn.Module):
         return self.unet if self.head is None else self.head
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """θ: the UNet's weights (full), the LoRA adapters' (lora) or the head's, in a fixed order."""
-        return [p for p in self.trained.parameters() if p.requires_grad]
+        """θ: the UNet's weights (full), the LoRA adapters' (lora) or the head's, in a fixed order; then ζ
+        when the noise scale is learned."""
+        own = [p for p in self.trained.parameters() if p.requires_grad]
+        zeta = self.log_noise_scale
+        return own + ([zeta] if zeta is not None and zeta.requires_grad else [])
+
+    # --- the learned noise scale (SAC) ------------------------------------------------------------
+
+    def enable_noise_scale(self, *, max_log_scale: float, trainable: bool = True) -> None:
+        """Give every stochastic step a log std factor ζ_k, initialised to 0 (the DDIM std) and bounded
+        to |ζ_k| <= max_log_scale; deterministic steps (σ_k = 0) stay noiseless whatever ζ_k is."""
+        self.log_noise_scale = nn.Parameter(torch.zeros(self.num_actions, device=self.device),
+                                            requires_grad=trainable)
+        self.max_log_noise_scale = float(max_log_scale)
+
+    def noise_scale(self, k: int) -> Tensor | None:
+        """e^ζ_k, the factor on step k's std (differentiable in ζ), or None for the DDIM std."""
+        if self.log_noise_scale is None or self.deterministic(k):
+            return None
+        m = self.max_log_noise_scale
+        return self.log_noise_scale[k].clamp(-m, m).exp()
+
+    def step_scales(self) -> Tensor | None:
+        """(T,) e^ζ_k of every step without grad (1 on deterministic steps), or None when ζ is off."""
+        if self.log_noise_scale is None:
+            return None
+        with torch.no_grad():
+            return torch.stack([s.detach() if (s := self.noise_scale(k)) is not None
+                                else torch.ones((), device=self.device) for k in range(self.num_actions)])
+
+    def _save_step_scales(self, model_dir: Path) -> None:
+        if self.log_noise_scale is not None:
+            save_step_scales(model_dir, self.step_scales().cpu())
+
+    def load_step_scales(self, scales: Tensor) -> None:
+        """Sample with saved factors e^ζ_k (T,) (a SAC run's model), frozen."""
+        self.enable_noise_scale(max_log_scale=float("inf"), trainable=False)
+        with torch.no_grad():
+            self.log_noise_scale.copy_(scales.log().to(self.log_noise_scale))
 
     @property
     def num_actions(self) -> int:
@@ -156,7 +200,8 @@ class DiffusionPolicy(nn.Module):
                                  alpha_bar_prev=self.schedule.alpha_bar_prev[k], eta=self.sampler.eta,
                                  sigma_floor=self.sampler.sigma_floor, x_prev=x_prev, clip_range=self.clip_range,
                                  reduction=self.sampler.logprob_reduction,
-                                 prediction_type=self.schedule.prediction_type, mean_shift=mean_shift)
+                                 prediction_type=self.schedule.prediction_type, mean_shift=mean_shift,
+                                 noise_scale=self.noise_scale(k))
 
     def step_at(self, traj: Trajectory, k: int, idx: Tensor) -> DDIMStep:
         """`step` on the cached step k of trajectories idx (with their prompts)."""
@@ -205,7 +250,7 @@ class DiffusionPolicy(nn.Module):
                                          sigma_floor=self.sampler.sigma_floor, generator=generator,
                                          device=self.device, keep_on=keep_on or self.sampler.keep_on,
                                          clip_range=self.clip_range, reduction=self.sampler.logprob_reduction,
-                                         **self._sample_kwargs())
+                                         step_scales=self.step_scales(), **self._sample_kwargs())
                 traj.prompt_ids = None if ids is None else ids.cpu()
                 parts.append(traj)
         finally:
@@ -230,15 +275,21 @@ class DiffusionPolicy(nn.Module):
         path = Path(path)
         if pipeline:
             save_pipeline(self.merged_unet(), self.scheduler, path / "model")
+            self._save_step_scales(path / "model")
         if self.mode == "lora":
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
 
     def trainable_state(self) -> dict[str, Tensor]:
         """θ by name (for checkpoints and for restoring the last good weights)."""
-        return {n: p.detach().clone() for n, p in self.trained.named_parameters() if p.requires_grad}
+        state = {n: p.detach().clone() for n, p in self.trained.named_parameters() if p.requires_grad}
+        if self.log_noise_scale is not None and self.log_noise_scale.requires_grad:
+            state[NOISE_SCALE_KEY] = self.log_noise_scale.detach().clone()
+        return state
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         params = dict(self.trained.named_parameters())
+        if self.log_noise_scale is not None:
+            params[NOISE_SCALE_KEY] = self.log_noise_scale
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)

@@ -127,3 +127,4 @@ class StableDiffusionPolicy(DiffusionPolicy):
                                         unet=self.merged_unet(), scheduler=self.scheduler, safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False
                                         ).save_pretrained(tmp, safe_serialization=True)
+                self._save_step_scales(tmp)

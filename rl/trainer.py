@@ -23,6 +23,7 @@ from rl import distributed
 from rl.build import build_policy, build_reward_artifact
 from rl.ppo import ppo_update, reinforce_update
 from rl.update import UpdateStats
+from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
                    peak_mem_mb,
@@ -52,6 +53,18 @@ def check_config(cfg: Config, world: int) -> None:
                 raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm trpo ignores it (its trust "
                                       f"region bounds every step's KL); set rl.{key}=0, or use rl.algorithm ppo or "
                                       f"reinforce for a KL-to-base term")
+    if r.algorithm == "sac":
+        for key in ("kl_base_coef", "kl_final_coef"):
+            if getattr(r, key) != 0:
+                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm sac regularises by the entropy "
+                                      f"of each step instead; set rl.{key}=0, or use rl.algorithm ppo or reinforce")
+        if r.advantages.gae:
+            raise CraterdiffError("rl.algorithm sac brings its own soft critic; set rl.advantages.gae false")
+        if r.policy_mode == "schedule":
+            raise CraterdiffError("rl.algorithm sac needs per-step image states for its critic V(x_t, t); the schedule "
+                                  "policy acts once per trajectory: use policy_mode full, lora or latent")
+        if world > 1:
+            raise CraterdiffError("rl.algorithm sac is single-process only; run one process")
     if world > 1:
         if r.batch_size % world:
             raise CraterdiffError(f"rl.batch_size {r.batch_size} is the set the reward sees across all "
@@ -82,9 +95,12 @@ class Finetuner:
             self.generator.manual_seed(cfg.seed + 1_000_003 * self.rank)
         self.reward = self._reward_model()
         self.policy = build_policy(cfg, self.device)
-        needs_optimizer = not (r.algorithm == "trpo" and r.trpo.mode == "trpo")
-        self.optimizer = (torch.optim.AdamW(self.policy.trainable_parameters(), lr=r.lr, weight_decay=r.weight_decay)
-                          if needs_optimizer else None)
+        self.sac = None
+        if r.algorithm == "sac":
+            if r.sac.learn_noise_scale:
+                self.policy.enable_noise_scale(max_log_scale=r.sac.max_log_noise_scale)
+            self.sac = SoftActorCritic(self.policy, r.sac)
+        self.optimizer = self._optimizer()
         # dynamic loss scaling for fp16 (a pass-through otherwise); its scale is checkpointed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.critic = self.critic_opt = None
@@ -96,6 +112,18 @@ class Finetuner:
         self.state = RLState(penalty=PenaltyState(beta=r.trpo.penalty_beta))
 
     # --- pieces -----------------------------------------------------------------------------------
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        """AdamW on θ at rl.lr (SAC's ζ, if learned, in its own group at rl.sac.noise_lr); None for TRPO,
+        which steps by its natural gradient."""
+        r = self.cfg.rl
+        if r.algorithm == "trpo" and r.trpo.mode == "trpo":
+            return None
+        zeta = self.policy.log_noise_scale
+        groups = [{"params": [p for p in self.policy.trainable_parameters() if p is not zeta]}]
+        if zeta is not None and zeta.requires_grad:
+            groups.append({"params": [zeta], "lr": r.sac.noise_lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
 
     def _reward_model(self) -> RewardModel:
         path = artifact_path(self.cfg, self.run_dir)
@@ -129,6 +157,9 @@ class Finetuner:
         r = self.cfg.rl
         if r.algorithm == "ppo":
             return ppo_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator, scaler=self.scaler)
+        if r.algorithm == "sac":
+            return sac_update(self.policy, self.optimizer, traj, adv, r, self.sac, generator=self.generator,
+                              scaler=self.scaler)
         if r.algorithm == "reinforce":
             return reinforce_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator,
                                     scaler=self.scaler)
@@ -159,6 +190,7 @@ class Finetuner:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "critic": self.critic.state_dict() if self.critic else None,
                 "critic_optimizer": self.critic_opt.state_dict() if self.critic_opt else None,
+                "sac": self.sac.checkpoint_state() if self.sac else None,
                 "tracker": self.tracker.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs[0],
                 **({"rng_processes": rngs} if len(rngs) > 1 else {}),
             }, tmp / "training_state.pt")
@@ -177,6 +209,8 @@ class Finetuner:
         if self.critic and state["critic"]:
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])
+        if self.sac:
+            self.sac.load_checkpoint_state(state["sac"])
         self.tracker.load_state_dict(state["tracker"])
         if state.get("scaler"):  # empty unless the run is fp16
             self.scaler.load_state_dict(state["scaler"])

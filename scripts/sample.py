@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddpm.pipeline import load_pipeline
+from ddpm.pipeline import load_pipeline, load_step_scales
 from ddpm.sampling import sample_model
 from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
                    save_images, script_parser, seed_everything)
@@ -25,12 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
     apply_threads(cfg)
     ckpt = Path(args.ckpt)
-    unet, scheduler = load_pipeline(ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt)
+    model_dir = ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt
+    unet, scheduler = load_pipeline(model_dir)
     device = resolve_device(cfg.device)
     unet.to(device).eval()
     s = cfg.sampler
     gen = seed_everything(cfg.seed if args.seed is None else args.seed)
-    images = sample_model(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True)
+    images = sample_model(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
+                          step_scales=load_step_scales(model_dir, s.num_steps))
     c, size = unet.config.in_channels, unet.config.sample_size
     out = Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples"
     save_images(images, out)

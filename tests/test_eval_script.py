@@ -14,7 +14,7 @@ import torch
 
 from utils import load_config, save_images
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, run_script, script_error
 
 METRICS = ("fid", "kid_mean", "kid_std", "mmd", "precision", "recall", "density", "coverage", "vendi",
            "vendi_real", "mode_coverage")
@@ -55,14 +55,6 @@ def _check_metric_tree(per_extractor: dict, n_seeds: int):
     for m in METRICS:
         stat = per_extractor[m]
         assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == n_seeds, (m, stat)
-
-
-def _one_line_error(proc, *fragments):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_folder_mode_end_to_end(tmp_path):
@@ -157,16 +149,16 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
 
 def test_eval_errors_are_one_line(tmp_path, smoke_cfg):
     # no fine-tuned model in the run directory and no --model: tells to run scripts.finetune first
-    _one_line_error(run_script("scripts.eval", "--cfg", smoke_cfg, "--set", f"eval.run_dir={tmp_path / 'none'}",
+    script_error(run_script("scripts.eval", "--cfg", smoke_cfg, "--set", f"eval.run_dir={tmp_path / 'none'}",
                                "--out", tmp_path / "e1", timeout=120),
-                    "no fine-tuned model", "scripts.finetune", "--model")
+                    "no fine-tuned model", "scripts.finetune", "--model", progress_bars=False)
     # folder mode: a missing folder, and a bad extractor name in the same call pattern
     (tmp_path / "real").mkdir()
-    _one_line_error(run_script("scripts.eval", "--real", tmp_path / "real", "--generated", tmp_path / "nope",
+    script_error(run_script("scripts.eval", "--real", tmp_path / "real", "--generated", tmp_path / "nope",
                                "--out", tmp_path / "e2", "--features", "pixles", timeout=120),
-                    "unknown feature extractor 'pixles'", "did you mean 'pixels'")
-    _one_line_error(run_script("scripts.eval", "--real", tmp_path / "real", "--out", tmp_path / "e3", timeout=120),
-                    "--generated")
+                    "unknown feature extractor 'pixles'", "did you mean 'pixels'", progress_bars=False)
+    script_error(run_script("scripts.eval", "--real", tmp_path / "real", "--out", tmp_path / "e3", timeout=120),
+                    "--generated", progress_bars=False)
 
 
 def test_model_arguments_are_checked():
