@@ -329,14 +329,16 @@ class SACConfig:
     objective, and a learned log factor ζ_k on each step's std so that the entropy has a gradient."""
     alpha: float = _f(0.01, "temperature α on the per-step entropy (the starting value when auto_alpha)", gt=0.0)
     auto_alpha: bool = _f(True, "tune α to the target entropy by descending log α · (H̄ − H_target); false: fixed α")
-    alpha_lr: float = _f(1e-2, "Adam learning rate of log α", gt=0.0)
+    alpha_lr: float = _f(0.1, "Adam learning rate of log α (a large one: α must follow the entropy within the "
+                              "few dozen iterations of a run)", gt=0.0)
     target_entropy_offset: float = _f(0.0, "H_target = the starting policy's mean per-action entropy (nats per "
                                             "dimension with mean reduction) + this; negative lets the noise shrink",
                                       ge=-10.0, le=10.0)
     learn_noise_scale: bool = _f(True, "learn ζ_k (σ_k e^ζ_k); false keeps the DDIM std and the entropy constant")
     max_log_noise_scale: float = _f(0.5, "bound |ζ_k| <= this (0.5: the std may change by up to 1.65x)", gt=0.0,
                                     le=3.0)
-    noise_lr: float = _f(1e-2, "Adam learning rate of ζ (the UNet or head uses rl.lr)", gt=0.0)
+    noise_lr: float = _f(2e-3, "Adam learning rate of ζ (the UNet or head uses rl.lr); Adam moves ζ by about this "
+                               "per optimizer step, so 2e-3 lets it drift ~0.1 over a 25-iteration run", gt=0.0)
     gamma: float = _f(1.0, "discount γ of the soft Bellman target (1: the reward arrives once, at the image)",
                       ge=0.0, le=1.0)
     tau: float = _f(0.05, "Polyak rate: target ← (1 − τ) target + τ critic after every critic step", gt=0.0, le=1.0)

@@ -7,7 +7,8 @@
 
 Sets:
 
-* `main`: the base model against PPO (`configs/default.yaml`) and TRPO (`configs/trpo.yaml`).
+* `main`: the base model against PPO (`configs/default.yaml`), TRPO (`configs/trpo.yaml`) and the SAC-style
+  actor-critic (`configs/sac.yaml`).
 * `ablation`: `configs/default.yaml` (same iterations, step sizes, batch) with the reward weights
   of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
   term (`+realism`, weight --realism-weight).
@@ -47,6 +48,7 @@ from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
 TRPO_CFG = PROJECT_ROOT / "configs" / "trpo.yaml"
+SAC_CFG = PROJECT_ROOT / "configs" / "sac.yaml"
 REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 1.0}, "fid": {"fid": 1.0},
            "ot": {"ot": 1.0}}
 """The ablation's rewards: component weights (every other component 0)."""
@@ -96,7 +98,7 @@ class Variant:
 
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":
-        return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG)]
+        return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG), Variant("sac", SAC_CFG)]
     if which in ("tune", "modes"):
         return [Variant(name, DEFAULT_CFG, over) for name, over in (TUNING if which == "tune" else MODES).items()]
     out = []

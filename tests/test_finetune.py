@@ -22,10 +22,11 @@ def _cfg(base, *over):
                         "sampler.num_steps=3", "num_threads=1", *over])
 
 
-@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+@pytest.mark.parametrize("algo", ["ppo", "trpo", "sac"])
 def test_resume_is_exact(tmp_path, tiny_base, algo):
-    cfg = _cfg(tiny_base, f"rl.algorithm={algo}", "rl.checkpoint_every=100", "rl.advantages.gae=true",
-               "rl.trpo.kl_states=8", "rl.trpo.cg_iters=2")
+    # GAE's critic for PPO and TRPO; SAC brings its own critic, target critic and temperature
+    cfg = _cfg(tiny_base, f"rl.algorithm={algo}", "rl.checkpoint_every=100",
+               f"rl.advantages.gae={'false' if algo == 'sac' else 'true'}", "rl.trpo.kl_states=8", "rl.trpo.cg_iters=2")
     full = Finetuner(cfg, prepare_run_dir(tmp_path / "full", cfg, resume=False)).run(resume=False)
     split_dir = tmp_path / "split"
     assert Finetuner(cfg, prepare_run_dir(split_dir, cfg, resume=False)).run(resume=False, stop_at=2) is None
@@ -35,7 +36,11 @@ def test_resume_is_exact(tmp_path, tiny_base, algo):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert metric_rows(tmp_path / "full" / "metrics.csv") == metric_rows(split_dir / "metrics.csv")
+    rows = metric_rows(tmp_path / "full" / "metrics.csv")
+    assert rows == metric_rows(split_dir / "metrics.csv")
+    if algo == "sac":  # α and ζ moved, so the resumed run had to restore the temperature and the noise scales
+        assert "log_noise_scale" in a
+        assert len({r["alpha"] for r in rows}) > 1 and len({r["noise_scale_max"] for r in rows}) > 1
 
 
 def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_base, monkeypatch):

@@ -1,6 +1,7 @@
 """The SAC-style algorithm (rl/sac.py): the soft Bellman target against a hand computation, the entropy
 against torch.distributions, the learned noise scale in sampling and log-probs, Polyak averaging and
-the temperature's direction, a short run that raises a reward, exact resume, and the scripts end to end."""
+the temperature's direction, a short run that raises a reward, and the scripts end to end (exact resume:
+tests/test_finetune.py::test_resume_is_exact)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.distributions import Normal
 
-from bench.faults import metric_rows
 from ddpm.pipeline import load_step_scales
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
@@ -20,11 +19,9 @@ from rl.build import _policy_sampler, model_sampler
 from rl.policy import DiffusionPolicy
 from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_update, sac_update,
                     soft_bellman_target, temperature_loss)
-from rl.trainer import Finetuner
-from utils import SACConfig, SamplerConfig, config_from_dict, prepare_run_dir
+from utils import SACConfig, SamplerConfig, config_from_dict
 
-from .conftest import ROOT, run_script, script_error
-from .test_finetune import _cfg
+from .conftest import run_script, script_error
 from .test_rl import rl_cfg
 
 SAMPLER = dict(num_steps=3, eta=1.0, sigma_floor=0.1)
@@ -123,23 +120,6 @@ def test_short_sac_run_raises_the_reward():
         stats = sac_update(policy, opt, traj, normalize_batch(reward), cfg, sac, generator=gen)
         assert not stats.nonfinite and math.isfinite(stats.extra["critic_loss"])
     assert sum(history[-3:]) / 3 > sum(history[:3]) / 3 + 0.05, history
-
-
-def test_sac_resume_is_exact(tmp_path, tiny_base):
-    cfg = _cfg(tiny_base, "rl.algorithm=sac", "rl.checkpoint_every=100")
-    full = Finetuner(cfg, prepare_run_dir(tmp_path / "full", cfg, resume=False)).run(resume=False)
-    split_dir = tmp_path / "split"
-    assert Finetuner(cfg, prepare_run_dir(split_dir, cfg, resume=False)).run(resume=False, stop_at=2) is None
-    resumed = Finetuner(cfg, prepare_run_dir(split_dir, cfg, resume=True)).run(resume=True)
-    a = load_file(full.parent / "checkpoints" / "step_4" / "policy.safetensors")
-    b = load_file(resumed.parent / "checkpoints" / "step_4" / "policy.safetensors")
-    assert a.keys() == b.keys() and "log_noise_scale" in a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    rows = metric_rows(tmp_path / "full" / "metrics.csv")
-    assert rows == metric_rows(split_dir / "metrics.csv")
-    # α and ζ moved, so the resumed run had to restore the critic, the temperature and the scales
-    assert len({r["alpha"] for r in rows}) > 1 and len({r["noise_scale_max"] for r in rows}) > 1
 
 
 def test_saved_noise_scales_are_used_wherever_the_model_is_sampled(tmp_path):
