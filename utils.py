@@ -341,6 +341,8 @@ class SACConfig:
                                "per optimizer step, so 2e-3 lets it drift ~0.1 over a 25-iteration run", gt=0.0)
     gamma: float = _f(1.0, "discount γ of the soft Bellman target (1: the reward arrives once, at the image)",
                       ge=0.0, le=1.0)
+    lam: float = _f(0.95, "λ of the soft λ-return the critic and the advantages use (0: the one-step soft Bellman "
+                          "target, which leaves every step but the last to a fresh critic's bootstrap)", ge=0.0, le=1.0)
     tau: float = _f(0.05, "Polyak rate: target ← (1 − τ) target + τ critic after every critic step", gt=0.0, le=1.0)
     critic_steps: int = _f(4, "critic regression steps on each sampled batch (each over every cached state)", ge=1)
     critic_lr: float = _f(1e-3, "Adam learning rate of the critic", gt=0.0)

@@ -8,7 +8,7 @@
 Sets:
 
 * `main`: the base model against PPO (`configs/default.yaml`), TRPO (`configs/trpo.yaml`) and the SAC-style
-  actor-critic (`configs/sac.yaml`).
+  actor-critic (`configs/sac.yaml`, soft λ-returns; `sac_td0`: the one-step soft Bellman target, λ = 0).
 * `ablation`: `configs/default.yaml` (same iterations, step sizes, batch) with the reward weights
   of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
   term (`+realism`, weight --realism-weight).
@@ -98,7 +98,8 @@ class Variant:
 
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":
-        return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG), Variant("sac", SAC_CFG)]
+        return [Variant("ppo", DEFAULT_CFG), Variant("trpo", TRPO_CFG), Variant("sac", SAC_CFG),
+                Variant("sac_td0", SAC_CFG, ("rl.sac.lam=0.0",))]
     if which in ("tune", "modes"):
         return [Variant(name, DEFAULT_CFG, over) for name, over in (TUNING if which == "tune" else MODES).items()]
     out = []

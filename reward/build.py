@@ -15,7 +15,7 @@ from data.datasets import load_image_folder
 from data.sources import ImageSet, load_image_set
 from reward.artifact import RewardModel, build_reward_model, save_artifact
 from reward.features import FeatureExtractor, build_extractor
-from utils import Config, CraterdiffError, resolve_device, resolve_path
+from utils import Config, resolve_device, resolve_path
 
 
 def artifact_path(cfg: Config, run_dir: Path) -> Path:
@@ -47,16 +47,10 @@ def build_and_save(cfg: Config, out: Path, *, base_images: torch.Tensor | None =
     device = resolve_device(cfg.device)
     extractor = extractor or reward_extractor(cfg, device)
     ref = reference if reference is not None else load_image_set(cfg.data, "train")
-    fake = None
     rc = cfg.reward.realism
-    if rc.enabled:
-        if rc.fake_dir:
-            fake, _ = load_image_folder(resolve_path(rc.fake_dir), size=cfg.data.image_size, channels=cfg.data.channels)
-        elif base_images is None:
-            raise CraterdiffError("the realism scorer needs base-model images: set model.pretrained to the base model "
-                                  "or reward.realism.fake_dir to a folder of its samples")
-        else:
-            fake = base_images.cpu()
+    fake = base_images.cpu() if base_images is not None else None
+    if rc.enabled and rc.fake_dir:
+        fake, _ = load_image_folder(resolve_path(rc.fake_dir), size=cfg.data.image_size, channels=cfg.data.channels)
     tqdm.write(f"building the reward model: {len(ref)} reference images, extractor {cfg.reward.features.name}"
                + (f", realism on {len(fake)} base-model images" if fake is not None else ""))
     model = build_reward_model(cfg, reference_images=ref.images, fake_images=fake, device=device, progress=True,

@@ -13,8 +13,9 @@ Notation:
 | `alpha`      | α      | temperature |
 | `values`     | V_ψ(s_k) | the critic, (T+1, B), V(s_T) = 0 at the image |
 | `next_target`| V̄(s_{k+1}) | the Polyak-averaged target critic at the next state, (T, B) |
-| `target`     | y_k    | soft Bellman target r_k + α H_k + γ V̄(s_{k+1}), (T, B) |
+| `target`     | y_k    | soft λ-return (λ = 0: the one-step soft Bellman target r_k + α H_k + γ V̄(s_{k+1})), (T, B) |
 | `adv`        | Â_k    | soft advantage y_k − V_ψ(s_k), normalised and clipped, (T, B) |
+| `lam`        | λ      | trace parameter of the soft λ-return |
 
 On-policy per batch, with no replay buffer: a sample's reward is its leave-one-out credit inside its
 own batch, so a stored transition's reward goes stale as soon as the batch distribution moves.
@@ -53,6 +54,24 @@ def soft_bellman_target(rewards: Tensor, next_target: Tensor, entropy: Tensor, *
     rewards: (T, B); next_target: (T, B) V̄ of each step's next state, 0 after the last step (the
     image is terminal); entropy: (T,). Returns (T, B) float64."""
     return rewards.double() + alpha * entropy.double()[:, None] + gamma * next_target.double()
+
+
+def soft_lambda_return(one_step: Tensor, values: Tensor, *, gamma: float, lam: float) -> Tensor:
+    """y_k = V_ψ(s_k) + Σ_{l≥0} (γλ)^l δ_{k+l},  δ_k = y_k^(1) − V_ψ(s_k)   (soft TD(λ), as GAE on the soft
+    one-step targets y^(1) = `soft_bellman_target`): λ = 0 gives y^(1), λ = 1 the Monte-Carlo soft return
+    Σ_l γ^l (r_{k+l} + α H_{k+l}) (with γ = 1). Why λ > 0: the reward arrives only at the deterministic
+    last step, whose log-prob has zero gradient, so with λ = 0 every other step learns only from a
+    fresh critic's bootstrap.
+
+    one_step: (T, B); values: (T, B) V_ψ(s_k). Returns (T, B) float64; computed backwards,
+    A_k = δ_k + γλ A_{k+1}."""
+    delta = one_step.double() - values.double()
+    adv = torch.zeros_like(delta)
+    running = torch.zeros(delta.shape[1:], dtype=torch.float64)
+    for k in reversed(range(delta.shape[0])):
+        running = delta[k] + gamma * lam * running
+        adv[k] = running
+    return adv + values.double()
 
 
 def polyak_update(target: nn.Module, source: nn.Module, *, tau: float) -> None:
@@ -136,7 +155,8 @@ def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
                scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
     """One SAC iteration on a sampled batch; `rewards` (B,) are the normalised trajectory rewards R̂.
 
-    1. y_k = r_k + α H_k + γ V̄(s_{k+1}) and Â_k = y_k − V_ψ(s_k) from the networks as they are;
+    1. the soft λ-returns y_k on the one-step targets r_k + α H_k + γ V̄(s_{k+1}), and Â_k = y_k − V_ψ(s_k),
+       from the networks as they are;
     2. the critic regresses y for `critic_steps` steps, each followed by a Polyak update of V̄;
     3. the actor descends L_π = −mean_{k,i} Â_{k,i} log π_θ(a_k | s_k) − α mean_k H_k(ζ) through the
        two-pass per-step update (memory independent of T);
@@ -148,7 +168,9 @@ def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
         entropy = action_entropies(policy).cpu()                              # (T,)
     values = critic_values(sac.critic, traj.states, traj.timesteps)          # (T+1, B), V(s_T) = 0
     target_values = critic_values(sac.target, traj.states, traj.timesteps)   # (T+1, B)
-    y = soft_bellman_target(terminal_rewards(rewards, T), target_values[1:], entropy, alpha=alpha, gamma=s.gamma)
+    one_step = soft_bellman_target(terminal_rewards(rewards, T), target_values[1:], entropy, alpha=alpha,
+                                   gamma=s.gamma)
+    y = soft_lambda_return(one_step, values[:-1], gamma=s.gamma, lam=s.lam)
     adv = y - values[:-1]
     adv = clip_advantages((adv - adv.mean()) / (adv.std() + 1e-8), cfg.advantages.clip)
 

@@ -173,3 +173,27 @@ def test_minibatch_ot_is_a_one_to_one_matching_on_a_random_reference_subset(buil
     state = g.get_state()
     full(batch, generator=g)
     assert torch.equal(g.get_state(), state)
+
+
+def test_the_reward_stage_is_handed_its_base_model_images(tmp_path, monkeypatch):
+    """reward.build never samples a model: without base-model images (and no fake_dir) it refuses in one
+    line; rl.build.build_reward_artifact draws n_fake of them from model.pretrained and hands them over."""
+    from reward.build import build_and_save
+    import rl.build
+
+    cfg = _cfg("data.source=procedural", "data.procedural_n=24", "reward.realism.n_fake=12")
+    with pytest.raises(CraterdiffError, match="needs base-model images: set model.pretrained"):  # one line, no sampling
+        build_and_save(cfg, tmp_path / "a")
+    fake = procedural_set(12, size=32, channels=1, seed=3, n_distinct=2)
+    model = build_and_save(cfg, tmp_path / "b", base_images=fake)
+    r = model.info["realism"]
+    assert r["enabled"] and r["n_fake_train"] + r["n_fake_heldout"] == 12
+
+    asked = []
+
+    def stand_in(cfg_, n, *, seed, device):  # the base model's sampler, recorded
+        asked.append(n)
+        return fake[:n]
+    monkeypatch.setattr(rl.build, "base_model_images", stand_in)
+    model = rl.build.build_reward_artifact(cfg, tmp_path / "c")
+    assert asked == [12] and (tmp_path / "c" / "reward.yaml").is_file()

@@ -17,7 +17,7 @@ from ddpm.unet import build_unet
 from rl.advantages import Critic, normalize_batch
 from rl.build import _policy_sampler, model_sampler
 from rl.policy import DiffusionPolicy
-from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_update, sac_update,
+from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_update, sac_update, soft_lambda_return,
                     soft_bellman_target, temperature_loss)
 from utils import SACConfig, SamplerConfig, config_from_dict
 
@@ -171,3 +171,24 @@ def test_sac_config_fields_are_documented():
     import dataclasses
     for f in dataclasses.fields(SACConfig):
         assert f.metadata.get("help"), f.name
+
+
+def test_soft_lambda_return_spans_one_step_to_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.zeros(4, 3, dtype=torch.float64)
+    rewards[-1] = torch.randn(3, generator=g, dtype=torch.float64)
+    values = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    next_target = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    next_target[-1] = 0.0
+    entropy = torch.tensor([0.7, 0.5, 0.3, 0.0], dtype=torch.float64)
+    one = soft_bellman_target(rewards, next_target, entropy, alpha=0.2, gamma=1.0)
+    # λ = 0: the one-step soft Bellman target itself
+    torch.testing.assert_close(soft_lambda_return(one, values, gamma=1.0, lam=0.0), one)
+    # λ = 1, γ = 1: y_k = V̄(s_{k+1}) terms telescope with the V's away, leaving the Monte-Carlo soft
+    # return Σ_{l≥k} (r_l + α H_l) plus Σ_{l>k} (V̄(s_l) − V(s_l)) (target and critic differ): by brute force
+    mc = torch.stack([sum(rewards[l] + 0.2 * entropy[l] for l in range(k, 4))
+                      + sum(next_target[l - 1] - values[l] for l in range(k + 1, 4)) for k in range(4)])
+    torch.testing.assert_close(soft_lambda_return(one, values, gamma=1.0, lam=1.0), mc)
+    # 0 < λ < 1 against the recursion written out for k = 2: y_2 = y_2^(1) + λ (y_3^(1) − V(s_3))
+    y = soft_lambda_return(one, values, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(y[2], one[2] + 0.5 * (one[3] - values[3]))
