@@ -1,7 +1,7 @@
 """The policy stage's loop: sample (pass 1), reward, advantages, update (pass 2), log, checkpoint.
 
 One iteration: B trajectories are sampled without grad under the current θ; the frozen reward model
-scores the final images as a set; the rewards become advantages; PPO, TRPO or REINFORCE updates θ.
+scores the final images as a set; the rewards become advantages; PPO, TRPO, REINFORCE or SAC updates θ.
 A non-finite reward, log-prob or gradient skips the update and keeps the last good weights;
 `rl.max_nonfinite` such iterations in a row stop the run with an error.
 """
@@ -22,12 +22,11 @@ from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic
 from rl import distributed
 from rl.build import build_policy, build_reward_artifact
 from rl.ppo import ppo_update, reinforce_update
-from rl.update import UpdateStats
 from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
+from rl.update import UpdateStats
 from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
-                   peak_mem_mb,
-                   prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
+                   peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)
 
 
