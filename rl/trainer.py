@@ -46,17 +46,15 @@ def check_config(cfg: Config, world: int) -> None:
         raise CraterdiffError(f"sampler.eta is 0, so every DDIM step is deterministic and rl.algorithm {r.algorithm} "
                               f"has no randomness to learn from (a zero policy gradient); set sampler.eta > 0 "
                               f"(1.0 = DDPM-like)")
-    if r.algorithm == "trpo":
+    # the algorithms that regularise otherwise than by a KL to the base model
+    instead = {"trpo": "its trust region bounds every step's KL", "sac": "it regularises by each step's entropy"}
+    if r.algorithm in instead:
         for key in ("kl_base_coef", "kl_final_coef"):
             if getattr(r, key) != 0:
-                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm trpo ignores it (its trust "
-                                      f"region bounds every step's KL); set rl.{key}=0, or use rl.algorithm ppo or "
+                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm {r.algorithm} ignores it "
+                                      f"({instead[r.algorithm]}); set rl.{key}=0, or use rl.algorithm ppo or "
                                       f"reinforce for a KL-to-base term")
     if r.algorithm == "sac":
-        for key in ("kl_base_coef", "kl_final_coef"):
-            if getattr(r, key) != 0:
-                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm sac regularises by the entropy "
-                                      f"of each step instead; set rl.{key}=0, or use rl.algorithm ppo or reinforce")
         if r.advantages.gae:
             raise CraterdiffError("rl.algorithm sac brings its own soft critic; set rl.advantages.gae false")
         if r.policy_mode == "schedule":

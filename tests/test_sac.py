@@ -158,7 +158,7 @@ def test_finetune_and_eval_scripts_run_sac_on_smoke(tmp_path, smoke_cfg):
 
 @pytest.mark.parametrize("extra, message", [
     ("rl.policy_mode=schedule", "per-step image states"),
-    ("rl.kl_base_coef=0.1", "rl.kl_base_coef is 0.1 but rl.algorithm sac"),
+    ("rl.kl_base_coef=0.1", "rl.kl_base_coef is 0.1 but rl.algorithm sac ignores it"),
     ("rl.advantages.gae=true", "brings its own soft critic"),
 ])
 def test_sac_refuses_what_it_cannot_run(tmp_path, smoke_cfg, extra, message):
