@@ -4,6 +4,7 @@ The report dict (written by `evaluation.run`, read here) has the shape
 
     report["models"][model][extractor] = {metric: {"mean": float, "std": float, "values": [per seed]}}
     report["realism_logit"][model]     = {"mean", "std", "values"}          (optional)
+    report["sizes"]                    = {"estimator", "heldout", "models": {model: {figure: stat}}} (optional)
     report["settings"]                 = {...}                               (free-form, shown as a list)
     report["caveats"]                  = [str, ...]                          (optional)
 
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from utils import atomic_write_text
 
-__all__ = ["tsne_plot", "training_curves", "write_report", "format_metric", "TABLE_METRICS", "FID_CAVEAT"]
+__all__ = ["tsne_plot", "training_curves", "size_plots", "write_report", "format_metric", "TABLE_METRICS",
+           "FID_CAVEAT", "SIZE_METRICS"]
 
 TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
     # (key, column title, number format: "sig" = 4 significant digits, "fix" = 3 decimals)
@@ -43,6 +45,13 @@ TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 """Columns of the comparison tables, in order. Values are raw (KID's scale follows the features':
 with EfficientNet-Lite0 features the polynomial kernel is ~60, so KID is O(1-100), not O(10⁻³))."""
+
+SIZE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("share_ge100", "share ≥ 100 km", "fix"),
+    ("w1_log10", "W1(log10 D) ↓", "fix"),
+    ("kl_hist", "KL(sizes) ↓", "fix"),
+)
+"""Columns of the crater-size table (besides coverage of the held-out craters ≥ 100 km per extractor)."""
 
 FID_CAVEAT = ("FID at small n is biased (the bias grows as d/n; ~150 images in 1280-d give rank-deficient "
               "covariances) and is comparable only at equal n and extractor; KID is the unbiased main distance.")
@@ -101,6 +110,56 @@ def tsne_plot(real: Tensor, gen_sets: Mapping[str, Tensor], path: str | Path, *,
     ax.set_title(title or f"t-SNE (perplexity {perplexity:.3g})")
     ax.legend(loc="best", fontsize=8, frameon=True)
     return _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Crater sizes
+# ----------------------------------------------------------------------------------------------
+
+def size_plots(sizes: Mapping[str, list[np.ndarray]], heldout_true: np.ndarray | None, heldout_est: np.ndarray,
+               out_dir: str | Path) -> dict[str, Path]:
+    """The size-frequency figures: the cumulative SFD N(≥D) against D on log-log axes (the planetary
+    convention; one line per model and seed, N normalised by the set's size so sets of any n compare)
+    and the histograms of log10 D (each model's seeds pooled), beside the held-out craters' (their
+    catalogue diameters, and the estimator's sizes of them). sizes: model -> [D̂ (n,) per seed]."""
+    from evaluation.sizes import HIST_EDGES_LOG10, cumulative_counts
+
+    plt = _mpl()
+    out_dir = Path(out_dir)
+    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=110)
+    refs = [("held-out, estimated", heldout_est, dict(color="black", ls="--", lw=2))]
+    if heldout_true is not None:
+        refs.insert(0, ("held-out, catalogue", heldout_true, dict(color="black", lw=2)))
+    for name, d, style in refs:
+        x, n = cumulative_counts(d)
+        ax.step(x, n / len(d), where="post", label=name, **style)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (model, per_seed) in enumerate(sizes.items()):
+        for j, d in enumerate(per_seed):
+            x, n = cumulative_counts(d)
+            ax.step(x, n / len(d), where="post", color=colours[i % len(colours)], lw=1, alpha=0.8,
+                    label=model if j == 0 else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("crater diameter D (km)")
+    ax.set_ylabel("N(≥ D) / N")
+    ax.set_title("cumulative size-frequency distribution")
+    ax.legend(fontsize=8)
+    sfd = _save_figure(fig, out_dir / "sizes_sfd.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    edges = np.asarray(HIST_EDGES_LOG10)
+    for name, d, style in refs:
+        ax.hist(np.log10(d), bins=edges, density=True, histtype="step", **style, label=name)
+    for i, (model, per_seed) in enumerate(sizes.items()):
+        ax.hist(np.log10(np.concatenate(per_seed)), bins=edges, density=True, histtype="step",
+                color=colours[i % len(colours)], lw=1.2, label=model)
+    ax.axvline(2.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("log10 D (km); dotted: 100 km")
+    ax.set_ylabel("density")
+    ax.set_title("crater sizes")
+    ax.legend(fontsize=8)
+    return {"size-frequency distribution": sfd, "size histograms": _save_figure(fig, out_dir / "sizes_hist.png")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +302,33 @@ def _tables(report: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def _size_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | None:
+    """(header, rows, the estimator's line) of the crater-size table, or None without size figures."""
+    sizes = report.get("sizes")
+    if not sizes:
+        return None
+    exs = [ex for ex in _extractors(report)
+           if any(ex in (m.get("coverage_ge100") or {}) for m in sizes["models"].values())]
+    header = ["model"] + [t for _, t, _ in SIZE_METRICS] + [f"coverage ≥ 100 km ({ex}) ↑" for ex in exs]
+    held = sizes.get("heldout", {})
+    rows = [["held-out (estimated)", f"{held.get('share_ge100_estimated', float('nan')):.3f}", "0", "0"]
+            + ["–"] * len(exs)]
+    if "share_ge100_true" in held:
+        rows.append(["held-out (catalogue)", f"{held['share_ge100_true']:.3f}", "–", "–"] + ["–"] * len(exs))
+    for model, per in sizes["models"].items():
+        cov = per.get("coverage_ge100") or {}
+        rows.append([model] + [format_metric(per.get(k), fmt) for k, _, fmt in SIZE_METRICS]
+                    + [format_metric(cov.get(ex), "fix") for ex in exs])
+    e = sizes.get("estimator", {})
+    line = (f"Sizes are measured by the crater-size estimator fitted on the {e.get('n_train')} train craters' "
+            f"diameters: on the {e.get('n_heldout')} held-out craters R² = {e.get('r2_log10', float('nan')):.3f}, "
+            f"MAE = {e.get('mae_log10', float('nan')):.3f} in log10 D (×{10 ** e.get('mae_log10', 0.0):.2f}). "
+            f"W1 and KL compare each set's estimated sizes with the held-out craters' estimated sizes (the same "
+            f"instrument); coverage ≥ 100 km is coverage restricted to the held-out craters whose catalogue "
+            f"diameter is at least 100 km.")
+    return header, rows, line
+
+
 def _notes(report: Mapping) -> list[str]:
     notes = [
         "Each cell: mean ± std over sampling seeds (sample std, ddof = 1); per-seed values in report.json.",
@@ -279,6 +365,12 @@ def _markdown(report: Mapping, images: Mapping[str, Path], out_dir: Path) -> str
                   "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
+    size_table = _size_table(report)
+    if size_table:
+        header, rows, line = size_table
+        lines += ["## Crater sizes", "", line, "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in _notes(report)] + [""]
     settings = _settings_lines(report)
     if settings:
@@ -325,6 +417,13 @@ def _html(report: Mapping, images: Mapping[str, Path]) -> str:
                      + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
         for r in rows:
             parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+        parts.append("</tbody></table>")
+    size_table = _size_table(report)
+    if size_table:
+        header, rows, line = size_table
+        parts.append(f"<h2>Crater sizes</h2><p>{e(line)}</p><table><thead><tr>"
+                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</tbody></table>")
     parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in _notes(report)) + "</ul>")
     settings = _settings_lines(report)

@@ -28,10 +28,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
-from evaluation.report import training_curves, tsne_plot, write_report
-from utils import (PROJECT_ROOT, Config, CraterdiffError, EvalConfig, config_to_dict, resolve_device, resolve_path,
-                   save_image_grid)
+from evaluation.report import size_plots, training_curves, tsne_plot, write_report
+from evaluation.sizes import (LARGE_KM, META_FILE, SizeEstimator, fit_size_estimator, folder_diameters, images_sha256,
+                              load_size_estimator, save_size_estimator, share_large, size_figures, subset_coverage)
+from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,
+                   resolve_path, save_image_grid)
 
 __all__ = ["CEILING", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
            "evaluate_run", "evaluate_folders", "default_run_dir"]
@@ -157,6 +160,47 @@ def _build_extractor(cfg: Config, name: str, device: torch.device):
     return build_extractor(name, input_size=input_size, path=f.path if same else None, seed=cfg.seed, device=device)
 
 
+MARS_32 = DataConfig(source="mars", image_size=32, channels=1)
+"""The embedded crater set at 32 px: the size instrument's training set in folder mode."""
+
+
+def size_estimator(train: ImageSet, heldout: ImageSet, path: Path) -> SizeEstimator | None:
+    """The crater-size estimator at `path` (checksum-verified, and fitted on these train craters), else
+    fitted on the train split's diameters, validated on the held-out split and saved there; None when
+    the data carry no diameters (`data.source` other than mars)."""
+    if train.diameters_km is None or heldout.diameters_km is None:
+        return None
+    d_train = train.diameters_km.double().numpy()
+    if (path / META_FILE).is_file():
+        est = load_size_estimator(path)
+        if est.train_sha256 != images_sha256(train.images, d_train):
+            raise CraterdiffError(f"the size estimator in '{path}' was fitted on other train craters; delete it to "
+                                  f"fit it on these")
+        return est
+    est = fit_size_estimator(train.images, d_train, heldout.images, heldout.diameters_km.double().numpy())
+    save_size_estimator(est, path)
+    return est
+
+
+def _size_report(est: SizeEstimator, path: Path, sizes: dict[str, list], reference: np.ndarray,
+                 heldout_true: np.ndarray | None, coverage: dict[str, dict[str, list[float]]]) -> dict:
+    """report["sizes"]: the estimator's validation, the held-out shares, and per model the size figures
+    over seeds (`size_figures` against the estimated held-out sizes) and coverage of the large craters."""
+    models = {}
+    for m, per_seed in sizes.items():
+        figs = [size_figures(d, reference) for d in per_seed]
+        models[m] = {k: summarize([f[k] for f in figs]) for k in figs[0]}
+        if coverage.get(m):
+            models[m]["coverage_ge100"] = {ex: summarize(v) for ex, v in coverage[m].items()}
+    held = {"n": int(len(reference)), "share_ge100_estimated": share_large(reference)}
+    if heldout_true is not None:
+        held["share_ge100_true"] = share_large(heldout_true)
+    return {"estimator": {"path": str(path), "r2_log10": est.heldout_r2, "mae_log10": est.heldout_mae,
+                          "n_train": est.n_train, "n_heldout": est.n_heldout, "ridge_alpha": est.alpha,
+                          "train_sha256": est.train_sha256},
+            "large_km": LARGE_KM, "heldout": held, "models": models}
+
+
 def _check_eval_config(ev: EvalConfig) -> None:
     if not ev.seeds:
         raise CraterdiffError("eval.seeds is empty: give at least one sampling seed, e.g. --set eval.seeds=[0,1,2]")
@@ -188,7 +232,6 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
     `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json)."""
     from reward.features import extract_features
-    from data.sources import load_image_set
     from rl.build import model_sampler
 
     t_start = time.perf_counter()
@@ -209,6 +252,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
             from None
     extractors = {name: _build_extractor(cfg, name, device) for name in ev.extractors}  # fail early on bad names
+    sizer = size_estimator(train, heldout, out / "size_estimator")
+    large = (heldout.diameters_km >= LARGE_KM) if heldout.diameters_km is not None else None
 
     # 1. samples: every model, every seed, the same seeds
     timings: dict[str, float] = {}
@@ -225,6 +270,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     # 2. metrics: every extractor, seed, model; plus the ceiling (train split vs held-out)
     t0 = time.perf_counter()
     per_seed: dict[str, dict[str, list[dict]]] = {m: {} for m in [*samples, CEILING]}
+    coverage_large: dict[str, dict[str, list[float]]] = {m: {} for m in [*samples, CEILING]}
     tsne_sets: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
     fb = cfg.reward.features.batch_size
     for ex_name, extractor in extractors.items():
@@ -234,10 +280,12 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
             real = f_held[_subset(len(heldout), n_real, seed)]
             kw = dict(features=ex_name, seed=int(seed), kid_subsets=ev.kid_subsets, n_modes=ev.n_modes)
             gens = {m: extract_features(extractor, s[seed], batch_size=fb) for m, s in samples.items()}
-            for m, g in gens.items():
-                per_seed[m].setdefault(ex_name, []).append(evaluate_features(real, g, **kw))
             ceiling = f_train[_subset(len(train), n_train, seed)]
-            per_seed[CEILING].setdefault(ex_name, []).append(evaluate_features(real, ceiling, **kw))
+            for m, g in {**gens, CEILING: ceiling}.items():
+                per_seed[m].setdefault(ex_name, []).append(evaluate_features(real, g, **kw))
+                mask = large[_subset(len(heldout), n_real, seed)] if large is not None else None
+                if mask is not None and bool(mask.any()):
+                    coverage_large[m].setdefault(ex_name, []).append(subset_coverage(real, g, mask))
             if seed == ev.seeds[0]:
                 tsne_sets[ex_name] = (real, gens)
         if progress:
@@ -249,7 +297,16 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in per_seed.items()},
     }
 
-    # 3. realism logits (the run's reward artifact)
+    # 3. crater sizes: the estimator's sizes of every sample, against the held-out craters' (same instrument)
+    size_sets: dict[str, list] = {}
+    if sizer is not None:
+        size_sets = {m: [sizer.predict_km(s[seed]) for seed in ev.seeds] for m, s in samples.items()}
+        size_sets[CEILING] = [sizer.predict_km(train.images[_subset(len(train), n_train, seed)]) for seed in ev.seeds]
+        reference = sizer.predict_km(heldout.images)
+        report["sizes"] = _size_report(sizer, out / "size_estimator", size_sets, reference,
+                                       heldout.diameters_km.double().numpy(), coverage_large)
+
+    # 4. realism logits (the run's reward artifact)
     realism, artifact = _realism_model(cfg, run_dir, device)
     if realism is not None:
         rl_logits = {m: summarize([float(realism.realism_logits(s[seed]).mean()) for seed in ev.seeds])
@@ -257,7 +314,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         rl_logits["heldout_real"] = summarize([float(realism.realism_logits(heldout.images).mean())])
         report["realism_logit"] = rl_logits
 
-    # 4. figures
+    # 5. figures
     t0 = time.perf_counter()
     images: dict[str, Path] = {}
     first = ev.seeds[0]
@@ -266,6 +323,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     for m, s in samples.items():
         images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
                                                                  scale=2)
+    if size_sets:
+        images.update(size_plots(size_sets, heldout.diameters_km.double().numpy(), reference, out))
     if ev.tsne:
         for ex_name, (real, gens) in tsne_sets.items():
             images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
@@ -337,10 +396,23 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     report: dict = {"title": f"craterdiff evaluation: {generated_dir} vs {real_dir}", "models": {"generated": {}}}
     images: dict[str, Path] = {}
     counts = {}
+    # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instrument is the
+    # estimator fitted on the embedded Mars set's train split (the same 320 km tiles), also validated on
+    # the real folder's catalogue diameters
+    real_small, real_files = load_image_folder(real_dir, size=32, channels=1)
+    real_km, why = folder_diameters(real_dir, real_files)
+    sizer = coverage = None
+    if real_km is None:
+        tqdm.write(f"size figures skipped: {why} (columns file, diameter_km)")
+    else:
+        sizer = size_estimator(load_image_set(MARS_32, "train"), load_image_set(MARS_32, "heldout"),
+                               out / "size_estimator")
+        coverage = {"generated": {}}
+        large = torch.from_numpy(real_km >= LARGE_KM)
     for ex_name in dict.fromkeys(features):
         extractor = build_extractor(ex_name, input_size=ev.input_size, seed=seed, device=dev)
         size = extractor.input_size
-        real_img, _ = load_image_folder(real_dir, size=size, channels=3)
+        real_img, _ = load_image_folder(real_dir, size=size, channels=3)  # the same sorted files as real_files
         gen_img, _ = load_image_folder(generated_dir, size=size, channels=3)
         for what, x in (("--real", real_img), ("--generated", gen_img)):
             if x.shape[0] < MIN_IMAGES:
@@ -351,16 +423,31 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
         gen = extract_features(extractor, gen_img)
         r = evaluate_features(real, gen, features=ex_name, seed=seed, kid_subsets=ev.kid_subsets, n_modes=ev.n_modes)
         report["models"]["generated"][ex_name] = _aggregate([r])
+        if coverage is not None and bool(large.any()):
+            coverage["generated"][ex_name] = [subset_coverage(real, gen, large)]
         if not images:
             images["real"] = save_image_grid(real_img[:64], out / "samples_real.png")
             images["generated"] = save_image_grid(gen_img[:64], out / "samples_generated.png")
         if ev.tsne:
             images[f"t-SNE, {ex_name} features"] = tsne_plot(real, {"generated": gen},
                                                              out / f"tsne_{_file_name(ex_name)}.png", seed=seed)
+    if sizer is not None:
+        gen_small, _ = load_image_folder(generated_dir, size=32, channels=1)
+        reference = sizer.predict_km(real_small)
+        d_gen = sizer.predict_km(gen_small)
+        report["sizes"] = _size_report(sizer, out / "size_estimator", {"generated": [d_gen]}, reference, real_km,
+                                       coverage)
+        r2, mae = sizer.validate(real_small, real_km)
+        report["sizes"]["real_folder_validation"] = {"r2_log10": r2, "mae_log10": mae, "n": int(len(real_km))}
+        images.update(size_plots({"generated": [d_gen]}, real_km, reference, out))
+    else:
+        report["sizes_skipped"] = why
     report["settings"] = {"real": str(real_dir), "generated": str(generated_dir), **counts,
                           "extractors": list(dict.fromkeys(features)), "kid_subsets": ev.kid_subsets,
                           "n_modes": min(ev.n_modes, counts["n_real"]), "seed": seed, "device": str(dev),
                           "timings_s": {"total_s": round(time.perf_counter() - t_start, 2)}}
     report["caveats"] = ["One set each, all images of each folder: no spread over seeds; compare only at equal n."]
+    if sizer is None:
+        report["caveats"].append(f"Crater-size figures skipped: {why}.")
     write_report(out, report, images)
     return report

@@ -140,11 +140,23 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     # the ceiling (real vs real) beats a model on coverage in pixel space
     assert report["models"]["train_split"]["pixels"]["coverage"]["mean"] >= 0.5
     for f in ("samples_base.png", "samples_finetuned.png", "samples_heldout.png", "tsne_pixels.png",
-              "tsne_random_cnn.png", "curves_finetuned.png", "report.md", "report.html"):
+              "tsne_random_cnn.png", "curves_finetuned.png", "sizes_sfd.png", "sizes_hist.png", "report.md",
+              "report.html", "size_estimator/size_estimator.npz"):
         assert (out / f).is_file(), f
-    assert _check_self_contained(out / "report.html") == 6
+    assert _check_self_contained(out / "report.html") == 8
+    # crater sizes: the estimator's validation, and per model the size figures (identical samples, identical
+    # figures); the held-out craters' shares from their catalogue diameters and from the estimator
+    sizes = report["sizes"]
+    assert sizes["estimator"]["n_train"] == 130 and sizes["estimator"]["r2_log10"] > 0.5
+    assert set(sizes["models"]) == {"base", "finetuned", "train_split"}
+    assert sizes["models"]["base"] == sizes["models"]["finetuned"]
+    assert 0.2 < sizes["heldout"]["share_ge100_true"] < 0.6
+    for k in ("share_ge100", "w1_log10", "kl_hist"):
+        stat = sizes["models"]["base"][k]
+        assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == 1, (k, stat)
     md = (out / "report.md").read_text()
     assert "## Features: random_cnn" in md and "| train_split |" in md and "realism logit" in md
+    assert "## Crater sizes" in md and "W1(log10 D)" in md and "held-out (catalogue)" in md
 
 
 def test_eval_errors_are_one_line(tmp_path, smoke_cfg):
