@@ -396,6 +396,8 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     report: dict = {"title": f"craterdiff evaluation: {generated_dir} vs {real_dir}", "models": {"generated": {}}}
     images: dict[str, Path] = {}
     counts = {}
+    # every extractor first, so that a bad name fails before any image is read
+    extractors = {n: build_extractor(n, input_size=ev.input_size, seed=seed, device=dev) for n in dict.fromkeys(features)}
     # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instrument is the
     # estimator fitted on the embedded Mars set's train split (the same 320 km tiles), also validated on
     # the real folder's catalogue diameters
@@ -409,8 +411,7 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
                                out / "size_estimator")
         coverage = {"generated": {}}
         large = torch.from_numpy(real_km >= LARGE_KM)
-    for ex_name in dict.fromkeys(features):
-        extractor = build_extractor(ex_name, input_size=ev.input_size, seed=seed, device=dev)
+    for ex_name, extractor in extractors.items():
         size = extractor.input_size
         real_img, _ = load_image_folder(real_dir, size=size, channels=3)  # the same sorted files as real_files
         gen_img, _ = load_image_folder(generated_dir, size=size, channels=3)
