@@ -43,10 +43,14 @@ def load_step_scales(model_dir: str | Path, num_steps: int) -> torch.Tensor | No
     return scales
 
 
-def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> Path:
-    """Write `DDPMPipeline(unet, scheduler)` to `path` atomically (temp dir, then rename)."""
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, *,
+                  step_scales: torch.Tensor | None = None) -> Path:
+    """Write `DDPMPipeline(unet, scheduler)` to `path` atomically (temp dir, then rename), with a SAC
+    run's per-step std factors (`noise_scale.json`) when given."""
     with atomic_directory(path) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        if step_scales is not None:
+            save_step_scales(tmp, step_scales.cpu())
     return Path(path)
 
 

@@ -277,14 +277,15 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         f_held = extract_features(extractor, heldout.images, batch_size=fb)
         f_train = extract_features(extractor, train.images, batch_size=fb)
         for seed in ev.seeds:
-            real = f_held[_subset(len(heldout), n_real, seed)]
+            held_idx = _subset(len(heldout), n_real, seed)
+            real = f_held[held_idx]
+            mask = large[held_idx] if large is not None and bool(large[held_idx].any()) else None
             kw = dict(features=ex_name, seed=int(seed), kid_subsets=ev.kid_subsets, n_modes=ev.n_modes)
             gens = {m: extract_features(extractor, s[seed], batch_size=fb) for m, s in samples.items()}
             ceiling = f_train[_subset(len(train), n_train, seed)]
             for m, g in {**gens, CEILING: ceiling}.items():
                 per_seed[m].setdefault(ex_name, []).append(evaluate_features(real, g, **kw))
-                mask = large[_subset(len(heldout), n_real, seed)] if large is not None else None
-                if mask is not None and bool(mask.any()):
+                if mask is not None:
                     coverage_large[m].setdefault(ex_name, []).append(subset_coverage(real, g, mask))
             if seed == ev.seeds[0]:
                 tsne_sets[ex_name] = (real, gens)

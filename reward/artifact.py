@@ -261,7 +261,8 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     except (yaml.YAMLError, KeyError, TypeError):
         raise CraterdiffError(f"reward artifact file '{meta_path}' is corrupted; rebuild the artifact") from None
     if fmt != REWARD_ARTIFACT_VERSION:
-        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads {REWARD_ARTIFACT_VERSION}; "
+        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads "
+                              f"{REWARD_ARTIFACT_VERSION}; "
                               f"rebuild it")
     if expect_extractor is not None and ex["name"] != expect_extractor:
         raise CraterdiffError(f"reward artifact '{path}' was built with extractor '{ex['name']}' but the config asks "

@@ -51,6 +51,17 @@ class PerPromptStatTracker:
             self.buffers[p].extend(vals)
 
 
+def discounted_sum(delta: Tensor, factor: float) -> Tensor:
+    """A_k = Σ_{l≥0} factor^l δ_{k+l} over the step axis of δ (T, B), computed backwards as
+    A_k = δ_k + factor · A_{k+1}; float64 (T, B)."""
+    out = torch.zeros_like(delta, dtype=torch.float64)
+    running = torch.zeros(delta.shape[1:], dtype=torch.float64)
+    for k in reversed(range(delta.shape[0])):
+        running = delta[k].double() + factor * running
+        out[k] = running
+    return out
+
+
 def gae(rewards: Tensor, values: Tensor, *, gamma: float, lam: float) -> Tensor:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16):
 
@@ -62,13 +73,8 @@ def gae(rewards: Tensor, values: Tensor, *, gamma: float, lam: float) -> Tensor:
     T = rewards.shape[0]
     if values.shape[0] != T + 1:
         raise ValueError(f"values must have T+1 = {T + 1} rows, got {values.shape[0]}")
-    adv = torch.zeros_like(rewards, dtype=torch.float64)
-    running = torch.zeros(rewards.shape[1:], dtype=torch.float64)
-    for k in reversed(range(T)):
-        delta = rewards[k].double() + gamma * values[k + 1].double() - values[k].double()
-        running = delta + gamma * lam * running
-        adv[k] = running
-    return adv
+    delta = rewards.double() + gamma * values[1:].double() - values[:-1].double()
+    return discounted_sum(delta, gamma * lam)
 
 
 def terminal_rewards(rewards: Tensor, num_steps: int) -> Tensor:

@@ -91,7 +91,7 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
         policy.to(device).eval().requires_grad_(False)
         scales = load_step_scales(path, cfg.sampler.num_steps)
         if scales is not None:
-            policy.load_step_scales(scales)
+            policy.use_step_scales(scales)
         policy.amp_dtype = amp_dtype
         return _policy_sampler(policy, cfg.sampler.batch_size)
 

@@ -29,7 +29,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
-from ddpm.pipeline import save_pipeline, save_step_scales
+from ddpm.pipeline import save_pipeline
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
 from utils import LoRASettings, SamplerConfig, autocast
@@ -142,11 +142,7 @@ class DiffusionPolicy(nn.Module):
             return torch.stack([s.detach() if (s := self.noise_scale(k)) is not None
                                 else torch.ones((), device=self.device) for k in range(self.num_actions)])
 
-    def _save_step_scales(self, model_dir: Path) -> None:
-        if self.log_noise_scale is not None:
-            save_step_scales(model_dir, self.step_scales().cpu())
-
-    def load_step_scales(self, scales: Tensor) -> None:
+    def use_step_scales(self, scales: Tensor) -> None:
         """Sample with saved factors e^ζ_k (T,) (a SAC run's model), frozen."""
         self.enable_noise_scale(max_log_scale=float("inf"), trainable=False)
         with torch.no_grad():
@@ -274,8 +270,7 @@ class DiffusionPolicy(nn.Module):
         adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
         path = Path(path)
         if pipeline:
-            save_pipeline(self.merged_unet(), self.scheduler, path / "model")
-            self._save_step_scales(path / "model")
+            save_pipeline(self.merged_unet(), self.scheduler, path / "model", step_scales=self.step_scales())
         if self.mode == "lora":
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
-from rl.advantages import Critic, clip_advantages, critic_values, fit_critic, terminal_rewards
+from rl.advantages import Critic, clip_advantages, critic_values, discounted_sum, fit_critic, terminal_rewards
 from rl.objectives import reinforce_loss
 from rl.policy import DiffusionPolicy
 from rl.update import Accumulator, StepLoss, UpdateStats, two_pass
@@ -65,13 +65,7 @@ def soft_lambda_return(one_step: Tensor, values: Tensor, *, gamma: float, lam: f
 
     one_step: (T, B); values: (T, B) V_ψ(s_k). Returns (T, B) float64; computed backwards,
     A_k = δ_k + γλ A_{k+1}."""
-    delta = one_step.double() - values.double()
-    adv = torch.zeros_like(delta)
-    running = torch.zeros(delta.shape[1:], dtype=torch.float64)
-    for k in reversed(range(delta.shape[0])):
-        running = delta[k] + gamma * lam * running
-        adv[k] = running
-    return adv + values.double()
+    return discounted_sum(one_step.double() - values.double(), gamma * lam) + values.double()
 
 
 def polyak_update(target: nn.Module, source: nn.Module, *, tau: float) -> None:

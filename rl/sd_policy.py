@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ddpm.pipeline import save_step_scales
 from ddpm.sampling import Trajectory
 from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
 from rl.policy import DiffusionPolicy
@@ -127,4 +128,5 @@ class StableDiffusionPolicy(DiffusionPolicy):
                                         unet=self.merged_unet(), scheduler=self.scheduler, safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False
                                         ).save_pretrained(tmp, safe_serialization=True)
-                self._save_step_scales(tmp)
+                if self.log_noise_scale is not None:
+                    save_step_scales(tmp, self.step_scales().cpu())
