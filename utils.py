@@ -229,9 +229,10 @@ class DatasetBuildConfig:
 @dataclass(frozen=True)
 class FeaturesConfig:
     """The feature extractor φ the diversity metrics work in."""
-    name: Literal["efficientnet_lite0", "clip", "dinov2", "random_cnn", "pixels", "inception"] = _f(
+    name: Literal["efficientnet_lite0", "clip", "dinov2", "random_cnn", "pixels", "radial_profile", "inception"] = _f(
         "efficientnet_lite0", "ImageNet EfficientNet-Lite0 (default, from site-packages); clip / dinov2 from a "
-                              "local directory; random_cnn (fixed seed); pixels (tests); inception from a weights file")
+                              "local directory; random_cnn (fixed seed); pixels (tests); radial_profile (ring "
+                              "statistics about the tile centre, sees crater size); inception from a weights file")
     input_size: Optional[int] = _f(None, "side images are resized to before the network (null: the extractor's "
                                          "default; 64 for efficientnet_lite0 on CPU, 224 native)", ge=8)
     path: Optional[str] = _f(None, "local model directory (clip, dinov2) or weights file (inception)")
@@ -252,6 +253,8 @@ class RewardWeights:
     fid: float = _f(0.0, "Fréchet distance to the reference on PCA features, leave-one-out credit", ge=0.0)
     ot: float = _f(1.0, "optimal transport of the batch onto the reference: minus each sample's carried cost",
                    ge=0.0)
+    size: float = _f(0.0, "MMD of the log crater diameters (template matching) to the reference's, leave-one-out "
+                          "credit: rewards the crater sizes the batch lacks", ge=0.0)
     realism: float = _f(0.0, "logit of the learned realism scorer", ge=0.0)
 
 

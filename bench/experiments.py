@@ -16,8 +16,9 @@ Sets:
   MMD + GP-MI reward): every UNet weight (`full`, the default), LoRA adapters, the latent drift
   net, the sampler-schedule policy (`MODES`; each with its own learning rate).
 * `tune`: the levers tried to meet the target (docs/design.md, "Measured warning": the step size and the
-  reward decide): KL to the base model, the realism term, and one-to-one (minibatch) OT matching,
-  each a set of --set overrides on `configs/default.yaml` (`TUNING`).
+  reward decide): KL to the base model, the realism term, one-to-one (minibatch) OT matching, and the
+  crater-size levers (the `size` reward at several step sizes), each a set of --set overrides on
+  `configs/default.yaml` (`TUNING`).
 
 Every variant is fine-tuned once per training seed into RUNS/<set>/<variant>/seed_<s>; a finished
 run (model/ saved) is reused, an interrupted one resumed from its last checkpoint, so the command
@@ -66,6 +67,12 @@ TUNING = {
     # drifted most (per-state KL to the base ≈ 1 there, ≤ 0.2 at every stochastic step)
     "ot_final": (*OT_ONLY, "rl.kl_final_coef=1.0"),
     "mi_final": ("reward.weights.mmd=0.0", "reward.weights.ot=0.0", "reward.weights.mi=1.0", "rl.kl_final_coef=1.0"),
+    # the crater-size levers (docs/design.md, "Measured warning"): the default reward plus the `size` component,
+    # at the default step size, a larger one, and twice the iterations
+    "size1": ("reward.weights.size=1.0",),
+    "size3": ("reward.weights.size=3.0",),
+    "size3_lr1e-4": ("reward.weights.size=3.0", "rl.lr=1e-4"),
+    "size3_it50": ("reward.weights.size=3.0", "rl.iterations=50"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
 from evaluation.report import size_plots, training_curves, tsne_plot, write_report
-from evaluation.sizes import (LARGE_KM, META_FILE, SizeEstimator, fit_size_estimator, folder_diameters, images_sha256,
-                              load_size_estimator, save_size_estimator, share_large, size_figures, subset_coverage)
+from evaluation.sizes import (LARGE_KM, META_FILE, SizeEstimator, TemplateInstrument, fit_size_estimator,
+                              folder_diameters, images_sha256, load_size_estimator, save_size_estimator, share_large,
+                              size_figures, subset_coverage, template_instrument)
 from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,
                    resolve_path, save_image_grid)
 
@@ -182,22 +183,41 @@ def size_estimator(train: ImageSet, heldout: ImageSet, path: Path) -> SizeEstima
     return est
 
 
-def _size_report(est: SizeEstimator, path: Path, sizes: dict[str, list], reference: np.ndarray,
+@dataclass
+class SizeMeasure:
+    """One instrument's sizes D̂ km: of every model's samples per seed, and of the held-out craters."""
+    models: dict[str, list[np.ndarray]]
+    heldout: np.ndarray
+
+
+def measure_sizes(instrument, sets: Mapping[str, Sequence[Tensor]], heldout: Tensor) -> SizeMeasure:
+    """`instrument.predict_km` of every model's image sets and of the held-out craters."""
+    return SizeMeasure({m: [instrument.predict_km(x) for x in xs] for m, xs in sets.items()},
+                       instrument.predict_km(heldout))
+
+
+def _size_report(est: SizeEstimator, path: Path, ridge: SizeMeasure, tm: TemplateInstrument, templates: SizeMeasure,
                  heldout_true: np.ndarray | None, coverage: dict[str, dict[str, list[float]]]) -> dict:
-    """report["sizes"]: the estimator's validation, the held-out shares, and per model the size figures
-    over seeds (`size_figures` against the estimated held-out sizes) and coverage of the large craters."""
+    """report["sizes"]: both instruments' validations, the held-out shares, and per model the size
+    figures over seeds (`size_figures` against the held-out craters' sizes by the same instrument; the
+    template matcher's with the suffix `_templates`) and coverage of the large craters."""
     models = {}
-    for m, per_seed in sizes.items():
-        figs = [size_figures(d, reference) for d in per_seed]
-        models[m] = {k: summarize([f[k] for f in figs]) for k in figs[0]}
+    for m in ridge.models:
+        for measure, suffix in ((ridge, ""), (templates, "_templates")):
+            figs = [size_figures(d, measure.heldout) for d in measure.models[m]]
+            models.setdefault(m, {}).update({k + suffix: summarize([f[k] for f in figs]) for k in figs[0]})
         if coverage.get(m):
             models[m]["coverage_ge100"] = {ex: summarize(v) for ex, v in coverage[m].items()}
-    held = {"n": int(len(reference)), "share_ge100_estimated": share_large(reference)}
+    held = {"n": int(len(ridge.heldout)), "share_ge100_estimated": share_large(ridge.heldout),
+            "share_ge100_templates": share_large(templates.heldout)}
     if heldout_true is not None:
         held["share_ge100_true"] = share_large(heldout_true)
     return {"estimator": {"path": str(path), "r2_log10": est.heldout_r2, "mae_log10": est.heldout_mae,
                           "n_train": est.n_train, "n_heldout": est.n_heldout, "ridge_alpha": est.alpha,
                           "train_sha256": est.train_sha256},
+            "templates": {"light_azimuth_deg": tm.matcher.azimuth_deg, "light_elevation_deg": tm.matcher.elevation_deg,
+                          "light_peak_ncc": tm.light_peak_ncc, "r2_log10": tm.heldout_r2, "mae_log10": tm.heldout_mae,
+                          "spearman": tm.heldout_spearman, "n_heldout": tm.n_heldout},
             "large_km": LARGE_KM, "heldout": held, "models": models}
 
 
@@ -253,6 +273,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
             from None
     extractors = {name: _build_extractor(cfg, name, device) for name in ev.extractors}  # fail early on bad names
     sizer = size_estimator(train, heldout, out / "size_estimator")
+    matcher = (template_instrument(train.images, heldout.images, heldout.diameters_km.double().numpy())
+               if sizer is not None else None)
     large = (heldout.diameters_km >= LARGE_KM) if heldout.diameters_km is not None else None
 
     # 1. samples: every model, every seed, the same seeds
@@ -298,13 +320,13 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in per_seed.items()},
     }
 
-    # 3. crater sizes: the estimator's sizes of every sample, against the held-out craters' (same instrument)
-    size_sets: dict[str, list] = {}
+    # 3. crater sizes by both instruments, each against the held-out craters' sizes by the same instrument
+    ridge = None
     if sizer is not None:
-        size_sets = {m: [sizer.predict_km(s[seed]) for seed in ev.seeds] for m, s in samples.items()}
-        size_sets[CEILING] = [sizer.predict_km(train.images[_subset(len(train), n_train, seed)]) for seed in ev.seeds]
-        reference = sizer.predict_km(heldout.images)
-        report["sizes"] = _size_report(sizer, out / "size_estimator", size_sets, reference,
+        sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
+        sets[CEILING] = [train.images[_subset(len(train), n_train, seed)] for seed in ev.seeds]
+        ridge, templates = measure_sizes(sizer, sets, heldout.images), measure_sizes(matcher, sets, heldout.images)
+        report["sizes"] = _size_report(sizer, out / "size_estimator", ridge, matcher, templates,
                                        heldout.diameters_km.double().numpy(), coverage_large)
 
     # 4. realism logits (the run's reward artifact)
@@ -324,8 +346,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     for m, s in samples.items():
         images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
                                                                  scale=2)
-    if size_sets:
-        images.update(size_plots(size_sets, heldout.diameters_km.double().numpy(), reference, out))
+    if ridge is not None:
+        images.update(size_plots(ridge.models, heldout.diameters_km.double().numpy(), ridge.heldout, out))
     if ev.tsne:
         for ex_name, (real, gens) in tsne_sets.items():
             images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
@@ -408,8 +430,10 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     if real_km is None:
         tqdm.write(f"size figures skipped: {why} (columns file, diameter_km)")
     else:
-        sizer = size_estimator(load_image_set(MARS_32, "train"), load_image_set(MARS_32, "heldout"),
-                               out / "size_estimator")
+        mars_train, mars_heldout = load_image_set(MARS_32, "train"), load_image_set(MARS_32, "heldout")
+        sizer = size_estimator(mars_train, mars_heldout, out / "size_estimator")
+        matcher = template_instrument(mars_train.images, mars_heldout.images,
+                                      mars_heldout.diameters_km.double().numpy())
         coverage = {"generated": {}}
         large = torch.from_numpy(real_km >= LARGE_KM)
     for ex_name, extractor in extractors.items():
@@ -435,13 +459,14 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
                                                              out / f"tsne_{_file_name(ex_name)}.png", seed=seed)
     if sizer is not None:
         gen_small, _ = load_image_folder(generated_dir, size=32, channels=1)
-        reference = sizer.predict_km(real_small)
-        d_gen = sizer.predict_km(gen_small)
-        report["sizes"] = _size_report(sizer, out / "size_estimator", {"generated": [d_gen]}, reference, real_km,
-                                       coverage)
+        ridge = measure_sizes(sizer, {"generated": [gen_small]}, real_small)
+        templates = measure_sizes(matcher, {"generated": [gen_small]}, real_small)
+        report["sizes"] = _size_report(sizer, out / "size_estimator", ridge, matcher, templates, real_km, coverage)
         r2, mae = sizer.validate(real_small, real_km)
-        report["sizes"]["real_folder_validation"] = {"r2_log10": r2, "mae_log10": mae, "n": int(len(real_km))}
-        images.update(size_plots({"generated": [d_gen]}, real_km, reference, out))
+        r2_t, mae_t = matcher.validate(real_small, real_km)
+        report["sizes"]["real_folder_validation"] = {"r2_log10": r2, "mae_log10": mae, "r2_log10_templates": r2_t,
+                                                     "mae_log10_templates": mae_t, "n": int(len(real_km))}
+        images.update(size_plots(ridge.models, real_km, ridge.heldout, out))
     else:
         report["sizes_skipped"] = why
     report["settings"] = {"real": str(real_dir), "generated": str(generated_dir), **counts,

@@ -5,13 +5,11 @@ the evaluation measures the sizes of generated craters with an instrument fitted
 train split's `diameter_km` (metadata.csv) and validated on the held-out split, never on generated
 images. The instrument is classical and written by hand (no library fits crater sizes from tiles):
 
-    φ(x) = [ĝ_0..ĝ_R, Î_0..Î_R, ŝ_0..ŝ_R]     radial profiles about the tile centre, R + 1 rings
+    φ(x) = [ĝ_0..ĝ_R, Î_0..Î_R, ŝ_0..ŝ_R]     radial profiles about the tile centre (reward/profiles.py)
     log10 D̂ = w·(φ(x) − mean) / std + b      ridge regression (sklearn's RidgeCV picks the penalty)
 
-with ĝ_r the ring mean of the gradient magnitude |∇x| over its image mean (a rim is a ring of steep
-slopes), Î_r the ring mean of intensity and ŝ_r the ring std, both over the image's std (the shaded
-relief's bright and dark rim halves). Rings are fixed fractions of the half-width, so a tile of any
-pixel size maps to the same kilometres (the Mars tiles are a fixed 320 km window). The features are
+with ĝ_r, Î_r, ŝ_r the ring means of slope and intensity and the ring std. Rings are fixed fractions of
+the half-width, so a tile of any pixel size maps to the same kilometres. The features are
 invariant to the tile's 8 rotations and flips by construction (tested), which is the rotation and
 flip augmentation the estimator needs; arbitrary-angle rotations were tried and lowered the
 held-out R² (0.61 -> 0.57: the rotated corners are interpolated from reflections).
@@ -32,10 +30,12 @@ import torch
 from torch import Tensor
 
 from evaluation.metrics import knn_radii
+from reward.profiles import RINGS, radial_profile_features
+from reward.templates import TemplateMatcher, calibrate_light
 from utils import CraterdiffError, atomic_directory, first_line
 
-RINGS = 16
-"""Radial rings of the profile features (the corner beyond the inscribed circle is one more)."""
+WINDOW_KM = 320.0
+"""Side of the embedded Mars tiles on the ground (data/mars_craters/README.md): D km = d · WINDOW_KM."""
 LARGE_KM = 100.0
 """Diameter from which a crater counts as large (the mode the base model under-covers)."""
 HIST_EDGES_LOG10 = tuple(np.linspace(math.log10(40.0), math.log10(320.0), 13).tolist())
@@ -47,47 +47,6 @@ FORMAT = "craterdiff.size_estimator"
 # ----------------------------------------------------------------------------------------------
 # The instrument
 # ----------------------------------------------------------------------------------------------
-
-def _gray(images: Tensor) -> Tensor:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W) float64; RGB by BT.601 luma."""
-    x = images.detach().to("cpu", torch.float64)
-    if x.shape[1] == 3:
-        x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    return x[:, 0]
-
-
-def ring_index(size: int, rings: int = RINGS) -> Tensor:
-    """(size, size) long: the ring of each pixel, floor(r / (size/2) · rings), r from the tile centre
-    ((size − 1)/2, (size − 1)/2); pixels beyond the inscribed circle share ring `rings`."""
-    c = (size - 1) / 2
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
-                            indexing="ij")
-    r = ((yy - c) ** 2 + (xx - c) ** 2).sqrt()
-    return (r / (size / 2) * rings).long().clamp(max=rings)
-
-
-def radial_profile_features(images: Tensor, *, rings: int = RINGS) -> Tensor:
-    """φ(x): (N, C, H, W) square tiles in [-1, 1] -> (N, 3 (rings + 1)) float64, as in the module
-    docstring (gradient by central differences, `torch.gradient`)."""
-    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be (N, C, H, W) square tiles, got shape {tuple(images.shape)}")
-    x = _gray(images)                                                  # (N, H, W)
-    gy, gx = torch.gradient(x, dim=(1, 2))
-    g = (gx ** 2 + gy ** 2).sqrt()
-    ring = ring_index(x.shape[-1], rings).flatten()                    # (H·W,)
-    onehot = torch.nn.functional.one_hot(ring, rings + 1).double()     # (H·W, R+1)
-    count = onehot.sum(0)                                              # (R+1,)
-
-    def ring_mean(v: Tensor) -> Tensor:                                # (N, H, W) -> (N, R+1)
-        return v.flatten(1) @ onehot / count
-
-    mean_i, mean_i2 = ring_mean(x), ring_mean(x ** 2)
-    std_img = x.flatten(1).std(1, keepdim=True).clamp_min(1e-8)        # (N, 1)
-    g_hat = ring_mean(g) / ring_mean(g).mean(1, keepdim=True).clamp_min(1e-8)
-    i_hat = (mean_i - mean_i.mean(1, keepdim=True)) / std_img
-    s_hat = (mean_i2 - mean_i ** 2).clamp_min(0).sqrt() / std_img
-    return torch.cat([g_hat, i_hat, s_hat], dim=1)
-
 
 def r_squared(pred: np.ndarray, target: np.ndarray) -> float:
     """R² = 1 − Σ (ŷ − y)² / Σ (y − ȳ)²."""
@@ -111,7 +70,7 @@ class SizeEstimator:
 
     def predict_log10(self, images: Tensor) -> np.ndarray:
         """log10 D̂ (N,) of (N, C, H, W) tiles in [-1, 1]."""
-        phi = radial_profile_features(images, rings=self.rings).numpy()
+        phi = radial_profile_features(images.detach().cpu(), rings=self.rings).numpy()
         return (phi - self.feature_mean) / self.feature_std @ self.coef + self.intercept
 
     def predict_km(self, images: Tensor) -> np.ndarray:
@@ -139,7 +98,7 @@ def fit_size_estimator(train_images: Tensor, train_km: np.ndarray, heldout_image
     if len(train_images) < 8:
         raise CraterdiffError(f"the size estimator needs at least 8 train craters with diameters, got "
                               f"{len(train_images)}")
-    phi = radial_profile_features(train_images, rings=rings).numpy()
+    phi = radial_profile_features(train_images.detach().cpu(), rings=rings).numpy()
     mean, std = phi.mean(0), phi.std(0) + 1e-8
     y = np.log10(np.asarray(train_km, dtype=np.float64))
     ridge = RidgeCV(alphas=np.logspace(-3, 3, 25)).fit((phi - mean) / std, y)
@@ -179,6 +138,46 @@ def load_size_estimator(path: Path) -> SizeEstimator:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CraterdiffError(f"cannot read the size estimator in '{path}' ({first_line(e)}); {redo}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The second instrument: template matching
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TemplateInstrument:
+    """The matched filter of reward/templates.py in km, with its validation on held-out craters. It is
+    fitted to no diameters (only its sun direction is chosen, on the train images), so it judges a
+    reward built on the ridge estimator, and the estimator judges the `size` reward built on it."""
+    matcher: TemplateMatcher
+    light_peak_ncc: float
+    window_km: float = WINDOW_KM
+    heldout_r2: float = float("nan")
+    heldout_mae: float = float("nan")
+    heldout_spearman: float = float("nan")
+    n_heldout: int = 0
+
+    def predict_km(self, images: Tensor) -> np.ndarray:
+        """D̂ in km (N,)."""
+        return self.matcher.predict_km(images, window_km=self.window_km)
+
+    def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
+        """(R², MAE) of log10 D̂ against known diameters."""
+        pred, y = np.log10(self.predict_km(images)), np.log10(np.asarray(diameters_km, dtype=np.float64))
+        return r_squared(pred, y), float(np.abs(pred - y).mean())
+
+
+def template_instrument(train_images: Tensor, heldout_images: Tensor, heldout_km: np.ndarray) -> TemplateInstrument:
+    """The template matcher with its sun direction calibrated on the train images (no diameters used),
+    validated on the held-out craters (R², MAE of log10 D, Spearman ρ of D)."""
+    from scipy.stats import spearmanr
+
+    azimuth, elevation, peak = calibrate_light(train_images)
+    inst = TemplateInstrument(TemplateMatcher(azimuth_deg=azimuth, elevation_deg=elevation), light_peak_ncc=peak)
+    inst.heldout_r2, inst.heldout_mae = inst.validate(heldout_images, heldout_km)
+    inst.heldout_spearman = float(spearmanr(inst.predict_km(heldout_images), heldout_km).statistic)
+    inst.n_heldout = len(heldout_images)
+    return inst
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Artifact directory:
 |---|---|
 | `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, reference description, realism metrics, SHA-256 of every file below |
 | `reference_features.npy` | φ(Y), (m, D) float64, loaded with allow_pickle=False |
+| `reference_sizes.npy` | log10 d̂(Y), (m,) float64: the reference craters' sizes by template matching (reward/templates.py) |
 | `pca.npz` | the PCA fitted on φ(Y) (mean, components, explained variance), allow_pickle=False |
 | `realism.safetensors` | the realism CNN (only when trained) |
 
@@ -29,18 +30,19 @@ from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, median_bandwidth, mmd2_unbiased_loo, \
     ot_rewards
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
+from reward.templates import TemplateMatcher, calibrate_light
 from utils import CraterdiffError, atomic_directory
 
-REWARD_ARTIFACT_VERSION = 1
-DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot")
-FILES = ("reference_features.npy", "pca.npz", "realism.safetensors")
+REWARD_ARTIFACT_VERSION = 2
+DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "size")
+FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors")
 
 
 @dataclass
 class RewardOutput:
     """rewards: (n,) composite reward; components: per-sample reward of each component (n,),
     higher = better; values: each component's set-level statistic (MMD², MI, entropy, FID, OT cost,
-    mean realism logit) for logging."""
+    MMD² of the log sizes, mean realism logit) for logging."""
     rewards: Tensor
     components: dict[str, Tensor]
     values: dict[str, float] = field(default_factory=dict)
@@ -54,15 +56,21 @@ class RewardModel:
     """images (n, C, H, W) in [-1, 1] -> RewardOutput, frozen.
 
     Set-level components are computed on the whole batch against the reference features φ(Y);
-    each sample is credited its leave-one-out marginal (OT: minus the cost it carries).
+    each sample is credited its leave-one-out marginal (OT: minus the cost it carries). The `size`
+    component is the MMD of the batch's log crater sizes s = log10 d̂(x) (template matching, `sizer`)
+    to the reference's, a 1-d space in which only the crater's size counts.
     """
 
     def __init__(self, *, extractor: FeatureExtractor, reference: Tensor, bandwidth: float, pca: PCA,
                  weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
+                 sizer: TemplateMatcher, size_reference: Tensor, size_bandwidth: float,
                  ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None):
         self.extractor = extractor
         self.reference = reference.double()  # φ(Y): (m, D)
         self.bandwidth = float(bandwidth)
+        self.sizer = sizer
+        self.size_reference = size_reference.double()  # log10 d̂(Y): (m,)
+        self.size_bandwidth = float(size_bandwidth)
         self.pca = pca
         self.reference_pca = pca.project(self.reference)  # (m, k)
         self.weights = dict(weights)
@@ -85,6 +93,10 @@ class RewardModel:
     def features(self, images: Tensor, *, batch_size: int = 64) -> Tensor:
         """φ(X): (n, D) float64 on the CPU."""
         return extract_features(self.extractor, images, batch_size=batch_size).double()
+
+    def sizes(self, images: Tensor) -> Tensor:
+        """s = log10 d̂(x) (n,) float64: each image's crater diameter as a fraction of the tile width."""
+        return self.sizer.log10_fraction(images)
 
     def realism_logits(self, images: Tensor) -> Tensor:
         """(n,) logits of the realism scorer (higher = more like the reference craters)."""
@@ -109,9 +121,10 @@ class RewardModel:
         idx = torch.randperm(m, generator=generator or self._generator)[:n]
         return self.reference[idx.to(self.reference.device)]
 
-    def score(self, feats: Tensor, *, realism: Tensor | None = None,
+    def score(self, feats: Tensor, *, sizes: Tensor | None = None, realism: Tensor | None = None,
               generator: torch.Generator | None = None) -> RewardOutput:
-        """The reward of a batch from its features φ(X) (n, D) and, optionally, realism logits (n,).
+        """The reward of a batch from its features φ(X) (n, D) and, optionally, log sizes (n,)
+        (`sizes`; needed when the `size` weight is > 0) and realism logits (n,).
 
         `generator` draws the OT reference subset when `ot_match` is 'minibatch' (see `ot_reference`).
         With several processes, gather every process's features first: the components are
@@ -130,6 +143,9 @@ class RewardModel:
             "ot": ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
                              reg=self.ot_reg),
         }
+        if sizes is not None:
+            results["size"] = mmd2_unbiased_loo(sizes.double()[:, None], self.size_reference[:, None],
+                                                bandwidth=self.size_bandwidth)
         components = {name: r.rewards.double() for name, r in results.items()}
         values = {name: float(r.value) for name, r in results.items()}
         if realism is not None:
@@ -140,7 +156,7 @@ class RewardModel:
     def __call__(self, images: Tensor, *, generator: torch.Generator | None = None) -> RewardOutput:
         feats = self.features(images)
         logits = self.realism_logits(images) if self.realism is not None else None
-        return self.score(feats, realism=logits, generator=generator)
+        return self.score(feats, sizes=self.sizes(images), realism=logits, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +184,10 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
         raise CraterdiffError(f"the reward reference needs at least 8 images, got {m}: add reference images")
     bandwidth = r.bandwidth_scale * float(median_bandwidth(ref))
     pca = fit_pca(ref, k=min(r.pca_dim, m - 1, ref.shape[1]))
+    azimuth, elevation, peak = calibrate_light(reference_images)
+    sizer = TemplateMatcher(azimuth_deg=azimuth, elevation_deg=elevation)
+    size_ref = sizer.log10_fraction(reference_images)
+    size_bandwidth = float(median_bandwidth(size_ref[:, None]))
     realism, realism_info = None, {"enabled": False}
     if r.realism.enabled:
         from reward.realism import train_realism
@@ -179,10 +199,11 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
                                          width=r.realism.width, seed=cfg.seed, progress=progress)
         realism_info = {"enabled": True, **{k: _plain(v) for k, v in vars(metrics).items()}}
     info = {"reference": dict(reference_info or {}, n=m), "realism": realism_info,
-            "extractor_path": r.features.path, "extractor_seed": cfg.seed}
+            "extractor_path": r.features.path, "extractor_seed": cfg.seed, "size_light_peak_ncc": peak}
     return RewardModel(extractor=extractor, reference=ref, bandwidth=bandwidth, pca=pca,
                        weights=vars(r.weights).copy(), mi_noise=r.mi_noise, knn_k=r.knn_k,
-                       ot_method=r.ot_method, ot_reg=r.ot_reg, ot_match=r.ot_match, realism=realism, info=info)
+                       ot_method=r.ot_method, ot_reg=r.ot_reg, sizer=sizer, size_reference=size_ref,
+                       size_bandwidth=size_bandwidth, ot_match=r.ot_match, realism=realism, info=info)
 
 
 def _plain(v):
@@ -206,6 +227,7 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
     path = Path(path)
     with atomic_directory(path) as tmp:
         np.save(tmp / "reference_features.npy", model.reference.numpy())
+        np.save(tmp / "reference_sizes.npy", model.size_reference.numpy())
         np.savez(tmp / "pca.npz", mean=model.pca.mean.numpy(), components=model.pca.components.numpy(),
                  explained_variance=model.pca.explained_variance.numpy(),
                  total_variance=np.float64(model.pca.total_variance))
@@ -223,6 +245,8 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
                     "explained_variance_ratio": float(model.pca.explained_variance_ratio)},
             "knn_k": model.knn_k,
             "ot": {"method": model.ot_method, "reg": model.ot_reg, "match": model.ot_match},
+            "size": {"light_azimuth_deg": model.sizer.azimuth_deg, "light_elevation_deg": model.sizer.elevation_deg,
+                     "light_peak_ncc": model.info.get("size_light_peak_ncc"), "bandwidth": model.size_bandwidth},
             "reference": model.info.get("reference", {}),
             "realism": model.info.get("realism", {"enabled": False}),
             "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},
@@ -276,6 +300,10 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
             raise CraterdiffError(f"reward artifact file '{f}' is corrupted (checksum mismatch); rebuild the artifact")
     try:
         reference = torch.from_numpy(np.load(path / "reference_features.npy", allow_pickle=False))
+        size_reference = torch.from_numpy(np.load(path / "reference_sizes.npy", allow_pickle=False))
+        size = meta["size"]
+        sizer = TemplateMatcher(azimuth_deg=float(size["light_azimuth_deg"]),
+                                elevation_deg=float(size["light_elevation_deg"]))
         with np.load(path / "pca.npz", allow_pickle=False) as z:
             pca = PCA(mean=torch.from_numpy(z["mean"]), components=torch.from_numpy(z["components"]),
                       explained_variance=torch.from_numpy(z["explained_variance"]),
@@ -289,8 +317,10 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
                               f"but the reference has {reference.shape[1]}; rebuild the artifact")
     realism = load_realism(path / "realism.safetensors") if meta.get("realism", {}).get("enabled") else None
     info = {"reference": meta.get("reference", {}), "realism": meta.get("realism", {}),
-            "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0)}
+            "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0),
+            "size_light_peak_ncc": size.get("light_peak_ncc")}
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
-                       ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"],
+                       ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
+                       size_reference=size_reference, size_bandwidth=float(size["bandwidth"]),
                        ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info)

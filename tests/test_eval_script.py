@@ -151,12 +151,17 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     assert set(sizes["models"]) == {"base", "finetuned", "train_split"}
     assert sizes["models"]["base"] == sizes["models"]["finetuned"]
     assert 0.2 < sizes["heldout"]["share_ge100_true"] < 0.6
-    for k in ("share_ge100", "w1_log10", "kl_hist"):
+    # the second instrument, the template matcher, validated too and reported beside the estimator
+    assert sizes["templates"]["spearman"] > 0.8 and sizes["templates"]["n_heldout"] == 131
+    assert 0.2 < sizes["heldout"]["share_ge100_templates"] < 0.6
+    for k in ("share_ge100", "w1_log10", "kl_hist", "share_ge100_templates", "w1_log10_templates",
+              "kl_hist_templates"):
         stat = sizes["models"]["base"][k]
         assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == 1, (k, stat)
     md = (out / "report.md").read_text()
     assert "## Features: random_cnn" in md and "| train_split |" in md and "realism logit" in md
     assert "## Crater sizes" in md and "W1(log10 D)" in md and "held-out (catalogue)" in md
+    assert "share ≥ 100 km (templates)" in md and "template matcher" in md
 
 
 def test_eval_errors_are_one_line(tmp_path, smoke_cfg):

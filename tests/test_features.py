@@ -77,6 +77,7 @@ CASES = {
     "efficientnet_lite0": ({}, 1280),
     "random_cnn": ({}, 512),
     "pixels": ({}, 3 * 16 * 16),
+    "radial_profile": ({}, 51),
     "clip": ({}, 16),
     "dinov2": ({"input_size": 28}, 32),
     "inception": ({"input_size": 32}, 3),
@@ -206,6 +207,17 @@ def test_pixels_are_the_image_itself(extractors):
     x = _images((2, 3, 16, 16), seed=5)
     torch.testing.assert_close(extract_features(extractors["pixels"], x), x.flatten(1), rtol=0, atol=1e-6)
     assert build_extractor("pixels", input_size=8).dim == 3 * 8 * 8
+
+
+def test_radial_profile_is_the_ring_statistics_of_the_tile(extractors):
+    """At the native size the extractor is reward/profiles.py's φ of the tile itself; a grayscale tile and
+    its 3-channel copy give the same features."""
+    from reward.profiles import radial_profile_features
+
+    x = _images((3, 1, 32, 32), seed=6)
+    got = extract_features(extractors["radial_profile"], x)
+    torch.testing.assert_close(got, radial_profile_features(x).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extract_features(extractors["radial_profile"], x.expand(-1, 3, -1, -1)), got)
 
 
 def _by_hand(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:

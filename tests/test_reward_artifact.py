@@ -52,7 +52,7 @@ def test_save_load_gives_identical_rewards(built):
     loaded = reward.load(path, expect_extractor="pixels")
     rewards2, components2 = loaded(batch)
     assert torch.equal(rewards, rewards2)
-    assert set(components) == {"mmd", "mi", "knn_entropy", "fid", "ot", "realism"}
+    assert set(components) == {"mmd", "mi", "knn_entropy", "fid", "ot", "size", "realism"}
     for k in components:
         assert torch.equal(components[k], components2[k]), k
     assert rewards.shape == (16,) and torch.isfinite(rewards).all()
@@ -76,7 +76,7 @@ def test_other_extractor_is_refused(built):
         reward.load(path, expect_extractor="efficientnet_lite0")
 
 
-@pytest.mark.parametrize("victim", ["reference_features.npy", "pca.npz", "realism.safetensors"])
+@pytest.mark.parametrize("victim", ["reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors"])
 def test_corrupted_or_missing_file_is_refused(built, tmp_path, victim):
     import shutil
     _, path = built
@@ -108,10 +108,11 @@ def test_realism_weight_without_scorer_is_refused():
 def test_train_reward_model_script_smoke(tmp_path, smoke_cfg):
     proc = run_script("scripts.train_reward_model", "--cfg", smoke_cfg, "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for f in ("reward.yaml", "reference_features.npy", "pca.npz", "realism.safetensors"):
+    for f in ("reward.yaml", "reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors"):
         assert (tmp_path / "reward" / f).is_file(), f
     ref = np.load(tmp_path / "reward" / "reference_features.npy")
     assert ref.shape == (130, 1280)  # the train split, EfficientNet-Lite0 pooled features
+    assert np.load(tmp_path / "reward" / "reference_sizes.npy").shape == (130,)
     model = reward.load(tmp_path / "reward", expect_extractor="efficientnet_lite0")
     assert model.info["realism"]["enabled"] and 0.0 <= model.info["realism"]["heldout_auc"] <= 1.0
     # a config asking for another extractor is refused with one line

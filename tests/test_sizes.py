@@ -13,9 +13,10 @@ from scipy.stats import spearmanr
 from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from evaluation.metrics import prdc
-from evaluation.sizes import (HIST_EDGES_LOG10, RINGS, cumulative_counts, fit_size_estimator, kl_histograms,
-                              load_size_estimator, radial_profile_features, ring_index, save_size_estimator,
+from evaluation.sizes import (HIST_EDGES_LOG10, cumulative_counts, fit_size_estimator, kl_histograms,
+                              load_size_estimator, save_size_estimator,
                               share_large, size_histogram, subset_coverage, wasserstein_log10)
+from reward.profiles import RINGS, radial_profile_features, ring_index
 from utils import CraterdiffError
 
 
