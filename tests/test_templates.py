@@ -117,3 +117,16 @@ def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path):
     assert (loaded.sizer.azimuth_deg, loaded.sizer.elevation_deg) == (model.sizer.azimuth_deg,
                                                                      model.sizer.elevation_deg)
     assert torch.equal(loaded(batch).components["size"], out.components["size"])
+
+
+def test_references_of_one_crater_size_still_build():
+    """All reference craters of one diameter: the size bandwidth falls back to one template step."""
+    from reward.artifact import build_reward_model
+    from utils import load_config
+    from .conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["reward.features.name=pixels", "reward.realism.enabled=false"])
+    ref = torch.cat([_crater(0.4, seed=i) for i in range(12)])
+    model = build_reward_model(cfg, reference_images=ref, fake_images=None)
+    assert model.size_bandwidth == pytest.approx(float(np.diff(np.log10(template_diameters()))[0]))
+    assert torch.isfinite(model(torch.cat([_crater(0.2, seed=50 + i) for i in range(8)])).components["size"]).all()
