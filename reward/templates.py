@@ -36,6 +36,8 @@ LIGHT_AZIMUTH_DEG, LIGHT_ELEVATION_DEG = 50.0, 65.0
 """The sun direction of the embedded Mars tiles, from `calibrate_light` on the train split."""
 LIGHT_GRID = (tuple(range(0, 360, 10)), (20.0, 35.0, 50.0, 65.0))
 """The (azimuths, elevations) `calibrate_light` searches, in degrees."""
+CALIBRATION_PX = 64
+"""Largest tile side `calibrate_light` works at."""
 
 
 def template_diameters() -> np.ndarray:
@@ -115,7 +117,11 @@ class TemplateMatcher:
 
 def calibrate_light(images: Tensor, *, grid: tuple = LIGHT_GRID) -> tuple[float, float, float]:
     """(φ, θ, mean peak ρ): the sun direction whose templates match `images` best on average,
-    argmax over `grid` of mean_n max_k ρ_k(x_n). Uses no diameters."""
+    argmax over `grid` of mean_n max_k ρ_k(x_n). Uses no diameters. Tiles larger than CALIBRATION_PX are
+    resized to it first (the sun direction does not depend on resolution; 144 × 48 renders at 512 px would)."""
+    if images.shape[-1] > CALIBRATION_PX:
+        images = torch.nn.functional.interpolate(images.float(), size=(CALIBRATION_PX, CALIBRATION_PX),
+                                                 mode="bilinear", antialias=True, align_corners=False)
     best = (math.nan, math.nan, -math.inf)
     for el in grid[1]:
         for az in grid[0]:

@@ -130,3 +130,11 @@ def test_references_of_one_crater_size_still_build():
     model = build_reward_model(cfg, reference_images=ref, fake_images=None)
     assert model.size_bandwidth == pytest.approx(float(np.diff(np.log10(template_diameters()))[0]))
     assert torch.isfinite(model(torch.cat([_crater(0.2, seed=50 + i) for i in range(8)])).components["size"]).all()
+
+
+def test_calibration_of_large_tiles_works_at_a_smaller_size():
+    big = torch.nn.functional.interpolate(torch.cat([_crater(d, seed=i, az=120.0, el=35.0)
+                                                     for i, d in enumerate((0.3, 0.5))]), size=(256, 256),
+                                          mode="bilinear", align_corners=False)
+    az, el, _ = calibrate_light(big)
+    assert (az, el) == (120.0, 35.0)
