@@ -3,7 +3,9 @@
 A planetary scientist judges a crater population by its size-frequency distribution (SFD) first, so
 the evaluation measures the sizes of generated craters with an instrument fitted once on the real
 train split's `diameter_km` (metadata.csv) and validated on the held-out split, never on generated
-images. The instrument is classical and written by hand (no library fits crater sizes from tiles):
+images. Two instruments measure sizes: the template matcher of reward/templates.py, fitted to no
+diameters (`TemplateInstrument`), and this estimator, classical and written by hand (no library fits
+crater sizes from tiles):
 
     φ(x) = [ĝ_0..ĝ_R, Î_0..Î_R, ŝ_0..ŝ_R]     radial profiles about the tile centre (reward/profiles.py)
     log10 D̂ = w·(φ(x) − mean) / std + b      ridge regression (sklearn's RidgeCV picks the penalty)
@@ -53,6 +55,12 @@ def r_squared(pred: np.ndarray, target: np.ndarray) -> float:
     return float(1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
 
 
+def log10_errors(pred_km: np.ndarray, diameters_km: np.ndarray) -> tuple[float, float]:
+    """(R², mean |log10 D̂ − log10 D|) of predicted against known diameters, both in km."""
+    pred, y = np.log10(np.asarray(pred_km, dtype=np.float64)), np.log10(np.asarray(diameters_km, dtype=np.float64))
+    return r_squared(pred, y), float(np.abs(pred - y).mean())
+
+
 @dataclass
 class SizeEstimator:
     """log10 D̂ = coef · (φ − mean) / std + intercept, with its validation on the held-out split."""
@@ -79,8 +87,7 @@ class SizeEstimator:
 
     def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
         """(R², MAE) of log10 D̂ against known diameters."""
-        pred, y = self.predict_log10(images), np.log10(np.asarray(diameters_km, dtype=np.float64))
-        return r_squared(pred, y), float(np.abs(pred - y).mean())
+        return log10_errors(self.predict_km(images), diameters_km)
 
 
 def images_sha256(images: Tensor, diameters_km: np.ndarray) -> str:
@@ -163,8 +170,7 @@ class TemplateInstrument:
 
     def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
         """(R², MAE) of log10 D̂ against known diameters."""
-        pred, y = np.log10(self.predict_km(images)), np.log10(np.asarray(diameters_km, dtype=np.float64))
-        return r_squared(pred, y), float(np.abs(pred - y).mean())
+        return log10_errors(self.predict_km(images), diameters_km)
 
 
 def template_instrument(train_images: Tensor, heldout_images: Tensor, heldout_km: np.ndarray) -> TemplateInstrument:
