@@ -424,6 +424,10 @@ class RLConfig:
     kl_final_coef: float = _f(0.0, "extra β_KL at the deterministic last step (σ = 0, log-prob via the sigma floor): "
                                    "the policy gradient there is zero, so without it the final denoiser drifts as a "
                                    "side effect of training the other steps (PPO and REINFORCE; 0 = off)", ge=0.0)
+    step_weighting: Literal["uniform", "sigma"] = _f(
+        "uniform", "weight of each denoising step's policy loss (PPO, REINFORCE, SAC): 'uniform', or 'sigma' "
+                   "(w_k ∝ σ_k: the early, high-noise steps, which set the crater's size, get the same gradient "
+                   "scale as the late ones, which set texture; rl.update.w_k)")
     gradient_checkpointing: bool = _f(False, "recompute the UNet's activations in the backward pass of pass 2 "
                                              "(diffusers' gradient checkpointing): less memory, ~30% more time")
     max_nonfinite: int = _f(3, "stop with an error after this many skipped (non-finite) updates in a row", ge=1)

@@ -73,6 +73,17 @@ TUNING = {
     "size3": ("reward.weights.size=3.0",),
     "size3_lr1e-4": ("reward.weights.size=3.0", "rl.lr=1e-4"),
     "size3_it50": ("reward.weights.size=3.0", "rl.iterations=50"),
+    # the size reward with the last step held at the base (which removed the gamed bright tiles and the dark right
+    # edge), then σ-weighted steps (rl.update.w_k: the early steps, which set the size, get the late ones' gradient)
+    "size3_final_lr1e-4": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.lr=1e-4"),
+    "size3_final_it50": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.iterations=50"),
+    "size3_final_sigma": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma"),
+    "size3_final_sigma_lr1e-4": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma",
+                                 "rl.lr=1e-4"),
+    "size3_final_sigma_lr3e-4": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma",
+                                 "rl.lr=3e-4"),
+    "size6_final_sigma_lr1e-4": ("reward.weights.size=6.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma",
+                                 "rl.lr=1e-4"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {

@@ -54,6 +54,10 @@ def check_config(cfg: Config, world: int) -> None:
                 raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm {r.algorithm} ignores it "
                                       f"({instead[r.algorithm]}); set rl.{key}=0, or use rl.algorithm ppo or "
                                       f"reinforce for a KL-to-base term")
+    if r.algorithm == "trpo" and r.step_weighting != "uniform":
+        raise CraterdiffError(f"rl.step_weighting is {r.step_weighting} but rl.algorithm trpo ignores it (its "
+                              f"natural gradient is already scaled by each step's Fisher); set "
+                              f"rl.step_weighting=uniform, or use ppo, reinforce or sac")
     if r.algorithm == "sac":
         if r.advantages.gae:
             raise CraterdiffError("rl.algorithm sac brings its own soft critic; set rl.advantages.gae false")

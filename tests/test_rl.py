@@ -13,7 +13,7 @@ from rl.advantages import gae, normalize_batch, PerPromptStatTracker
 from rl.objectives import approx_kl, gaussian_kl, ppo_clip_loss, trajectory_log_ratio
 from rl.policy import DiffusionPolicy
 from rl.ppo import ppo_update, reinforce_update
-from rl.update import kl_base_coefficients
+from rl.update import kl_base_coefficients, w_k
 from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
                      old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
 from utils import RLConfig, SamplerConfig, config_from_dict
@@ -134,6 +134,39 @@ def test_two_pass_gradient_equals_single_graph_gradient(ratio):
     loss.backward()
     full = torch.cat([p.grad.reshape(-1) for p in params])
     torch.testing.assert_close(two_pass, full, rtol=1e-4, atol=1e-7)
+
+
+def test_sigma_step_weighting_scales_each_steps_loss_by_its_noise():
+    policy = tiny_policy(steps=4)
+    T = policy.num_actions
+    sig = [policy.sigma_tilde(k) for k in range(T - 1)]  # the last step is deterministic
+    w = w_k(policy, "sigma")
+    assert w[-1] == 0.0 and sum(w[:-1]) == pytest.approx(T - 1)  # mean 1 over the stochastic steps
+    torch.testing.assert_close(torch.tensor(w[:-1]), torch.tensor(sig) / (sum(sig) / (T - 1)))
+    assert w[0] > w[1] > w[2]  # the early, noisy steps weigh most
+    assert w_k(policy, "uniform") == [1.0] * T
+
+    traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
+    _perturb(policy)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    cfg = rl_cfg(microbatch=2, gradient_accumulation=2, grad_clip=1e9, step_weighting="sigma",
+                 ppo={"clip_range": 0.02})
+    params = policy.trainable_parameters()
+    opt = Capture(params)
+    ppo_update(policy, opt, traj, adv, cfg, generator=torch.Generator().manual_seed(1))
+    for p in params:
+        p.grad = None
+    logps = [policy.step(k, traj.x_t[k], traj.x_prev[k]).logp for k in range(T)]
+    losses = torch.stack([ppo_clip_loss(logps[k], traj.logp[k], adv, clip_range=0.02).loss for k in range(T)])  # (T,)
+    (torch.tensor(w) * losses).mean().backward(retain_graph=True)
+    full = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(opt.grads[0], full, rtol=1e-4, atol=1e-7)
+    # and it is not the uniform objective's gradient
+    for p in params:
+        p.grad = None
+    losses.mean().backward()
+    uniform = torch.cat([p.grad.reshape(-1) for p in params])
+    assert not torch.allclose(opt.grads[0], uniform, rtol=1e-2)
 
 
 def test_final_step_anchor_pulls_only_the_deterministic_step_toward_the_base():
