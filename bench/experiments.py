@@ -84,6 +84,12 @@ TUNING = {
                                  "rl.lr=3e-4"),
     "size6_final_sigma_lr1e-4": ("reward.weights.size=6.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma",
                                  "rl.lr=1e-4"),
+    # the last step held more loosely: faster sizes, and near-duplicate tiles in the grids
+    "size3_final0.1_sigma_lr1e-4": ("reward.weights.size=3.0", "rl.kl_final_coef=0.1", "rl.step_weighting=sigma",
+                                    "rl.lr=1e-4"),
+    # the candidate default (docs/design.md, "Measured warning"): twice the iterations, ~8-12 minutes
+    "size3_final_sigma_lr1e-4_it50": ("reward.weights.size=3.0", "rl.kl_final_coef=1.0", "rl.step_weighting=sigma",
+                                      "rl.lr=1e-4", "rl.iterations=50"),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {
