@@ -165,8 +165,8 @@ class TemplateInstrument:
     n_heldout: int = 0
 
     def predict_km(self, images: Tensor) -> np.ndarray:
-        """D̂ in km (N,)."""
-        return self.matcher.predict_km(images, window_km=self.window_km)
+        """D̂ km (N,) = d̂ · window_km."""
+        return 10.0 ** self.matcher.log10_fraction(images).numpy() * self.window_km
 
     def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
         """(R², MAE) of log10 D̂ against known diameters."""

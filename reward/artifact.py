@@ -30,7 +30,7 @@ from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, median_bandwidth, mmd2_unbiased_loo, \
     ot_rewards
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
-from reward.templates import TemplateMatcher, calibrate_light, template_diameters
+from reward.templates import LOG10_STEP, TemplateMatcher, calibrate_light
 from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 2
@@ -189,8 +189,7 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
     size_ref = sizer.log10_fraction(reference_images)
     # the median heuristic, floored at one template step: references of one crater size (a procedural set
     # with a fixed diameter) would otherwise give h = 0
-    step = float(np.diff(np.log10(template_diameters()))[0])
-    size_bandwidth = max(float(torch.pdist(size_ref[:, None]).median()), step)
+    size_bandwidth = max(float(torch.pdist(size_ref[:, None]).median()), LOG10_STEP)
     realism, realism_info = None, {"enabled": False}
     if r.realism.enabled:
         from reward.realism import train_realism

@@ -45,6 +45,10 @@ def template_diameters() -> np.ndarray:
     return np.geomspace(D_MIN, D_MAX, N_TEMPLATES)
 
 
+LOG10_STEP = math.log10(D_MAX / D_MIN) / (N_TEMPLATES - 1)
+"""Δ = log10 d_{k+1} − log10 d_k, the bank's resolution in log10 d."""
+
+
 def standardise(x: Tensor) -> Tensor:
     """x̃ = (x − mean x) / std x over the last two dims (pixels); (…, H, W) float64. A flat tile stays 0."""
     x = x.double()
@@ -98,7 +102,6 @@ class TemplateMatcher:
             raise ValueError(f"images must be (N, C, H, W) square tiles, got shape {tuple(images.shape)}")
         t = self.templates(int(images.shape[-1]))
         log_d = torch.from_numpy(np.log10(template_diameters()))
-        step = float(log_d[1] - log_d[0])
         out = []
         for chunk in images.split(batch_size):
             rho = ncc(chunk.cpu(), t)                                           # (n, K)
@@ -107,12 +110,8 @@ class TemplateMatcher:
             rows = torch.arange(len(k))
             delta = parabolic_offset(rho[rows, inner - 1], rho[rows, inner], rho[rows, inner + 1])
             delta = torch.where(k == inner, delta, torch.zeros_like(delta))    # no refinement at the grid's ends
-            out.append(log_d[k] + step * delta)
+            out.append(log_d[k] + LOG10_STEP * delta)
         return torch.cat(out)
-
-    def predict_km(self, images: Tensor, *, window_km: float) -> np.ndarray:
-        """D̂ km (N,) = d̂ · window_km."""
-        return 10.0 ** self.log10_fraction(images).numpy() * window_km
 
 
 def calibrate_light(images: Tensor, *, grid: tuple = LIGHT_GRID) -> tuple[float, float, float]:

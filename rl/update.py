@@ -170,15 +170,13 @@ def w_k(policy: DiffusionPolicy, mode: str) -> list[float]:
 
 
 def backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, steps: Tensor, step_loss: StepLoss,
-                    *, scale: float, kl_coefs: list[float], acc: Accumulator, step_weights: list[float] | None = None,
+                    *, scale: float, kl_coefs: list[float], step_weights: list[float], acc: Accumulator,
                     scaler: torch.amp.GradScaler | None = None) -> None:
     """For each step k: recompute log π_θ for trajectories idx, loss = scale·(w_k·step_loss + β_k·KL_base),
     backward, free the graph."""
     for k in steps.tolist():
         out = policy.step_at(traj, k, idx)
-        loss = step_loss(k, idx, out)
-        if step_weights is not None and step_weights[k] != 1.0:
-            loss = step_weights[k] * loss
+        loss = step_weights[k] * step_loss(k, idx, out)
         if kl_coefs[k] > 0:
             kl = gaussian_kl(out.mu, policy.base_mean_at(traj, k, idx),
                              policy.sigma_tilde(k)).mean()
@@ -201,8 +199,9 @@ def two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Tr
     make_loss(idx, acc) prepares a microbatch (e.g. the trajectory ratio's no-grad pass) and
     returns its per-step loss. The objective is the mean over trajectories of the mean over steps
     (per-step objectives) or of the sum over steps (`sum_over_steps`, the trajectory ratio, whose
-    gradient is A r Σ_t ∇ log π_t); with `timestep_fraction` < 1 the trained steps are reweighted
-    so that the estimate stays unbiased.
+    gradient is A r Σ_t ∇ log π_t), each step's term weighted by w_k (`rl.step_weighting`, all 1 by
+    default); with `timestep_fraction` < 1 the trained steps are reweighted so that the estimate stays
+    unbiased.
     """
     params = policy.trainable_parameters()
     kl_coefs = kl_base_coefficients(policy, cfg)
@@ -221,7 +220,7 @@ def two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Tr
                 # each step's loss is a mean over the microbatch: weight it by its share of the group
                 scale = len(idx) / n_group * ((T if sum_over_steps else 1) / len(steps))
                 backward_steps(policy, traj, idx, steps, step_loss, scale=scale,
-                                kl_coefs=kl_coefs, acc=acc, step_weights=weights, scaler=scaler)
+                                kl_coefs=kl_coefs, step_weights=weights, acc=acc, scaler=scaler)
             res = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip, scaler=scaler)
             acc.norms.append((res.norm, res.clipped))
             acc.nonfinite |= not (res.stepped or res.overflow)
