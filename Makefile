@@ -29,7 +29,7 @@ run: $(STAMP)
 		$(if $(wildcard $(RUN_DIR)/checkpoints/step_*/COMPLETE),--resume)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=20 tests
 
 clean-runs:
 	rm -rf runs

@@ -124,7 +124,8 @@ def tsne_plot(real: Tensor, gen_sets: Mapping[str, Tensor], path: str | Path, *,
 def size_plots(sizes: Mapping[str, list[np.ndarray]], heldout_true: np.ndarray | None, heldout_est: np.ndarray,
                out_dir: str | Path) -> dict[str, Path]:
     """The size-frequency figures: the cumulative SFD N(≥D) against D on log-log axes (the planetary
-    convention; one line per model and seed, N normalised by the set's size so sets of any n compare)
+    convention; one line per model and seed, or per pooled group (`evaluation.run.pool_sizes`), N normalised by
+    the set's size so sets of any n compare)
     and the histograms of log10 D (each model's seeds pooled), beside the held-out craters' (their
     catalogue diameters, and the estimator's sizes of them). sizes: model -> [D̂ (n,) per seed]."""
     from evaluation.sizes import HIST_EDGES_LOG10, cumulative_counts
@@ -149,7 +150,7 @@ def size_plots(sizes: Mapping[str, list[np.ndarray]], heldout_true: np.ndarray |
     ax.set_xlabel("crater diameter D (km)")
     ax.set_ylabel("N(≥ D) / N")
     ax.set_title("cumulative size-frequency distribution")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")  # the curves fall to the right: that corner stays empty
     sfd = _save_figure(fig, out_dir / "sizes_sfd.png")
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)

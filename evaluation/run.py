@@ -38,7 +38,7 @@ from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig
                    resolve_path, save_image_grid)
 
 __all__ = ["CEILING", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
-           "evaluate_run", "evaluate_folders", "default_run_dir"]
+           "pool_sizes", "evaluate_run", "evaluate_folders", "default_run_dir"]
 
 BASE, FINETUNED = "base", "finetuned"
 CEILING = "train_split"
@@ -247,10 +247,22 @@ def _realism_model(cfg: Config, run_dir: Path, device: torch.device):
 # Model mode
 # ----------------------------------------------------------------------------------------------
 
+def pool_sizes(sizes: Mapping[str, list[np.ndarray]], groups: Mapping[str, Sequence[str]] | None
+               ) -> dict[str, list[np.ndarray]]:
+    """The size figures' lines: with `groups` (name -> model names, e.g. a variant's training seeds), one pooled
+    array per group, then every model in no group as it is (one array per seed); without, `sizes` unchanged."""
+    if not groups:
+        return dict(sizes)
+    grouped = {m for names in groups.values() for m in names}
+    out = {g: [np.concatenate([d for m in names for d in sizes[m]])] for g, names in groups.items()}
+    return {**out, **{m: d for m, d in sizes.items() if m not in grouped}}
+
+
 def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None = None, run_dir: Path | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, groups: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
-    `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json)."""
+    `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json). `groups` (name -> model
+    names) pools each group's models into one line of the size-frequency figures (`pool_sizes`)."""
     from reward.features import extract_features
     from rl.build import model_sampler
 
@@ -347,7 +359,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
                                                                  scale=2)
     if ridge is not None:
-        images.update(size_plots(ridge.models, heldout.diameters_km.double().numpy(), ridge.heldout, out))
+        images.update(size_plots(pool_sizes(ridge.models, groups), heldout.diameters_km.double().numpy(),
+                                 ridge.heldout, out))
     if ev.tsne:
         for ex_name, (real, gens) in tsne_sets.items():
             images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(

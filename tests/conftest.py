@@ -24,6 +24,13 @@ def smoke_argv(out: Path, *overrides: str) -> list[str]:
     return ["--cfg", str(ROOT / "configs" / "smoke.yaml"), "--out", str(out), *(a for o in overrides for a in ("--set", o))]
 
 
+def algorithm_overrides(algo: str) -> list[str]:
+    """The overrides that switch smoke.yaml, whose RL settings are the default's PPO recipe, to `algo`: TRPO and SAC
+    refuse its last-step hold (rl.kl_final_coef), TRPO also its σ-weighted steps (rl.trainer.check_config)."""
+    return [f"rl.algorithm={algo}", *(["rl.kl_final_coef=0"] if algo in ("trpo", "sac") else []),
+            *(["rl.step_weighting=uniform"] if algo == "trpo" else [])]
+
+
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
 """A tqdm progress bar as it is written to stderr."""
 

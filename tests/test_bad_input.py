@@ -164,7 +164,7 @@ CASES = [
     Case("trpo-with-kl-final", finetune.main, lambda env: _args(env, "rl.algorithm=trpo", "rl.kl_final_coef=1"),
          ("rl.kl_final_coef is 1.0 but rl.algorithm trpo ignores it", "set rl.kl_final_coef=0")),
     Case("trpo-with-step-weighting", finetune.main,
-         lambda env: _args(env, "rl.algorithm=trpo", "rl.step_weighting=sigma"),
+         lambda env: _args(env, "rl.algorithm=trpo", "rl.kl_final_coef=0", "rl.step_weighting=sigma"),
          ("rl.step_weighting is sigma but rl.algorithm trpo ignores it", "set rl.step_weighting=uniform")),
     Case("data-root-unset", pretrain_ddpm.main, lambda env: _args(env, "data.source=folder"),
          ("data.root is not set", "set it to a folder of images")),

@@ -9,6 +9,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,16 @@ def test_model_arguments_are_checked():
     assert [s.name for s in resolve_models(cfg, missing, only=["base"])] == ["base"]
     with pytest.raises(CraterdiffError, match="unknown model 'trpo'"):
         resolve_models(cfg, missing, only=["base", "trpo"])
+
+
+def test_pool_sizes_draws_one_line_per_group_and_keeps_the_others():
+    from evaluation.run import pool_sizes
+
+    a = [np.array([10.0, 20.0]), np.array([30.0])]
+    b = [np.array([40.0]), np.array([50.0, 60.0])]
+    base = [np.array([5.0]), np.array([6.0])]
+    sizes = {"v_s0": a, "v_s1": b, "base": base}
+    pooled = pool_sizes(sizes, {"v": ["v_s0", "v_s1"]})
+    assert list(pooled) == ["v", "base"] and pooled["base"] is base
+    assert len(pooled["v"]) == 1 and sorted(pooled["v"][0]) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert pool_sizes(sizes, None) == sizes

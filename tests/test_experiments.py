@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.experiments import REWARDS, summarize_variants, summary_markdown, target_check, variants
+from bench.experiments import DEFAULT_CFG, REWARDS, summarize_variants, summary_markdown, target_check, variants
 from evaluation.run import BASE, CEILING
 from utils import load_config
 
@@ -42,10 +42,40 @@ def test_summary_spreads_over_training_seeds_and_checks_the_target():
     assert c["coverage"]["target"] == pytest.approx(0.72 + (0.99 - 0.72) / 2)  # 0.855: 0.84 falls short
     assert c["kid_mean"]["target"] == pytest.approx(13.5) and c["kid_mean"]["met"]  # 10.5 <= 13.5
     assert c["precision"]["target"] == pytest.approx(0.74) and c["precision"]["met"]  # 0.76
+    assert c["recall"]["met"] and c["vendi"]["met"]  # equal to the base model's is not below it
     assert c["wall_min"]["met"] and not c["coverage"]["met"] and not t["met"]
+    assert "share_ge100" not in c  # no size figures in this report
     md = summary_markdown("main", s, {"ppo": t}, {"set": "main"})
-    assert "| ppo | 0.840 ✗ | 10.500 ✓ | 0.760 ✓ | 11.000 ✓ | NOT met |" in md and "0.840 ± 0.057" in md
-    assert "coverage ≥ 0.855" in md
+    assert "| ppo | 0.840 ✗ | 10.500 ✓ | 0.760 ✓ | 2.000 ✓ | 2.000 ✓ | 11.000 ✓ | NOT met |" in md
+    assert "0.840 ± 0.057" in md and "coverage ≥ 0.855" in md
+
+
+def _sizes(share, w1, share_t, w1_t):
+    return {"share_ge100": _cell(share), "w1_log10": _cell(w1), "share_ge100_templates": _cell(share_t),
+            "w1_log10_templates": _cell(w1_t), "coverage_ge100": {"efficientnet_lite0": _cell([0.7, 0.8, 0.9])}}
+
+
+def test_size_target_halves_the_gap_to_the_heldout_share_and_the_w1_by_each_instrument():
+    report = {"models": {BASE: _model([0.7] * 3, [26.0] * 3, [0.84] * 3), CEILING: _model([0.99] * 3, [0.0] * 3, [0.85] * 3),
+                         "a_s0": _model([0.9] * 3, [8.0] * 3, [0.8] * 3), "a_s1": _model([0.9] * 3, [8.0] * 3, [0.8] * 3)},
+              "sizes": {"heldout": {"share_ge100_estimated": 0.40, "share_ge100_templates": 0.30},
+                        "models": {BASE: _sizes([0.10] * 3, [0.10] * 3, [0.04] * 3, [0.12] * 3),
+                                   CEILING: _sizes([0.40] * 3, [0.01] * 3, [0.30] * 3, [0.01] * 3),
+                                   # ridge: share 0.24 < 0.25 halfway, W1 0.045 <= 0.05; templates: 0.20 >= 0.17, 0.07 > 0.06
+                                   "a_s0": _sizes([0.22] * 3, [0.04] * 3, [0.18] * 3, [0.06] * 3),
+                                   "a_s1": _sizes([0.26] * 3, [0.05] * 3, [0.22] * 3, [0.08] * 3)}}}
+    s = summarize_variants(report, {"a": ["a_s0", "a_s1"]}, {})
+    assert s["a"]["sizes/share_ge100"]["mean"] == pytest.approx(0.24) and s["a"]["sizes/share_ge100"]["n"] == 2
+    assert s["a"]["sizes/coverage_ge100"]["mean"] == pytest.approx(0.8)
+    assert s[BASE]["sizes/w1_log10"]["n"] == 3  # one run: over sampling seeds
+    c = target_check(s, "a", report["sizes"]["heldout"])["checks"]
+    assert c["share_ge100"]["target"] == pytest.approx(0.25) and not c["share_ge100"]["met"]
+    assert c["w1_log10"]["target"] == pytest.approx(0.05) and c["w1_log10"]["met"]
+    assert c["share_ge100_templates"]["target"] == pytest.approx(0.17) and c["share_ge100_templates"]["met"]
+    assert c["w1_log10_templates"]["target"] == pytest.approx(0.06) and not c["w1_log10_templates"]["met"]
+    assert "share_ge100" not in target_check(s, "a")["checks"]  # without the held-out shares: no size check
+    md = summary_markdown("sizes", s, {"a": target_check(s, "a", report["sizes"]["heldout"])}, {})
+    assert "share ≥ 100 km ↑" in md and "0.240 ± 0.028" in md and "share_ge100 ≥ 0.250" in md
 
 
 def test_ablation_variants_set_every_weight_and_load():
@@ -58,6 +88,32 @@ def test_ablation_variants_set_every_weight_and_load():
         assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(REWARDS[name])
         assert w["realism"] == (0.25 if v.name.endswith("+realism") else 0.0)
     assert [v.name for v in variants("main", realism_weight=0.5)] == ["ppo", "trpo", "sac", "sac_td0"]
+
+
+def test_size_ladder_adds_one_lever_at_a_time_through_the_default():
+    from bench.experiments import PRE_SIZE, SIZE_LEVERS
+
+    vs = variants("sizes", realism_weight=0.5)
+    assert [v.name for v in vs] == list(SIZE_LEVERS) and SIZE_LEVERS["default"] == ()
+    cfgs = [load_config(v.cfg, list(v.overrides)) for v in vs]
+    assert cfgs[0] == load_config(DEFAULT_CFG, list(PRE_SIZE))
+    assert cfgs[0].reward.weights.size == 0 and cfgs[-1].reward.weights.size > 0
+    for before, after in zip(cfgs, cfgs[1:]):
+        changed = {k for k, v in vars(after.rl).items() if vars(before.rl)[k] != v}
+        if before.reward.weights.size != after.reward.weights.size:
+            changed.add("size")
+        assert changed in ({"size", "lr"}, {"kl_final_coef"}, {"step_weighting"}, {"iterations"}), changed
+    assert [c.rl.iterations for c in cfgs[-4:]] == [25, 50, 75, 100]
+
+
+def test_main_set_compares_the_algorithms_at_the_pre_size_default():
+    from bench.experiments import PRE_SIZE
+
+    ppo, *others = (load_config(v.cfg, list(v.overrides)) for v in variants("main", realism_weight=0.5))
+    assert ppo == load_config(DEFAULT_CFG, list(PRE_SIZE))
+    for cfg in others:  # trpo.yaml and sac.yaml pin the same reward and budget themselves
+        assert cfg.reward.weights == ppo.reward.weights and cfg.rl.iterations == ppo.rl.iterations == 25
+        assert (cfg.rl.kl_final_coef, cfg.rl.step_weighting) == (0.0, "uniform")
 
 
 def test_tune_variants_are_valid_overrides_of_the_default():

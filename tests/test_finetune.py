@@ -12,7 +12,7 @@ from bench.faults import metric_rows
 from rl.trainer import Finetuner
 from utils import CraterdiffError, load_config, prepare_run_dir
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, algorithm_overrides, run_script
 
 
 def _cfg(base, *over):
@@ -25,7 +25,7 @@ def _cfg(base, *over):
 @pytest.mark.parametrize("algo", ["ppo", "trpo", "sac"])
 def test_resume_is_exact(tmp_path, tiny_base, algo):
     # GAE's critic for PPO and TRPO; SAC brings its own critic, target critic and temperature
-    cfg = _cfg(tiny_base, f"rl.algorithm={algo}", "rl.checkpoint_every=100",
+    cfg = _cfg(tiny_base, *algorithm_overrides(algo), "rl.checkpoint_every=100",
                f"rl.advantages.gae={'false' if algo == 'sac' else 'true'}", "rl.trpo.kl_states=8", "rl.trpo.cg_iters=2")
     full = Finetuner(cfg, prepare_run_dir(tmp_path / "full", cfg, resume=False)).run(resume=False)
     split_dir = tmp_path / "split"
@@ -98,7 +98,7 @@ REQUIRED_COLUMNS = {"step", "reward_mean", "reward_std", "reward_ot", "reward_mm
                                         ("trpo", "lora")])
 def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
     proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path,
-                      "--set", f"rl.algorithm={algo}", "--set", f"rl.policy_mode={mode}",
+                      *(a for o in algorithm_overrides(algo) for a in ("--set", o)), "--set", f"rl.policy_mode={mode}",
                       "--set", f"reward.artifact={smoke_artifact}")
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "metrics.csv") as f:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, algorithm_overrides
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None
                                 and shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
@@ -35,7 +35,7 @@ def launch(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
 def test_two_processes_keep_identical_weights_and_score_the_gathered_set(tmp_path, algo):
     proc = launch("-m", "tests.mp_worker", ROOT / "configs" / "smoke.yaml", tmp_path, *FAST[1::2],
-                  f"rl.algorithm={algo}", "rl.iterations=2")
+                  *algorithm_overrides(algo), "rl.iterations=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2

@@ -11,7 +11,7 @@ from rl.ppo import ppo_update
 from rl.trpo import fisher_vector_product, old_means, state_subsample
 from utils import Config, CraterdiffError, config_from_dict, load_config, setup_precision
 
-from .conftest import ROOT
+from .conftest import ROOT, algorithm_overrides
 from .test_rl import rl_cfg, tiny_policy
 
 CPU = torch.device("cpu")
@@ -140,7 +140,7 @@ def test_chunked_sampling_keeps_consistent_log_probs():
 def test_trpo_in_fp16_is_refused_before_any_work(tmp_path):
     from rl.trainer import Finetuner
 
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["rl.algorithm=trpo", "precision=fp16", "device=cpu"])
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [*algorithm_overrides("trpo"), "precision=fp16", "device=cpu"])
     with pytest.raises(CraterdiffError, match="fp16 can underflow.*precision=bf16"):
         Finetuner(cfg, tmp_path)
     assert not (tmp_path / "reward").exists()

@@ -21,7 +21,7 @@ from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_
                     soft_bellman_target, temperature_loss)
 from utils import SACConfig, SamplerConfig, config_from_dict
 
-from .conftest import run_script, script_error
+from .conftest import algorithm_overrides, run_script, script_error
 from .test_rl import rl_cfg
 
 SAMPLER = dict(num_steps=3, eta=1.0, sigma_floor=0.1)
@@ -140,9 +140,12 @@ def test_saved_noise_scales_are_used_wherever_the_model_is_sampled(tmp_path):
         load_step_scales(tmp_path / "model", 10)
 
 
+SAC = [a for o in algorithm_overrides("sac") for a in ("--set", o)]
+
+
 def test_finetune_and_eval_scripts_run_sac_on_smoke(tmp_path, smoke_cfg):
     run = tmp_path / "run"
-    proc = run_script("scripts.finetune", "--cfg", smoke_cfg, "--out", run, "--set", "rl.algorithm=sac",
+    proc = run_script("scripts.finetune", "--cfg", smoke_cfg, "--out", run, *SAC,
                       "--set", "reward.realism.enabled=false", "--set", "tensorboard=false")
     assert proc.returncode == 0, proc.stderr
     assert (run / "model" / "noise_scale.json").is_file()
@@ -163,7 +166,7 @@ def test_finetune_and_eval_scripts_run_sac_on_smoke(tmp_path, smoke_cfg):
 ])
 def test_sac_refuses_what_it_cannot_run(tmp_path, smoke_cfg, extra, message):
     script_error(run_script("scripts.finetune", "--cfg", smoke_cfg, "--out", tmp_path / "r",
-                            "--set", "rl.algorithm=sac", "--set", extra), message)
+                            *SAC, "--set", extra), message)
 
 
 def test_sac_config_fields_are_documented():
