@@ -79,7 +79,7 @@ SIZE_LEVERS = {
                                       "rl.step_weighting=sigma", "rl.iterations=50"),
     # + three times the iterations: configs/default.yaml itself
     "default": (),
-    # + four times the iterations, beyond the 15-minute budget (about 18 minutes)
+    # + four times the iterations, beyond the 15-minute budget (about 16 minutes)
     "default_it100": ("rl.iterations=100",),
 }
 """The size set, a ladder: each variant adds one lever to the one before (--set overrides on configs/default.yaml)."""
