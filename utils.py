@@ -320,7 +320,10 @@ class TRPOConfig:
     backtrack_iters: int = _f(10, "line-search tries before keeping the old weights", ge=1)
     accept_ratio: float = _f(0.1, "accept when the surrogate improves by at least this x the expected gᵀ step",
                              ge=0.0)
-    kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products and the KL (0: all)", ge=0)
+    kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products (0: all); the line search's "
+                             "KL is always over every state", ge=0)
+    fvp: Literal["jvp", "double_vjp"] = _f("jvp", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp') "
+                                                  "or the derivative of a vjp ('double_vjp', slower to build)")
     penalty_beta: float = _f(1.0, "penalty mode: initial β of L(θ) − β·KL", gt=0.0)
     penalty_steps: int = _f(4, "penalty mode: gradient steps per iteration", ge=1)
 

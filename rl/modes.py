@@ -197,6 +197,10 @@ class ScheduleMixin:
         s = torch.full((u.shape[0],), self.std, device=u.device)
         return DDIMStep(x_prev=u, mu=m, x0=m, sigma=s, logp=gaussian_logprob(u, m, s))
 
+    def means_at(self, traj: Trajectory, states: dict[int, Tensor]) -> list[Tensor]:
+        """μ_φ of the actions of S, step by step: the head needs no UNet call."""
+        return [self.step_at(traj, k, idx).mu for k, idx in states.items()]
+
     def base_mean_at(self, traj: Trajectory, k: int, idx: Tensor) -> Tensor:
         with torch.no_grad():
             return self._mean(self.base_head, traj.prompts_of(idx), len(idx)).to(self.device)

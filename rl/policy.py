@@ -203,6 +203,21 @@ class DiffusionPolicy(nn.Module):
         """`step` on the cached step k of trajectories idx (with their prompts)."""
         return self.step(k, traj.x_t[k, idx], traj.x_prev[k, idx], prompt_ids=traj.prompts_of(idx))
 
+    def means_at(self, traj: Trajectory, states: dict[int, Tensor]) -> list[Tensor]:
+        """μ_θ of the cached states S = {k: trajectories} (with grad if enabled), one (|S_k|, C, H, W) per step,
+        from one UNet call over all of them (a timestep per sample) instead of one small call per step."""
+        x_t = torch.cat([traj.x_t[k, idx] for k, idx in states.items()]).to(self.device)  # (|S|, C, H, W)
+        t = torch.cat([self._t(k, len(idx)) for k, idx in states.items()])
+        prompts = None if traj.prompt_ids is None else torch.cat([traj.prompts_of(idx) for idx in states.values()])
+        output = self.model_output(x_t, t, None if prompts is None else prompts.to(self.device))
+        mus, offset = [], 0
+        for k, idx in states.items():
+            part = slice(offset, offset + len(idx))
+            mus.append(self.step(k, x_t[part], traj.x_prev[k, idx], prompt_ids=traj.prompts_of(idx),
+                                 output=output[part]).mu)
+            offset += len(idx)
+        return mus
+
     def base_mean_at(self, traj: Trajectory, k: int, idx: Tensor) -> Tensor:
         """μ_base on the cached step k of trajectories idx: (b, C, H, W), no grad."""
         x_t, prompt_ids = traj.x_t[k, idx].to(self.device), traj.prompts_of(idx)

@@ -9,15 +9,19 @@ Notation (Schulman et al. 2015; docs/design.md, "TRPO"):
 | `s`        | s ≈ F⁻¹ g | the natural-gradient direction, by conjugate gradient |
 | `max_kl`   | δ      | the trust-region radius |
 | `full_step`| β s,  β = sqrt(2δ / sᵀ F s) | the largest step the quadratic KL model allows |
-| `kl`       | KL(θ_old ‖ θ) = (1/|S|) Σ_{(i,k)∈S} mean_dims (μ_old − μ_θ)² / (2σ̃_k²) | exact Gaussian KL on a state subsample S |
+| `kl`       | KL(θ_old ‖ θ) = (1/(B·T)) Σ_{i,k} mean_dims (μ_old − μ_θ)² / (2σ̃_k²) | exact Gaussian KL over every state |
+| `states`   | S      | the state subsample (`trpo.kl_states`) on which F is estimated |
 
 The per-step Gaussians share σ̃ under θ_old and θ, so the KL is the closed form above, whose
 Hessian at θ_old is the Fisher matrix F = Jᵀ W J (J = ∂μ/∂θ, W = I/σ̃² per dimension): F v is
-computed as Jᵀ (W (J v)) through graphs built once per update (`fisher_operator`). The gradient and
-the surrogate are accumulated state by state, so memory stays O(1) in T.
+estimated on S as Jᵀ (W (J v)), J v by forward-mode AD (`fisher_operator`). The gradient pass also
+gives L(θ_old) and μ_old of every state, so each line-search try is one forward pass without grad
+that gives both L(θ) and the exact KL over the whole batch: the trust region holds on every state,
+not only on S. Everything is accumulated state by state, so graph memory stays O(1) in T.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddpm.sampling import Trajectory
@@ -108,20 +113,20 @@ class LineSearchResult:
     iters: int            # tries made
 
 
-def backtracking_line_search(*, set_step: Callable[[float], None], surrogate_gain: Callable[[], float],
-                             kl: Callable[[], float], expected_full: float, max_kl: float, coeff: float,
-                             max_iters: int, accept_ratio: float) -> LineSearchResult:
+def backtracking_line_search(*, set_step: Callable[[float], None], evaluate: Callable[[], tuple[float, float]],
+                             expected_full: float, max_kl: float, coeff: float, max_iters: int,
+                             accept_ratio: float) -> LineSearchResult:
     """Try θ_old + coeff^j · full_step for j = 0, 1, ...: accept the first whose exact KL ≤ δ and whose
     surrogate gain ≥ accept_ratio × the expected gain coeff^j gᵀ full_step (and > 0). If none is
     accepted, θ_old is restored (set_step(0)).
 
-    set_step(f) puts θ = θ_old + f · full_step; surrogate_gain() and kl() evaluate at the current θ.
+    set_step(f) puts θ = θ_old + f · full_step; evaluate() gives (surrogate gain, KL) at the current θ.
     """
     gain = kl_val = expected = float("nan")
     for j in range(max_iters):
         frac = coeff**j
         set_step(frac)
-        kl_val, gain, expected = kl(), surrogate_gain(), frac * expected_full
+        (gain, kl_val), expected = evaluate(), frac * expected_full
         if math.isfinite(kl_val) and math.isfinite(gain) and kl_val <= max_kl and gain > 0 \
                 and gain >= accept_ratio * expected:
             return LineSearchResult(True, frac, kl_val, gain, expected, j + 1)
@@ -144,20 +149,40 @@ def state_subsample(num_steps: int, batch: int, n: int, *, generator: torch.Gene
     return {k: torch.tensor(sorted(v)) for k, v in sorted(groups.items())}
 
 
-def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microbatch: int) -> Tensor:
-    """g = ∇θ (1/B) Σ_i mean_k A_{i,k} log π_θ(x_prev | x_t) at the current θ, accumulated step by step."""
+@dataclass
+class GradientPass:
+    """What the pass over the batch at θ_old gives: g, L(θ_old) and every state's mean μ_old."""
+    g: Tensor            # (P,) ∇θ L(θ_old)
+    surrogate: float     # L(θ_old) (= mean A up to the rounding of the recomputed log-probs)
+    mu_old: Tensor       # (T, B, C, H, W) μ_θold of every state, detached
+
+
+def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microbatch: int) -> GradientPass:
+    """g = ∇θ L(θ) at the current θ (= θ_old), accumulated step by step, where
+    L(θ) = (1/B) Σ_i mean_k A_{i,k} ρ_{i,k}(θ) and ∇θ ρ = ρ ∇θ log π_θ. The same forward passes give
+    L(θ_old) and μ_old of every state, so the line search needs no pass at θ_old."""
     params = policy.trainable_parameters()
     for p in params:
         p.grad = None
     T, B = traj.num_steps, traj.batch_size
+    mu_old: list[list[Tensor]] = [[] for _ in range(T)]
+    order: list[Tensor] = []
+    total = 0.0
     for idx in torch.arange(B).split(microbatch):
+        order.append(idx)
         for k in range(T):
             out = policy.step_at(traj, k, idx)
-            ((adv_at(adv, k, idx).to(out.logp) * out.logp).sum() / (B * T)).backward()
+            ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
+            term = (adv_at(adv, k, idx).to(out.logp) * ratio).sum() / (B * T)
+            term.backward()
+            total += float(term.detach())
+            mu_old[k].append(out.mu.detach())
     g = flat_grad(params).clone()
     for p in params:
         p.grad = None
-    return g
+    inverse = torch.cat(order).argsort()
+    mus = torch.stack([torch.cat(m)[inverse.to(m[0].device)] for m in mu_old])  # (T, B, C, H, W)
+    return GradientPass(g=g, surrogate=total, mu_old=mus)
 
 
 def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -178,6 +203,22 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
     return total
 
 
+def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_old: Tensor, *,
+                     microbatch: int) -> tuple[float, float]:
+    """L(θ) and KL(θ_old ‖ θ) = (1/(B·T)) Σ_{i,k} KL_{i,k} over every state of the batch, at the current θ,
+    from one forward pass without grad (μ_old: (T, B, C, H, W) from `policy_gradient`)."""
+    T, B = traj.num_steps, traj.batch_size
+    gain = kl = 0.0
+    with torch.no_grad():
+        for idx in torch.arange(B).split(microbatch):
+            for k in range(T):
+                out = policy.step_at(traj, k, idx)
+                ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
+                gain += float((adv_at(adv, k, idx).to(out.logp) * ratio).sum()) / (B * T)
+                kl += float(gaussian_kl(out.mu, mu_old[k, idx.to(mu_old.device)], policy.sigma_tilde(k)).sum()) / (B * T)
+    return gain, kl
+
+
 def kl_mu_curvature(mu_old: Tensor, sigma_tilde: float, n: int) -> Tensor:
     """diag H_μ, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old, shaped like μ: the KL's curvature in the
     mean, by autograd on `gaussian_kl` itself (so it follows its reduction). The KL is a sum of
@@ -188,36 +229,89 @@ def kl_mu_curvature(mu_old: Tensor, sigma_tilde: float, n: int) -> Tensor:
         return torch.autograd.grad(grad.sum(), m)[0]
 
 
+class _StepMean(torch.nn.Module):
+    """μ_θ of cached states as a module call, so `torch.func.functional_call` can substitute θ."""
+
+    def __init__(self, policy: DiffusionPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, traj: Trajectory, states: dict[int, Tensor]) -> list[Tensor]:
+        return self.policy.means_at(traj, states)
+
+
+@contextlib.contextmanager
+def contiguous_norm_inputs(module: torch.nn.Module):
+    """Make every GroupNorm's input contiguous inside: forward-mode AD of CPU group_norm fails on the
+    strided tangents that diffusers' resnet blocks hand it ("view size is not compatible"), a torch
+    limitation; `.contiguous()` is the identity on values and on the primal of contiguous inputs."""
+    hooks = [m.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+             for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
-                    mu_old: dict[int, Tensor], *, damping: float) -> Callable[[Tensor], Tensor]:
+                    mu_old: dict[int, Tensor], *, damping: float, method: str = "jvp") -> Callable[[Tensor], Tensor]:
     """v ↦ F v + λ v at the current θ (= θ_old), as the Gauss-Newton product F v = Jᵀ H_μ J v.
 
     The KL over S is a quadratic in μ_θ with its minimum (0) at θ_old, so its Hessian there is
     exactly Jᵀ H_μ J (J = ∂μ_θ(S)/∂θ, H_μ = ∂²KL/∂μ² constant and diagonal): the Fisher matrix.
-    μ_θ(S) is computed once with its graph, and Jᵀu once with its own graph (linear in a dummy
-    u); each product is then two backward passes and no forward:
+    μ_θ(S) is computed once with its graph; each product is then J v, and Jᵀ (H_μ J v) as a vjp
+    through that retained graph. J v is computed by
 
-        J v = ∂/∂u [(Jᵀu)·v]    (the double-vjp trick: forward-mode AD fails on diffusers' UNet on CPU),
-        F v = Jᵀ (H_μ J v)       (a vjp through the retained graph of μ).
+    - `jvp`: forward-mode AD (`torch.func.jvp` through `functional_call`), one forward pass that
+      carries the tangent v;
+    - `double_vjp`: J v = ∂/∂u [(Jᵀu)·v], the derivative of a graph of Jᵀu (linear in a dummy u)
+      built once with create_graph: a backward pass through a backward pass.
 
-    Measured on the shipped model (64 states, one CPU thread): 5.5 s a product against 7.9 s for
-    differentiating (∇θ KL)·v once more through the UNet, ~1.3x over the 11 products of an update.
-    Memory: the graphs of the |S| states (`trpo.kl_states` bounds it), independent of T.
+    Measured on the shipped model (64 states, 2 CPU threads, before S was batched into one UNet call):
+    building 0.4 s (jvp) against 4.1 s, a product 1.55 s against 1.7 s. Memory: the graphs of the |S| states
+    (`trpo.kl_states` bounds it), independent of T.
     """
     params = policy.trainable_parameters()
     n = sum(len(v) for v in states.values())
-    # J v differentiates through the backward of attention, which needs the plain-math SDPA kernel:
-    # the fused CPU/flash kernels have no second derivative. `plain()`: fp32 (second derivatives of
-    # low-precision activations are noise) and no gradient checkpointing, so the graph is kept.
-    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), policy.plain():
-        mus = [policy.step_at(traj, k, idx).mu for k, idx in states.items()]  # (|S_k|, C, H, W)
-        dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
-        jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True, allow_unused=True),
-                     params)  # (P,) Jᵀu, linear in u
     curvature = [kl_mu_curvature(mu_old[k], policy.sigma_tilde(k), n) for k in states]  # diag H_μ per step
+    # second derivatives and forward-mode AD of attention need the plain-math SDPA kernel (the fused
+    # CPU/flash kernels have neither; a plain first-order graph keeps the fused one, 2x faster on CPU);
+    # `plain()`: fp32 (second derivatives of low-precision activations are noise) and no gradient
+    # checkpointing, so the graph is kept
+    def context(math_kernel: bool = True):
+        stack = contextlib.ExitStack()
+        for c in (torch.enable_grad(), policy.plain(), contiguous_norm_inputs(policy)):
+            stack.enter_context(c)
+        if math_kernel:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+    with context(math_kernel=method == "double_vjp"):
+        mus = policy.means_at(traj, states)  # (|S_k|, C, H, W) per step, one UNet call
+        if method == "double_vjp":
+            dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
+            jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True,
+                                             allow_unused=True), params)  # (P,) Jᵀu, linear in u
+        elif method != "jvp":
+            raise ValueError(f"unknown Fisher-vector product method {method!r}; choose 'jvp' or 'double_vjp'")
+    step_mean = _StepMean(policy)
+    names = {id(p): name for name, p in step_mean.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    primals = {key: p.detach() for key, p in zip(keys, params)}
+
+    def j_v(v: Tensor) -> list[Tensor]:
+        if method == "double_vjp":
+            return list(torch.autograd.grad(jt_u @ v, dummies, retain_graph=True))
+        tangents, offset = {}, 0
+        for key, p in zip(keys, params):
+            tangents[key] = v[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        with context():
+            return jvp(lambda theta: functional_call(step_mean, theta, (traj, states)), (primals,), (tangents,))[1]
 
     def fvp(v: Tensor) -> Tensor:
-        jv = torch.autograd.grad(jt_u @ v, dummies, retain_graph=True)  # J_k v per step
+        jv = j_v(v)  # J_k v per step, (|S_k|, C, H, W)
         hv = torch.autograd.grad(mus, params, grad_outputs=[h * x for h, x in zip(curvature, jv)],
                                  retain_graph=True, allow_unused=True)
         return _flat(hv, params).detach() + damping * v
@@ -226,22 +320,9 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
 
 
 def fisher_vector_product(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
-                          mu_old: dict[int, Tensor], v: Tensor, *, damping: float) -> Tensor:
+                          mu_old: dict[int, Tensor], v: Tensor, *, damping: float, method: str = "jvp") -> Tensor:
     """F v + λ v for one v (see `fisher_operator`, which serves many v at the same θ)."""
-    return fisher_operator(policy, traj, states, mu_old, damping=damping)(v)
-
-
-def surrogate(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microbatch: int) -> float:
-    """L(θ) = (1/B) Σ_i mean_k A_{i,k} ρ_{i,k}(θ) over the whole batch, no grad."""
-    T, B = traj.num_steps, traj.batch_size
-    total = 0.0
-    with torch.no_grad():
-        for idx in torch.arange(B).split(microbatch):
-            for k in range(T):
-                out = policy.step_at(traj, k, idx)
-                ratio = torch.exp(out.logp.cpu().double() - traj.logp[k, idx].cpu().double())
-                total += float((adv_at(adv, k, idx).double() * ratio).sum()) / (B * T)
-    return total
+    return fisher_operator(policy, traj, states, mu_old, damping=damping, method=method)(v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,48 +331,52 @@ def surrogate(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microba
 
 def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLConfig, *,
                 generator: torch.Generator) -> UpdateStats:
-    """One TRPO step: g, s = CG(F, g), β = sqrt(2δ / sᵀFs), backtracking line search on the exact KL."""
+    """One TRPO step: g, s = CG(F, g) with F on the state subsample S, β = sqrt(2δ / sᵀFs), backtracking
+    line search on the exact KL over every state of the batch and on the surrogate."""
     t = cfg.trpo
     params = policy.trainable_parameters()
     theta_old = flat_params(params)
     clock = [time.perf_counter()]
     # with several processes g, F v, the surrogate and the KL are means over all of them, so every
     # process computes the same step and the same line-search decision
-    g = distributed.mean_(policy_gradient(policy, traj, adv, microbatch=cfg.microbatch))
+    grad = policy_gradient(policy, traj, adv, microbatch=cfg.microbatch)
+    g = distributed.mean_(grad.g)
+    base = distributed.mean_float(grad.surrogate)
     clock.append(time.perf_counter())
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
     states = state_subsample(traj.num_steps, traj.batch_size, t.kl_states, generator=generator)
-    mu_old = old_means(policy, traj, states)
+    mu_old_s = {k: grad.mu_old[k, idx.to(grad.mu_old.device)] for k, idx in states.items()}
 
-    local_fvp = fisher_operator(policy, traj, states, mu_old, damping=t.damping)
+    local_fvp = fisher_operator(policy, traj, states, mu_old_s, damping=t.damping, method=t.fvp)
     fvp = lambda v: distributed.mean_(local_fvp(v))  # noqa: E731
     cg = conjugate_gradient(fvp, g, iters=t.cg_iters, tol=t.cg_tol)
     shs = float(cg.x @ fvp(cg.x))
     del fvp, local_fvp  # frees the retained graphs before the line search
     clock.append(time.perf_counter())
+    residual = cg.residual / max(float(g @ g), 1e-30)
     if not (math.isfinite(shs) and shs > 0):
         return UpdateStats(nonfinite=not math.isfinite(shs), grad_norm=float(g.norm()),
-                           extra={"accepted": 0.0, "cg_residual": cg.residual})
+                           extra={"accepted": 0.0, "cg_residual": residual})
     beta = math.sqrt(2 * t.max_kl / shs)
     full_step = beta * cg.x
-    L = lambda: distributed.mean_float(surrogate(policy, traj, adv, microbatch=cfg.microbatch))  # noqa: E731
-    base = L()
 
     def set_step(frac: float) -> None:
         set_flat_params(params, theta_old + frac * full_step)
 
+    def evaluate() -> tuple[float, float]:
+        gain, kl = surrogate_and_kl(policy, traj, adv, grad.mu_old, microbatch=cfg.microbatch)
+        return distributed.mean_float(gain) - base, distributed.mean_float(kl)
+
     ls = backtracking_line_search(
-        set_step=set_step, surrogate_gain=lambda: L() - base,
-        kl=lambda: distributed.mean_float(subsample_kl(policy, traj, states, mu_old)),
-        expected_full=float(g @ full_step),
+        set_step=set_step, evaluate=evaluate, expected_full=float(g @ full_step),
         max_kl=t.max_kl, coeff=t.backtrack_coeff, max_iters=t.backtrack_iters, accept_ratio=t.accept_ratio)
     clock.append(time.perf_counter())
     step_norm = float(full_step.norm()) * ls.step_fraction
     return UpdateStats(loss=-(base + (ls.improvement if ls.accepted else 0.0)), kl=ls.kl if ls.accepted else 0.0,
                        grad_norm=float(g.norm()), optimizer_steps=int(ls.accepted),
                        extra={"accepted": float(ls.accepted), "backtrack_iters": float(ls.iters),
-                              "step_size": step_norm, "cg_residual": cg.residual, "cg_iters": float(cg.iters),
+                              "step_size": step_norm, "cg_residual": residual, "cg_iters": float(cg.iters),
                               "expected_improve": ls.expected, "improvement": ls.improvement,
                               "line_search_kl": ls.kl, "time_gradient_s": clock[1] - clock[0],
                               "time_cg_s": clock[2] - clock[1], "time_line_search_s": clock[3] - clock[2]})

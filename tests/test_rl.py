@@ -225,7 +225,8 @@ def test_conjugate_gradient_against_linalg_solve():
     assert few.iters == 3 and few.residual > res.residual
 
 
-def test_fisher_vector_product_against_explicit_fisher():
+@pytest.mark.parametrize("method", ["jvp", "double_vjp"])
+def test_fisher_vector_product_against_explicit_fisher(method):
     # Only conv_out is trainable, so the Fisher matrix F = Jᵀ W J is small enough to build explicitly:
     # J = ∂μ/∂θ over the states of S (every dimension), W = 1/(σ̃_k² · d · |S|) (the KL is a mean).
     policy = tiny_policy()
@@ -248,9 +249,9 @@ def test_fisher_vector_product_against_explicit_fisher():
         d = mu.numel() // len(idx)
         fisher += jac.T @ jac / (policy.sigma_tilde(k) ** 2 * d * n_states)
     v = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    fv = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.0)
+    fv = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.0, method=method)
     torch.testing.assert_close(fv.double(), fisher @ v.double(), rtol=1e-3, atol=1e-6)
-    fv_damped = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.1)
+    fv_damped = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.1, method=method)
     torch.testing.assert_close(fv_damped, fv + 0.1 * v, rtol=1e-5, atol=1e-6)
 
 
@@ -263,18 +264,18 @@ def test_line_search_rejects_over_limit_steps_and_restores():
         trace.append(f)
 
     # KL grows as 8δ·f²: f = 1 and 0.5 are over the limit, 0.25 is inside
-    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: state["frac"],
-                                   kl=lambda: 8e-3 * state["frac"] ** 2, expected_full=1.0, max_kl=1e-3,
+    res = backtracking_line_search(set_step=set_step, evaluate=lambda: (state["frac"], 8e-3 * state["frac"] ** 2),
+                                   expected_full=1.0, max_kl=1e-3,
                                    coeff=0.5, max_iters=5, accept_ratio=0.1)
     assert res.accepted and res.step_fraction == 0.25 and res.kl <= 1e-3 and res.iters == 3
     # a single try over the limit is rejected and θ_old restored
     trace.clear()
-    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: state["frac"],
-                                   kl=lambda: 8e-3 * state["frac"] ** 2, expected_full=1.0, max_kl=1e-3,
+    res = backtracking_line_search(set_step=set_step, evaluate=lambda: (state["frac"], 8e-3 * state["frac"] ** 2),
+                                   expected_full=1.0, max_kl=1e-3,
                                    coeff=0.5, max_iters=1, accept_ratio=0.1)
     assert not res.accepted and trace[-1] == 0.0
     # a step that does not improve the surrogate enough is rejected too
-    res = backtracking_line_search(set_step=set_step, surrogate_gain=lambda: -1.0, kl=lambda: 0.0,
+    res = backtracking_line_search(set_step=set_step, evaluate=lambda: (-1.0, 0.0),
                                    expected_full=1.0, max_kl=1e-3, coeff=0.5, max_iters=3, accept_ratio=0.1)
     assert not res.accepted and trace[-1] == 0.0
 
@@ -372,9 +373,10 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
         kl = sum(gaussian_kl(policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu, mu_old[k],
                              policy.sigma_tilde(k)).sum() / n for k, idx in states.items())
         grad_kl = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
-    fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0)
-    for seed in (1, 2):
-        v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
-        hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
-        expected = torch.cat([h.reshape(-1) for h in hv])
-        torch.testing.assert_close(fvp(v), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    for method in ("jvp", "double_vjp"):
+        fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0, method=method)
+        for seed in (1, 2):
+            v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
+            hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+            expected = torch.cat([h.reshape(-1) for h in hv])
+            torch.testing.assert_close(fvp(v), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
