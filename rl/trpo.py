@@ -157,6 +157,13 @@ class GradientPass:
     mu_old: Tensor       # (T, B, C, H, W) μ_θold of every state, detached
 
 
+def surrogate_term(out, traj: Trajectory, adv: Tensor, k: int, idx: Tensor) -> Tensor:
+    """Step k's share of L(θ) for trajectories idx, Σ_i A_{i,k} ρ_{i,k} / (B·T) with ρ = exp(log π_θ − log π_old),
+    in float64 (the line search compares differences of L of order 1e-4); differentiable in θ."""
+    log_ratio = out.logp.double() - traj.logp[k, idx].to(out.logp.device).double()
+    return (adv_at(adv, k, idx).to(log_ratio) * log_ratio.exp()).sum() / (traj.batch_size * traj.num_steps)
+
+
 def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, microbatch: int) -> GradientPass:
     """g = ∇θ L(θ) at the current θ (= θ_old), accumulated step by step, where
     L(θ) = (1/B) Σ_i mean_k A_{i,k} ρ_{i,k}(θ) and ∇θ ρ = ρ ∇θ log π_θ. The same forward passes give
@@ -166,23 +173,18 @@ def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, m
         p.grad = None
     T, B = traj.num_steps, traj.batch_size
     mu_old: list[list[Tensor]] = [[] for _ in range(T)]
-    order: list[Tensor] = []
     total = 0.0
-    for idx in torch.arange(B).split(microbatch):
-        order.append(idx)
+    for idx in torch.arange(B).split(microbatch):  # in order, so concatenating gives trajectories 0..B-1
         for k in range(T):
             out = policy.step_at(traj, k, idx)
-            ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
-            term = (adv_at(adv, k, idx).to(out.logp) * ratio).sum() / (B * T)
+            term = surrogate_term(out, traj, adv, k, idx)
             term.backward()
             total += float(term.detach())
             mu_old[k].append(out.mu.detach())
     g = flat_grad(params).clone()
     for p in params:
         p.grad = None
-    inverse = torch.cat(order).argsort()
-    mus = torch.stack([torch.cat(m)[inverse.to(m[0].device)] for m in mu_old])  # (T, B, C, H, W)
-    return GradientPass(g=g, surrogate=total, mu_old=mus)
+    return GradientPass(g=g, surrogate=total, mu_old=torch.stack([torch.cat(m) for m in mu_old]))
 
 
 def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -213,8 +215,7 @@ def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_
         for idx in torch.arange(B).split(microbatch):
             for k in range(T):
                 out = policy.step_at(traj, k, idx)
-                ratio = torch.exp(out.logp - traj.logp[k, idx].to(out.logp))
-                gain += float((adv_at(adv, k, idx).to(out.logp) * ratio).sum()) / (B * T)
+                gain += float(surrogate_term(out, traj, adv, k, idx))
                 kl += float(gaussian_kl(out.mu, mu_old[k, idx.to(mu_old.device)], policy.sigma_tilde(k)).sum()) / (B * T)
     return gain, kl
 
@@ -272,33 +273,32 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
     building 0.4 s (jvp) against 4.1 s, a product 1.55 s against 1.7 s. Memory: the graphs of the |S| states
     (`trpo.kl_states` bounds it), independent of T.
     """
+    if method not in ("jvp", "double_vjp"):
+        raise ValueError(f"unknown Fisher-vector product method {method!r}; choose 'jvp' or 'double_vjp'")
     params = policy.trainable_parameters()
     n = sum(len(v) for v in states.values())
     curvature = [kl_mu_curvature(mu_old[k], policy.sigma_tilde(k), n) for k in states]  # diag H_μ per step
     # second derivatives and forward-mode AD of attention need the plain-math SDPA kernel (the fused
-    # CPU/flash kernels have neither; a plain first-order graph keeps the fused one, 2x faster on CPU);
-    # `plain()`: fp32 (second derivatives of low-precision activations are noise) and no gradient
-    # checkpointing, so the graph is kept
-    def context(math_kernel: bool = True):
+    # CPU/flash kernels have neither; the first-order graph of the jvp method keeps the fused one, 2x
+    # faster on CPU); `plain()`: fp32 (second derivatives of low-precision activations are noise) and
+    # no gradient checkpointing, so the graph is kept
+    def context(*extra) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        for c in (torch.enable_grad(), policy.plain(), contiguous_norm_inputs(policy)):
+        for c in (torch.enable_grad(), policy.plain(), *extra):
             stack.enter_context(c)
-        if math_kernel:
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
-    with context(math_kernel=method == "double_vjp"):
+    with context(*([sdpa_kernel(SDPBackend.MATH)] if method == "double_vjp" else [])):
         mus = policy.means_at(traj, states)  # (|S_k|, C, H, W) per step, one UNet call
         if method == "double_vjp":
             dummies = [torch.zeros_like(mu, requires_grad=True) for mu in mus]
             jt_u = _flat(torch.autograd.grad(mus, params, grad_outputs=dummies, create_graph=True,
                                              allow_unused=True), params)  # (P,) Jᵀu, linear in u
-        elif method != "jvp":
-            raise ValueError(f"unknown Fisher-vector product method {method!r}; choose 'jvp' or 'double_vjp'")
-    step_mean = _StepMean(policy)
-    names = {id(p): name for name, p in step_mean.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    primals = {key: p.detach() for key, p in zip(keys, params)}
+    if method == "jvp":
+        step_mean = _StepMean(policy)
+        names = {id(p): name for name, p in step_mean.named_parameters()}
+        keys = [names[id(p)] for p in params]
+        primals = {key: p.detach() for key, p in zip(keys, params)}
 
     def j_v(v: Tensor) -> list[Tensor]:
         if method == "double_vjp":
@@ -307,7 +307,7 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
         for key, p in zip(keys, params):
             tangents[key] = v[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        with context():
+        with context(sdpa_kernel(SDPBackend.MATH), contiguous_norm_inputs(policy)):
             return jvp(lambda theta: functional_call(step_mean, theta, (traj, states)), (primals,), (tangents,))[1]
 
     def fvp(v: Tensor) -> Tensor:
