@@ -278,6 +278,9 @@ class RewardConfig:
     artifact: Optional[str] = _f(None, "reward artifact directory; null: <run dir>/reward (built if missing)")
     features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "feature extractor"})
     weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "composite weights"})
+    log: tuple[Literal["mmd", "mi", "knn_entropy", "fid", "ot", "size", "realism"], ...] = _f(
+        (), "components computed and logged (reward_<c>, value_<c>) though their weight is 0, e.g. [ot, fid]; the "
+            "weighted ones always are, and no other is computed")
     realism: RealismConfig = field(default_factory=RealismConfig, metadata={"help": "realism scorer"})
     bandwidth_scale: float = _f(1.0, "RBF bandwidth = this x the median pairwise distance of the reference",
                                 gt=0.0)
@@ -316,14 +319,19 @@ class TRPOConfig:
     cg_iters: int = _f(10, "conjugate-gradient iterations (10-20)", ge=1)
     cg_tol: float = _f(1e-10, "stop CG when the squared residual falls below this", gt=0.0)
     damping: float = _f(0.1, "Fisher damping: F v + damping · v (0.01-0.1 of F's scale)", ge=0.0)
+    backtrack: Literal["kl", "geometric"] = _f(
+        "kl", "line-search rule after a rejected try: 'kl' shrinks a step over the trust region to 0.95 sqrt(δ/KL) "
+              "of itself (the edge if the KL is quadratic), others by backtrack_coeff; 'geometric': always by "
+              "backtrack_coeff")
     backtrack_coeff: float = _f(0.5, "line search shrinks the step by this factor each try", gt=0.0, lt=1.0)
     backtrack_iters: int = _f(10, "line-search tries before keeping the old weights", ge=1)
     accept_ratio: float = _f(0.1, "accept when the surrogate improves by at least this x the expected gᵀ step",
                              ge=0.0)
     kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products (0: all); the line search's "
                              "KL is always over every state", ge=0)
-    fvp: Literal["jvp", "double_vjp"] = _f("jvp", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp') "
-                                                  "or the derivative of a vjp ('double_vjp', slower to build)")
+    fvp: Literal["jvp", "double_vjp", "fd"] = _f(
+        "jvp", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp'), the derivative of a vjp "
+               "('double_vjp', slower to build) or a central difference of two forward passes ('fd', fastest on CPU)")
     penalty_beta: float = _f(1.0, "penalty mode: initial β of L(θ) − β·KL", gt=0.0)
     penalty_steps: int = _f(4, "penalty mode: gradient steps per iteration", ge=1)
 

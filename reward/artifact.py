@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 2
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "size")
+COMPONENTS = DIVERSITY_COMPONENTS + ("realism",)
 FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors")
 
 
@@ -59,12 +60,16 @@ class RewardModel:
     each sample is credited its leave-one-out marginal (OT: minus the cost it carries). The `size`
     component is the MMD of the batch's log crater sizes s = log10 d̂(x) (template matching, `sizer`)
     to the reference's, a 1-d space in which only the crater's size counts.
+
+    Only the components in `computed` are computed: those with a positive weight and those named
+    in `log` (None: every component the artifact can give, for inspecting a model by hand).
     """
 
     def __init__(self, *, extractor: FeatureExtractor, reference: Tensor, bandwidth: float, pca: PCA,
                  weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
                  sizer: TemplateMatcher, size_reference: Tensor, size_bandwidth: float,
-                 ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None):
+                 ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None,
+                 log: Iterable[str] | None = None):
         self.extractor = extractor
         self.reference = reference.double()  # φ(Y): (m, D)
         self.bandwidth = float(bandwidth)
@@ -85,6 +90,15 @@ class RewardModel:
         if self.weights.get("realism", 0) > 0 and realism is None:
             raise CraterdiffError("reward.weights.realism > 0 but the artifact has no realism scorer; rebuild it "
                                   "with reward.realism.enabled: true")
+        unknown = sorted(set(log or ()) - set(COMPONENTS))
+        if unknown:
+            raise CraterdiffError(f"reward.log names unknown components {unknown}; choose from {list(COMPONENTS)}")
+        if log is not None and "realism" in log and realism is None:
+            raise CraterdiffError("reward.log names realism but the artifact has no realism scorer; rebuild it with "
+                                  "reward.realism.enabled: true or drop realism from reward.log")
+        available = [c for c in COMPONENTS if c != "realism" or realism is not None]
+        wanted = set(available if log is None else log) | {c for c, w in self.weights.items() if w > 0}
+        self.computed = tuple(c for c in COMPONENTS if c in wanted)
 
     @property
     def extractor_name(self) -> str:
@@ -124,7 +138,7 @@ class RewardModel:
     def score(self, feats: Tensor, *, sizes: Tensor | None = None, realism: Tensor | None = None,
               generator: torch.Generator | None = None) -> RewardOutput:
         """The reward of a batch from its features φ(X) (n, D) and, optionally, log sizes (n,)
-        (`sizes`; needed when the `size` weight is > 0) and realism logits (n,).
+        (`sizes`) and realism logits (n,): each component in `computed` whose input is given.
 
         `generator` draws the OT reference subset when `ot_match` is 'minibatch' (see `ot_reference`).
         With several processes, gather every process's features first: the components are
@@ -134,29 +148,33 @@ class RewardModel:
         if x.shape[0] < max(4, self.knn_k + 2):
             raise CraterdiffError(f"a reward batch needs at least {max(4, self.knn_k + 2)} images for the set-level "
                                   f"metrics, got {x.shape[0]}")
-        z = self.pca.project(x)
-        results = {
-            "mmd": mmd2_unbiased_loo(x, self.reference, bandwidth=self.bandwidth),
-            "mi": gp_mi_loo(x, bandwidth=self.bandwidth, noise=self.mi_noise),
-            "knn_entropy": knn_entropy_loo(z, k=self.knn_k),
-            "fid": fid_loo(z, self.reference_pca),
-            "ot": ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
-                             reg=self.ot_reg),
+        for name, given in (("size", sizes), ("realism", realism)):
+            if given is None and self.weights.get(name, 0) > 0:
+                raise CraterdiffError(f"the {name} component has a positive weight: pass `{name}=` to score")
+        want = set(self.computed)
+        z = self.pca.project(x) if want & {"knn_entropy", "fid"} else None  # (n, k)
+        metrics = {
+            "mmd": lambda: mmd2_unbiased_loo(x, self.reference, bandwidth=self.bandwidth),
+            "mi": lambda: gp_mi_loo(x, bandwidth=self.bandwidth, noise=self.mi_noise),
+            "knn_entropy": lambda: knn_entropy_loo(z, k=self.knn_k),
+            "fid": lambda: fid_loo(z, self.reference_pca),
+            "ot": lambda: ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
+                                     reg=self.ot_reg),
+            "size": lambda: mmd2_unbiased_loo(sizes.double()[:, None], self.size_reference[:, None],
+                                              bandwidth=self.size_bandwidth),
         }
-        if sizes is not None:
-            results["size"] = mmd2_unbiased_loo(sizes.double()[:, None], self.size_reference[:, None],
-                                                bandwidth=self.size_bandwidth)
+        results = {name: f() for name, f in metrics.items() if name in want and (name != "size" or sizes is not None)}
         components = {name: r.rewards.double() for name, r in results.items()}
         values = {name: float(r.value) for name, r in results.items()}
-        if realism is not None:
+        if realism is not None and "realism" in want:
             components["realism"] = realism.double()
             values["realism"] = float(realism.double().mean())
         return RewardOutput(composite_reward(components, self.weights), components, values)
 
     def __call__(self, images: Tensor, *, generator: torch.Generator | None = None) -> RewardOutput:
-        feats = self.features(images)
-        logits = self.realism_logits(images) if self.realism is not None else None
-        return self.score(feats, sizes=self.sizes(images), realism=logits, generator=generator)
+        sizes = self.sizes(images) if "size" in self.computed else None
+        logits = self.realism_logits(images) if "realism" in self.computed else None
+        return self.score(self.features(images), sizes=sizes, realism=logits, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +284,14 @@ def artifact_dir(path: str | Path) -> Path:
 
 
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
-                  weights: Mapping[str, float] | None = None, ot_match: str | None = None) -> RewardModel:
+                  weights: Mapping[str, float] | None = None, ot_match: str | None = None,
+                  log: Iterable[str] | None = None) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
     `weights` replaces the component weights saved in the artifact, and `ot_match` its OT matching:
     every component is computed from the same frozen features, reference and scorer, so neither
-    needs a rebuild (the reward ablation reuses one artifact). None keeps the saved value.
+    needs a rebuild (the reward ablation reuses one artifact). None keeps the saved value. `log`:
+    the unweighted components to compute as well (None: all of them; see RewardModel).
 
     Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum
     mismatch or unreadable), or an artifact built with another extractor than `expect_extractor`.
@@ -325,4 +345,4 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
                        size_reference=size_reference, size_bandwidth=float(size["bandwidth"]),
-                       ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info)
+                       ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log)

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -546,6 +545,8 @@ def ot_rewards(
 
 def _ot_plan(cost: np.ndarray, *, method: str, reg: float) -> np.ndarray:
     """The (n, m) plan with uniform marginals for a float64 cost matrix (through POT)."""
+    import ot  # here, not at the top: POT imports scikit-learn (~1 s), and most rewards never transport
+
     n, m = cost.shape
     a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
     if method == "emd":

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from utils import CraterdiffError, first_line
@@ -283,6 +282,8 @@ def train_realism(
         if progress:
             print(f"realism epoch {epoch + 1}/{epochs}: loss {total / steps:.4f} "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn costs ~0.7 s to import, and scoring needs none
 
     model.eval().requires_grad_(False)
     s_tr = realism_logits(model, torch.cat([real[r_tr], fake[f_tr]]))

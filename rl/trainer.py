@@ -132,10 +132,11 @@ class Finetuner:
             tqdm.write(f"no reward artifact at {path}: building it first")
             build_reward_artifact(self.cfg, path)
         distributed.barrier()
-        # The config's weights and OT matching rule, so --set reward.weights.X=... takes effect on an
-        # existing artifact.
+        # The config's weights, logged components and OT matching rule, so --set reward.weights.X=...
+        # takes effect on an existing artifact; only the weighted and logged components are computed.
         return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device,
-                             weights=vars(self.cfg.reward.weights), ot_match=self.cfg.reward.ot_match)
+                             weights=vars(self.cfg.reward.weights), ot_match=self.cfg.reward.ot_match,
+                             log=self.cfg.reward.log)
 
     def advantages(self, rewards: torch.Tensor, traj, prompts: list[str] | None = None) -> torch.Tensor:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE; `prompts`: each reward's prompt."""
@@ -261,12 +262,12 @@ class Finetuner:
 
     def score(self, traj) -> tuple[RewardOutput, list[str] | None]:
         """The reward of the whole set, and each sample's prompt text (None if unconditional): every
-        process's features, crater sizes (and realism logits, prompts) are gathered, the main process scores the set
-        and shares the result (with one process, gathering and sharing are the identity)."""
+        process's features (crater sizes, realism logits and prompts where needed) are gathered, the main process
+        scores the set and shares the result (with one process, gathering and sharing are the identity)."""
+        need = self.reward.computed
         feats = distributed.gather(self.reward.features(traj.images))
-        sizes = distributed.gather(self.reward.sizes(traj.images))
-        logits = (distributed.gather(self.reward.realism_logits(traj.images))
-                  if self.reward.realism is not None else None)
+        sizes = distributed.gather(self.reward.sizes(traj.images)) if "size" in need else None
+        logits = distributed.gather(self.reward.realism_logits(traj.images)) if "realism" in need else None
         ids = distributed.gather(traj.prompt_ids) if traj.prompt_ids is not None else None
         out = (self.reward.score(feats, sizes=sizes, realism=logits, generator=self.generator)
                if distributed.is_main() else None)

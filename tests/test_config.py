@@ -64,6 +64,12 @@ def test_bad_enum_value_lists_choices_and_suggests(tmp_path):
     msg = str(e.value)
     assert "'sampler.logprob_reduction' must be one of 'mean', 'sum'" in msg and "did you mean 'mean'" in msg
 
+    with pytest.raises(ConfigError) as e:  # an element of a list of choices
+        load_config(_write(tmp_path, "reward:\n  log: [ot, fdi]\n"))
+    msg = str(e.value)
+    assert "'reward.log[1]' must be one of 'mmd', 'mi'" in msg and "did you mean 'fid'" in msg
+    assert load_config(_write(tmp_path, "reward:\n  log: [ot, fid]\n")).reward.log == ("ot", "fid")
+
 
 @pytest.mark.parametrize("text, fragment", [
     ("pretrain:\n  lr: -0.001\n", "'pretrain.lr' must be > 0.0"),

@@ -138,6 +138,33 @@ def test_load_with_other_weights_reweights_the_same_components(built):
     assert saved.weights["mmd"] == 0.7 and ot_only.weights["mmd"] == 0.0
 
 
+def test_only_weighted_and_logged_components_are_computed(built, monkeypatch):
+    """With `log`, a model computes its weighted components and the logged ones, equal to what the
+    all-component model gives, and never calls the others' metrics (nor the sizer or realism CNN)."""
+    import reward.artifact as art
+
+    _, path = built
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    weights = {"mmd": 1.0, "mi": 1.0, "knn_entropy": 0.0, "fid": 0.0, "ot": 0.0, "size": 0.0, "realism": 0.0}
+    every = art.load_artifact(path, weights=weights)(batch)
+    assert set(every.components) == set(art.COMPONENTS)
+    lean = art.load_artifact(path, weights=weights, log=("fid",))
+    assert lean.computed == ("mmd", "mi", "fid")
+    for name in ("ot_rewards", "knn_entropy_loo", "realism_logits"):
+        monkeypatch.setattr(art, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called for an unused component"))
+    monkeypatch.setattr(lean.sizer, "log10_fraction", lambda *a: pytest.fail("sizer called for an unused component"))
+    out = lean(batch)
+    assert set(out.components) == set(out.values) == {"mmd", "mi", "fid"}
+    for k in out.components:
+        assert torch.equal(out.components[k], every.components[k]), k
+    torch.testing.assert_close(out.rewards, every.rewards, rtol=0, atol=0)
+    assert art.load_artifact(path, weights=weights, log=()).computed == ("mmd", "mi")
+    with pytest.raises(CraterdiffError, match="unknown components.*'sharpness'"):
+        art.load_artifact(path, log=("sharpness",))
+    with pytest.raises(CraterdiffError, match="pass `size=`"):
+        art.load_artifact(path, weights={"size": 1.0}).score(lean.features(batch))
+
+
 def test_minibatch_ot_is_a_one_to_one_matching_on_a_random_reference_subset(built):
     """`ot_match: minibatch` transports n samples onto n random references: the exact plan is then a
     permutation, so each sample's reward is minus the normalised cost of its partner in the optimal

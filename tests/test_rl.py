@@ -225,7 +225,7 @@ def test_conjugate_gradient_against_linalg_solve():
     assert few.iters == 3 and few.residual > res.residual
 
 
-@pytest.mark.parametrize("method", ["jvp", "double_vjp"])
+@pytest.mark.parametrize("method", ["jvp", "double_vjp", "fd"])
 def test_fisher_vector_product_against_explicit_fisher(method):
     # Only conv_out is trainable, so the Fisher matrix F = Jᵀ W J is small enough to build explicitly:
     # J = ∂μ/∂θ over the states of S (every dimension), W = 1/(σ̃_k² · d · |S|) (the KL is a mean).
@@ -250,7 +250,10 @@ def test_fisher_vector_product_against_explicit_fisher(method):
         fisher += jac.T @ jac / (policy.sigma_tilde(k) ** 2 * d * n_states)
     v = torch.randn(n, generator=torch.Generator().manual_seed(1))
     fv = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.0, method=method)
-    torch.testing.assert_close(fv.double(), fisher @ v.double(), rtol=1e-3, atol=1e-6)
+    if method == "fd":  # a float32 difference quotient: accurate as a vector, not to 1e-3 in every entry
+        assert float((fv.double() - fisher @ v.double()).norm() / (fisher @ v.double()).norm()) < 2e-3
+    else:
+        torch.testing.assert_close(fv.double(), fisher @ v.double(), rtol=1e-3, atol=1e-6)
     fv_damped = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.1, method=method)
     torch.testing.assert_close(fv_damped, fv + 0.1 * v, rtol=1e-5, atol=1e-6)
 
@@ -278,6 +281,27 @@ def test_line_search_rejects_over_limit_steps_and_restores():
     res = backtracking_line_search(set_step=set_step, evaluate=lambda: (-1.0, 0.0),
                                    expected_full=1.0, max_kl=1e-3, coeff=0.5, max_iters=3, accept_ratio=0.1)
     assert not res.accepted and trace[-1] == 0.0
+
+
+def test_kl_line_search_rule_aims_at_the_trust_region_edge():
+    """rule 'kl': a try over the region is shrunk to KEEP·sqrt(δ/KL) of itself, so a KL quadratic in the step
+    (8δ·f²) is inside on the second try, at the fraction KEEP·sqrt(1/8), where 'geometric' needs a third."""
+    from rl.trpo import KEEP
+
+    state = {"frac": None}
+    quadratic = lambda: (state["frac"], 8e-3 * state["frac"] ** 2)  # noqa: E731
+    res = backtracking_line_search(set_step=lambda f: state.update(frac=f), evaluate=quadratic, expected_full=1.0,
+                                   max_kl=1e-3, coeff=0.5, max_iters=5, accept_ratio=0.1, rule="kl")
+    assert res.accepted and res.iters == 2 and res.step_fraction == pytest.approx(KEEP * math.sqrt(1 / 8))
+    assert res.kl == pytest.approx(8e-3 * KEEP**2 / 8) and res.kl <= 1e-3
+    # a rejection for too little gain (KL inside) shrinks by coeff, as the geometric rule does
+    gains = iter([-1.0, 1.0])
+    res = backtracking_line_search(set_step=lambda f: state.update(frac=f), evaluate=lambda: (next(gains), 0.0),
+                                   expected_full=1.0, max_kl=1e-3, coeff=0.5, max_iters=5, accept_ratio=0.1, rule="kl")
+    assert res.accepted and res.step_fraction == 0.5 and res.iters == 2
+    with pytest.raises(ValueError, match="unknown line-search rule"):
+        backtracking_line_search(set_step=lambda f: None, evaluate=quadratic, expected_full=1.0, max_kl=1e-3,
+                                 coeff=0.5, max_iters=1, accept_ratio=0.1, rule="armijo")
 
 
 def test_every_accepted_trpo_step_is_inside_the_trust_region():
@@ -373,7 +397,7 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
         kl = sum(gaussian_kl(policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu, mu_old[k],
                              policy.sigma_tilde(k)).sum() / n for k, idx in states.items())
         grad_kl = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
-    for method in ("jvp", "double_vjp"):
+    for method in ("jvp", "double_vjp", "fd"):
         fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0, method=method)
         for seed in (1, 2):
             v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
