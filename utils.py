@@ -330,7 +330,7 @@ class TRPOConfig:
     kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products (0: all); the line search's "
                              "KL is always over every state", ge=0)
     fvp: Literal["jvp", "double_vjp", "fd"] = _f(
-        "jvp", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp'), the derivative of a vjp "
+        "fd", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp'), the derivative of a vjp "
                "('double_vjp', slower to build) or a central difference of two forward passes ('fd', fastest on CPU)")
     penalty_beta: float = _f(1.0, "penalty mode: initial β of L(θ) − β·KL", gt=0.0)
     penalty_steps: int = _f(4, "penalty mode: gradient steps per iteration", ge=1)

@@ -5,7 +5,8 @@
 Runs `repeats` iterations of the configured fine-tuning (after one warm-up) and splits each into
 sampling, reward and update time. The bound counts the UNet evaluations an iteration cannot avoid:
 sampling makes T forward passes at batch B; a PPO update makes, per epoch, T forward+backward
-passes per microbatch (TRPO and the trajectory ratio make more, and say so); the latent mode's
+passes per microbatch, plus a base-model forward per step held by a KL to the base (TRPO and the
+trajectory ratio make more, and say so); the latent mode's
 update makes T forward passes per microbatch (the UNet is frozen: no backward through it), the
 schedule mode's none (its one action per trajectory needs only the head). Each is multiplied by
 the measured time of one such pass. overhead = measured / bound (1.0 = nothing but UNet work).
@@ -23,6 +24,7 @@ import torch
 
 from rl.policy import FROZEN_UNET_MODES
 from rl.trainer import Finetuner
+from rl.update import kl_base_coefficients
 from utils import PROJECT_ROOT, apply_threads, load_config
 
 
@@ -34,6 +36,46 @@ def time_call(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def unet_bound(ft: Finetuner, repeats: int = 5) -> dict[str, float]:
+    """The UNet-evaluation bound of one iteration of `ft`'s configuration: T forward passes at batch B to
+    sample, and per update pass T forward+backward passes per microbatch (none for the schedule mode; forward
+    only for the latent mode), each timed as the median of `repeats` calls (docstring above)."""
+    cfg, r = ft.cfg, ft.cfg.rl
+    T, B, mb = cfg.sampler.num_steps, r.batch_size, r.microbatch
+    c, s, _ = ft.policy.image_shape
+    unet, dev = ft.policy.unet, ft.device
+    t_b = ft.policy.schedule.timesteps[0]
+    x_b = torch.randn(B, c, s, s, device=dev)
+    x_mb = torch.randn(mb, c, s, s, device=dev)
+    frozen = r.policy_mode in FROZEN_UNET_MODES
+
+    def fwd():
+        with torch.no_grad():
+            unet(x_b, t_b.expand(B).to(dev))
+
+    def fwd_bwd():
+        if frozen:
+            with torch.no_grad():
+                unet(x_mb, t_b.expand(mb).to(dev))
+        else:
+            unet(x_mb, t_b.expand(mb).to(dev)).sample.mean().backward()
+
+    def fwd_mb():
+        with torch.no_grad():
+            unet(x_mb, t_b.expand(mb).to(dev))
+
+    t_fwd, t_fwd_bwd, t_fwd_mb = time_call(fwd, repeats), time_call(fwd_bwd, repeats), time_call(fwd_mb, repeats)
+    unet.zero_grad(set_to_none=True)
+    n_mb = -(-B // mb)
+    passes = r.ppo.epochs * (2 if r.ppo.ratio == "trajectory" else 1) if r.algorithm == "ppo" else 1
+    # the KL to the base model (rl.kl_base_coef, rl.kl_final_coef) costs one base forward per regularised step
+    regularised = sum(b > 0 for b in kl_base_coefficients(ft.policy, r))
+    update = passes * n_mb * (T * t_fwd_bwd + regularised * t_fwd_mb)
+    return {"unet_forward_batch_s": t_fwd, "unet_forward_backward_microbatch_s": t_fwd_bwd,
+            "unet_forward_microbatch_s": t_fwd_mb, "bound_sample_s": T * t_fwd,
+            "bound_update_s": 0.0 if r.policy_mode == "schedule" else update}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,35 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(cfg)
     ft = Finetuner(cfg, out / "run")
     r = cfg.rl
-    T, B, mb = cfg.sampler.num_steps, r.batch_size, r.microbatch
-    c, s, _ = ft.policy.image_shape
-    unet, dev = ft.policy.unet, ft.device
-    t_b = ft.policy.schedule.timesteps[0]
-
-    x_b = torch.randn(B, c, s, s, device=dev)
-    x_mb = torch.randn(mb, c, s, s, device=dev)
-
-    def fwd():
-        with torch.no_grad():
-            unet(x_b, t_b.expand(B).to(dev))
-
-    def fwd_bwd():
-        if frozen:
-            with torch.no_grad():
-                unet(x_mb, t_b.expand(mb).to(dev))
-        else:
-            unet(x_mb, t_b.expand(mb).to(dev)).sample.mean().backward()
-
-    frozen = r.policy_mode in FROZEN_UNET_MODES
-    t_fwd, t_fwd_bwd = time_call(fwd), time_call(fwd_bwd)
-    unet.zero_grad(set_to_none=True)
+    bound = unet_bound(ft)
     ft.iteration()  # warm-up
     rows = [ft.iteration()[0] for _ in range(args.repeats)]
     med = {k: statistics.median(row[k] for row in rows) for k in ("time_sample_s", "time_reward_s", "time_update_s")}
-    n_mb = -(-B // mb)
-    passes = r.ppo.epochs * (2 if r.ppo.ratio == "trajectory" else 1) if r.algorithm == "ppo" else 1
-    bound_sample = T * t_fwd
-    bound_update = 0.0 if r.policy_mode == "schedule" else passes * n_mb * T * t_fwd_bwd
+    bound_sample, bound_update = bound["bound_sample_s"], bound["bound_update_s"]
+    T, B, mb, dev = cfg.sampler.num_steps, r.batch_size, r.microbatch, ft.device
+    t_fwd, t_fwd_bwd = bound["unet_forward_batch_s"], bound["unet_forward_backward_microbatch_s"]
     result = {
         "config": args.cfg, "algorithm": r.algorithm, "policy_mode": r.policy_mode, "T": T, "batch": B,
         "microbatch": mb, "device": str(dev), "threads": torch.get_num_threads(),

@@ -531,7 +531,7 @@ def ot_rewards(
     """
     x, y = as_feature_matrix(x, "x"), as_feature_matrix(y, "y")
     _check_same_dim(x, y)
-    n, m = x.shape[0], y.shape[0]
+    n = x.shape[0]
     cost = pairwise_sq_dists(x, y)
     med = _median(cost.reshape(-1))
     if not float(med) > 0:

@@ -283,6 +283,25 @@ def test_line_search_rejects_over_limit_steps_and_restores():
     assert not res.accepted and trace[-1] == 0.0
 
 
+def test_line_search_pass_stops_once_the_kl_is_past_the_limit():
+    """The KL is a sum of non-negative terms, so a partial sum past the limit decides the try: the pass stops
+    and gives (nan, an estimate ≥ the limit); under the limit it is the full pass, bit for bit."""
+    from rl.trpo import policy_gradient, surrogate_and_kl
+
+    policy = tiny_policy()
+    traj = policy.sample(6, generator=torch.Generator().manual_seed(0))
+    adv = normalize_batch(traj.images.mean((1, 2, 3)))
+    mu_old = policy_gradient(policy, traj, adv, microbatch=3).mu_old
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    gain, kl = surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3)
+    assert kl > 0 and math.isfinite(gain)
+    assert surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=2 * kl) == (gain, kl)
+    stopped_gain, estimate = surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=kl / 4)
+    assert math.isnan(stopped_gain) and estimate > kl / 4
+
+
 def test_kl_line_search_rule_aims_at_the_trust_region_edge():
     """rule 'kl': a try over the region is shrunk to KEEP·sqrt(δ/KL) of itself, so a KL quadratic in the step
     (8δ·f²) is inside on the second try, at the fraction KEEP·sqrt(1/8), where 'geometric' needs a third."""
