@@ -179,15 +179,24 @@ def script_args(cfg: Path, run_dir: Path, *, threads: int, overrides: list[str],
             *(["--resume"] if resume else [])]
 
 
+def child_args(module: str, args: list[str], *, trace: Path, pause_step: int | None) -> list[str]:
+    """The arguments of `python -m bench.faults` for one traced launch of `module args`."""
+    return ["--child", "--trace", str(trace), *(["--pause-step", str(pause_step)] if pause_step is not None else []),
+            module, *args]
+
+
+def launch_env(threads: int) -> dict[str, str]:
+    """A launch's environment: this one, offline, unbuffered, `threads` OpenMP/MKL threads."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def start(module: str, args: list[str], *, trace: Path, pause_step: int | None, log: Path,
           threads: int) -> subprocess.Popen:
     """Launch the script through the tracing child in its own process group, output to `log`."""
-    cmd = [sys.executable, "-m", "bench.faults", "--child", "--trace", str(trace),
-           *(["--pause-step", str(pause_step)] if pause_step is not None else []), module, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "bench.faults", *child_args(module, args, trace=trace, pause_step=pause_step)]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=launch_env(threads), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,45 +18,81 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 _ZYGOTE: list[subprocess.Popen] = []
+_PENDING = bytearray()  # what the fork server has written and no answer has consumed yet
 
 
 def _zygote() -> subprocess.Popen:
     """The session's fork server (tests/zygote.py), started on first use."""
     if not _ZYGOTE or _ZYGOTE[0].poll() is not None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        _ZYGOTE[:] = [subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=ROOT, env=env, text=True,
+        _ZYGOTE[:] = [subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=ROOT, env=script_env(), text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)]
+        _PENDING.clear()
     return _ZYGOTE[0]
 
 
-def _answer(server: subprocess.Popen, timeout: float | None = None) -> dict:
-    if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
-        raise TimeoutError
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the test fork server (tests/zygote.py) died with status {server.wait()}")
+def _answer(server: subprocess.Popen, timeout: float | None = None) -> dict | None:
+    """The server's next answer; None if none came within `timeout` seconds (None: wait for it). Reads the
+    pipe's descriptor itself: a buffered reader could hold an answer that select() then never reports."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in _PENDING:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([server.stdout], [], [], left)[0]:
+            return None
+        chunk = os.read(server.stdout.fileno(), 4096)
+        if not chunk:
+            raise RuntimeError(f"the test fork server (tests/zygote.py) died with status {server.wait()}")
+        _PENDING.extend(chunk)
+    line, _, rest = bytes(_PENDING).partition(b"\n")
+    _PENDING[:] = rest
     return json.loads(line)
+
+
+class ForkedLaunch:
+    """One launch forked by tests/zygote.py, with the part of subprocess.Popen's interface the tests use:
+    pid, returncode, poll(), wait(timeout). The launch leads its own process group (os.killpg(pid, ...)).
+    The server runs one launch at a time: wait for a launch to end before forking the next."""
+
+    def __init__(self, module: str, args: list[str], *, env: dict[str, str], stdout: Path, stderr: Path):
+        self.args = [sys.executable, "-m", module, *args]
+        self.returncode: int | None = None
+        self._server = _zygote()
+        self._server.stdin.write(json.dumps({"module": module, "args": args, "env": env, "cwd": str(ROOT),
+                                             "stdout": str(stdout), "stderr": str(stderr)}) + "\n")
+        self._server.stdin.flush()
+        self.pid = _answer(self._server)["pid"]
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (answer := _answer(self._server, 0.0)) is not None:
+            self.returncode = answer["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            answer = _answer(self._server, timeout)
+            if answer is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = answer["returncode"]
+        return self.returncode
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's script launch: the tests' own, unbuffered, offline, plus `extra`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
 def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the project root, as a fork of tests/zygote.py, which has the
     libraries imported already (~5 s a launch saved); returns the completed process."""
-    argv = [sys.executable, "-m", module, *map(str, args)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    server = _zygote()
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        server.stdin.write(json.dumps({"module": module, "args": argv[3:], "env": env, "cwd": str(ROOT),
-                                       "stdout": str(out), "stderr": str(err)}) + "\n")
-        server.stdin.flush()
-        pid = _answer(server)["pid"]
+        proc = ForkedLaunch(module, list(map(str, args)), env=script_env(), stdout=out, stderr=err)
         try:
-            code = _answer(server, timeout)["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            _answer(server)
-            raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text()) from None
-        return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise subprocess.TimeoutExpired(proc.args, timeout, out.read_text(), err.read_text()) from None
+        return subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
 
 
 def pytest_unconfigure(config):

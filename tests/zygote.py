@@ -9,7 +9,9 @@ process of its own: its globals, threads, RNGs and exit are separate from the te
 other launches'. Nothing here runs a tensor operation before forking, so no thread pool (OpenMP)
 exists yet to be lost in the child.
 
-Protocol, one JSON object per line: request {module, args, env, cwd, stdout, stderr} on stdin;
+Each launch leads a process group of its own, so that killing it (os.killpg) leaves the
+server and the tests alone. Protocol, one JSON object per line: request {module, args, env, cwd, stdout,
+stderr (a path; the stdout path itself for one file for both)} on stdin;
 the server answers {"pid": ...} when the child has started and {"returncode": ...} when it has
 exited (negative: killed by that signal, like subprocess).
 
@@ -18,6 +20,7 @@ exited (negative: killed by that signal, like subprocess).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -47,8 +50,12 @@ def child(request: dict) -> None:
     """Run the requested module as __main__ in this (forked) process, then exit; never returns."""
     code = 1
     try:
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.setpgid(0, 0)  # a process group of its own (the server sets it too, before it answers with the pid)
+        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+        if request["stderr"] == request["stdout"]:  # one file for both, as stderr=subprocess.STDOUT
+            os.dup2(1, 2)
+        else:
+            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.environ.clear()
         os.environ.update(request["env"])
@@ -82,6 +89,8 @@ def serve() -> None:
         if pid == 0:
             channel.close()
             child(request)
+        with contextlib.suppress(OSError):  # set by the child already, or the child has exited
+            os.setpgid(pid, pid)
         channel.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         channel.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
