@@ -223,25 +223,26 @@ def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Te
 def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_old: Tensor, *,
                      microbatch: int, kl_limit: float = math.inf) -> tuple[float, float]:
     """L(θ) and KL(θ_old ‖ θ) = (1/(B·T)) Σ_{i,k} KL_{i,k} over every state of the batch, at the current θ,
-    from one forward pass without grad (μ_old: (T, B, C, H, W) from `policy_gradient`).
+    from one forward pass without grad (μ_old: (T, B, C, H, W) from `policy_gradient`), `microbatch`
+    trajectories at a time, every step of each.
 
-    Every KL_{i,k} ≥ 0, so once the partial sum passes `kl_limit` the whole does too: the pass stops there
-    and returns (nan, the partial KL scaled up to all states), an estimate ≥ kl_limit that only says by how
-    much the step overshoots. A try over the trust region then costs a fraction of a pass."""
+    Every KL_{i,k} ≥ 0, so once the partial sum after a microbatch passes `kl_limit` the whole does too: the
+    pass stops there and returns (nan, the partial KL scaled up to all B trajectories), an estimate ≥ kl_limit
+    of by how much the step overshoots. The trajectories are exchangeable, so that estimate is unbiased (a
+    partial sum over some of the steps would not be: the KL differs from step to step by a factor of several).
+    A try far over the trust region then costs a fraction of a pass."""
     T, B = traj.num_steps, traj.batch_size
     gain = kl = 0.0
     seen = 0
-    # steps from both ends alternately (0, T−1, 1, T−2, ...), so that a partial sum mixes early and late steps
-    order = list(dict.fromkeys(k for pair in zip(range(T), reversed(range(T))) for k in pair))
     with torch.no_grad():
         for idx in torch.arange(B).split(microbatch):
-            for k in order:
+            for k in range(T):
                 out = policy.step_at(traj, k, idx)
                 gain += float(surrogate_term(out, traj, adv, k, idx))
                 kl += float(gaussian_kl(out.mu, mu_old[k, idx.to(mu_old.device)], policy.sigma_tilde(k)).sum()) / (B * T)
-                seen += len(idx)
-                if kl > kl_limit:
-                    return float("nan"), kl * (B * T) / seen
+            seen += len(idx)
+            if kl > kl_limit and seen < B:
+                return float("nan"), kl * B / seen
     return gain, kl
 
 
@@ -416,9 +417,10 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
         set_flat_params(params, theta_old + frac * full_step)
 
     def evaluate() -> tuple[float, float]:
-        # no graph is kept, so the pass takes as many trajectories per UNet call as sampling does
-        # a process's KL is its share of the mean over processes (all ≥ 0): past world·δ the mean is past δ
-        gain, kl = surrogate_and_kl(policy, traj, adv, grad.mu_old, microbatch=cfg.sample_batch or traj.batch_size,
+        # microbatches of trajectories: the points where the pass may stop early (and where a stopped pass's
+        # estimate is unbiased); a process's KL is its share of the mean over processes (all ≥ 0), so past
+        # world·δ the mean is past δ
+        gain, kl = surrogate_and_kl(policy, traj, adv, grad.mu_old, microbatch=cfg.microbatch,
                                     kl_limit=t.max_kl * distributed.world_size())
         return distributed.mean_float(gain) - base, distributed.mean_float(kl)
 

@@ -285,7 +285,8 @@ def test_line_search_rejects_over_limit_steps_and_restores():
 
 def test_line_search_pass_stops_once_the_kl_is_past_the_limit():
     """The KL is a sum of non-negative terms, so a partial sum past the limit decides the try: the pass stops
-    and gives (nan, an estimate ≥ the limit); under the limit it is the full pass, bit for bit."""
+    after that microbatch of trajectories and gives (nan, its KL scaled to the batch, ≥ the limit); under the
+    limit it is the full pass, bit for bit."""
     from rl.trpo import policy_gradient, surrogate_and_kl
 
     policy = tiny_policy()
@@ -298,8 +299,16 @@ def test_line_search_pass_stops_once_the_kl_is_past_the_limit():
     gain, kl = surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3)
     assert kl > 0 and math.isfinite(gain)
     assert surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=2 * kl) == (gain, kl)
-    stopped_gain, estimate = surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=kl / 4)
-    assert math.isnan(stopped_gain) and estimate > kl / 4
+    with torch.no_grad():  # each half's KL over every step, by hand: (1/(B·T)) Σ_{i in half, k} KL_{i,k}
+        halves = [sum(float(gaussian_kl(policy.step_at(traj, k, idx).mu, mu_old[k, idx],
+                                        policy.sigma_tilde(k)).sum()) for k in range(traj.num_steps))
+                  / (6 * traj.num_steps) for idx in torch.arange(6).split(3)]
+    assert sum(halves) == pytest.approx(kl, rel=1e-9) and min(halves) > 0
+    # past the limit after the first half: stopped there, its KL times B / 3 (the halves' estimates average to kl)
+    stopped_gain, estimate = surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=halves[0] / 2)
+    assert math.isnan(stopped_gain) and estimate == pytest.approx(2 * halves[0], rel=1e-9)
+    # past it only after the last microbatch: that is the full pass
+    assert surrogate_and_kl(policy, traj, adv, mu_old, microbatch=3, kl_limit=(halves[0] + kl) / 2) == (gain, kl)
 
 
 def test_kl_line_search_rule_aims_at_the_trust_region_edge():
