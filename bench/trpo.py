@@ -7,8 +7,8 @@ Every variant fine-tunes the same base model with the same reward artifact (`--s
 applies to all) at the same batch and number of denoising steps; each runs one warm-up iteration and
 `repeats` timed ones, from the same seed. Variants:
 
-- `ppo`: the PPO config, with its UNet-evaluation bound (bench.iteration) and, with `--profile`, the top
-  torch.profiler entries of one iteration (DIR/ppo_profile.txt);
+- `ppo`: the PPO config, with its UNet-evaluation bound (bench.iteration, timed between the iterations) and,
+  with `--profile`, the top torch.profiler entries of one iteration (DIR/ppo_profile.txt);
 - `trpo_published`: the TRPO config with the settings of the published comparison (J v by double
   backward, 64 states, 10 CG iterations, geometric backtracking);
 - `trpo`: the TRPO config as it is (the published 64 states and 10 CG iterations, today's products and backtracking);
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.iteration import fastest, overheads, unet_bound
+from bench.iteration import fastest, overheads, run_with_bound
 from rl.trainer import Finetuner
 from rl.trpo import fisher_operator, policy_gradient, state_subsample
 from utils import PROJECT_ROOT, apply_threads, load_config
@@ -37,7 +37,7 @@ from utils import PROJECT_ROOT, apply_threads, load_config
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric"]
 """The TRPO settings of the published comparison (docs/results/main), on today's code."""
 LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4"]
-"""A quarter of the states for F and 4 CG iterations: 1.24x PPO, but lower held-out quality over 3 training seeds."""
+"""A quarter of the states for F and 4 CG iterations: 1.43x PPO, but lower held-out quality over 3 training seeds."""
 
 TIMES = ("time_sample_s", "time_reward_s", "time_update_s")
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(path, [*args.overrides, *extra])
         apply_threads(cfg)
         r = cfg.rl
-        ft, rows = run_variant(cfg, out / "runs" / name, args.repeats)
+        if r.algorithm == "trpo":
+            ft, rows = run_variant(cfg, out / "runs" / name, args.repeats)
+        else:
+            ft, rows, bound = run_with_bound(cfg, out / "runs" / name, args.repeats)
         entry = {"config": path, "overrides": [*args.overrides, *extra], "batch": r.batch_size,
                  "T": cfg.sampler.num_steps, "microbatch": r.microbatch, **summarise(rows, (*TIMES, *TRPO_FIELDS))}
         if r.algorithm == "trpo":
@@ -130,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
             if name == "trpo":
                 entry["fvp_methods"] = fvp_errors(ft)
         else:
-            bound = unet_bound(ft)
             entry.update(bound, **overheads(fastest(rows), bound))
             if args.profile:
                 entry["profile_top"] = profile_iteration(ft, out / "ppo_profile.txt")

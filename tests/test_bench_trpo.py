@@ -1,8 +1,10 @@
 """bench.trpo end to end on a shrunk problem: both algorithms timed side by side, the trust region held, the
-Fisher-product methods compared, the PPO profile written."""
+Fisher-product methods compared, the PPO profile written; and bench.iteration's split and overheads."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from bench import trpo as bench_trpo
 
@@ -29,3 +31,19 @@ def test_bench_trpo_runs_both_algorithms_side_by_side(tmp_path):
     top = ppo["profile_top"]
     assert top and all(e["self_cpu_s"] >= 0 for e in top) and 0 < sum(e["share"] for e in top) <= 1 + 1e-9
     assert "Self CPU" in (tmp_path / "ppo_profile.txt").read_text()
+
+
+def test_bench_iteration_splits_an_iteration_against_the_unet_bound(tmp_path):
+    from bench import iteration as bench_iteration
+
+    args = ["--out", str(tmp_path), "--cfg", "configs/default.yaml", "--repeats", "2",
+            *(a for s in [*SHRINK, f"reward.artifact={tmp_path / 'reward'}"] for a in ("--set", s))]
+    bench_iteration.main(args)
+    r = json.loads((tmp_path / "iteration.json").read_text())
+    assert (r["batch"], r["T"], r["microbatch"]) == (8, 2, 4)
+    assert r["bound_sample_s"] == pytest.approx(2 * r["unet_forward_batch_s"])
+    # the overheads are the fastest timed iteration's phases over the bound's
+    assert r["min_time_sample_s"] <= r["time_sample_s"] and r["min_time_update_s"] <= r["time_update_s"]
+    assert r["overhead_total"] == pytest.approx((r["min_time_sample_s"] + r["min_time_update_s"])
+                                                / (r["bound_sample_s"] + r["bound_update_s"]))
+    assert r["overhead_sample"] == pytest.approx(r["min_time_sample_s"] / r["bound_sample_s"])
