@@ -9,8 +9,9 @@ passes per microbatch, plus a base-model forward per step held by a KL to the ba
 trajectory ratio make more, and say so); the latent mode's
 update makes T forward passes per microbatch (the UNet is frozen: no backward through it), the
 schedule mode's none (its one action per trajectory needs only the head). Each is multiplied by
-the measured time of one such pass. overhead = measured / bound (1.0 = nothing but UNet work), both
-the fastest of their repeats (interference from other work only adds time; the medians are kept too).
+the measured time of one such pass, the bound timed before each iteration. overhead = measured / bound
+(1.0 = nothing but UNet work), both the fastest of their repeats (interference from other work only adds
+time; the medians are kept too).
 Writes DIR/iteration.json and prints a table.
 """
 from __future__ import annotations
@@ -80,28 +81,27 @@ def unet_bound(ft: Finetuner, repeats: int = 5) -> dict[str, float]:
             "bound_update_s": 0.0 if r.policy_mode == "schedule" else update}
 
 
-def run_with_bound(cfg, out: Path, repeats: int) -> tuple[Finetuner, list[dict[str, float]], dict[str, float]]:
-    """One warm-up iteration, then `repeats` timed ones with `unet_bound` measured before each; each of the
-    bound's figures is the fastest over all rounds. This machine's speed drifts by ~10 % within minutes, so a
-    bound timed apart from the iterations would put that drift into the overhead."""
+def timed_iterations(cfg, out: Path, repeats: int, *, bound: bool = True
+                     ) -> tuple[Finetuner, list[dict[str, float]], dict[str, float] | None]:
+    """One warm-up iteration, then `repeats` timed ones (their metrics rows); with `bound`, `unet_bound` is
+    measured before each and each of its figures is the fastest over all rounds (else None). This machine's
+    speed drifts by ~10 % within minutes, so a bound timed apart from the iterations would put that drift into
+    the overhead."""
     ft = Finetuner(cfg, out)
     ft.iteration()  # warm-up
     rows, bounds = [], []
     for _ in range(repeats):
-        bounds.append(unet_bound(ft))
+        if bound:
+            bounds.append(unet_bound(ft))
         rows.append(ft.iteration()[0])
-    return ft, rows, {k: min(b[k] for b in bounds) for k in bounds[0]}
+    return ft, rows, ({k: min(b[k] for b in bounds) for k in bounds[0]} if bound else None)
 
 
-def fastest(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Per phase, the fastest of the timed iterations (`min_` + the row's key)."""
-    return {f"min_{k}": min(r[k] for r in rows) for k in ("time_sample_s", "time_update_s")}
-
-
-def overheads(fast: dict[str, float], bound: dict[str, float]) -> dict[str, float | None]:
-    """measured / bound for sampling, update and both, from `fastest` and `unet_bound`."""
-    s, u = fast["min_time_sample_s"], fast["min_time_update_s"]
-    return {**fast, "overhead_sample": s / bound["bound_sample_s"],
+def overheads(rows: list[dict[str, float]], bound: dict[str, float]) -> dict[str, float | None]:
+    """measured / bound for sampling, update and both: the fastest timed iteration's phases (also returned, as
+    `min_` + the row's key) over `unet_bound`'s."""
+    s, u = min(r["time_sample_s"] for r in rows), min(r["time_update_s"] for r in rows)
+    return {"min_time_sample_s": s, "min_time_update_s": u, "overhead_sample": s / bound["bound_sample_s"],
             "overhead_update": u / bound["bound_update_s"] if bound["bound_update_s"] else None,
             "overhead_total": (s + u) / (bound["bound_sample_s"] + bound["bound_update_s"])}
 
@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.cfg, args.overrides)
     apply_threads(cfg)
-    ft, rows, bound = run_with_bound(cfg, out / "run", args.repeats)
+    ft, rows, bound = timed_iterations(cfg, out / "run", args.repeats)
     r = cfg.rl
     med = {k: statistics.median(row[k] for row in rows) for k in ("time_sample_s", "time_reward_s", "time_update_s")}
-    fast = fastest(rows)
     bound_sample, bound_update = bound["bound_sample_s"], bound["bound_update_s"]
     T, B, mb, dev = cfg.sampler.num_steps, r.batch_size, r.microbatch, ft.device
     t_fwd, t_fwd_bwd = bound["unet_forward_batch_s"], bound["unet_forward_backward_microbatch_s"]
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         "microbatch": mb, "device": str(dev), "threads": torch.get_num_threads(),
         "unet_forward_batch_s": t_fwd, "unet_forward_backward_microbatch_s": t_fwd_bwd,
         **med, "bound_sample_s": bound_sample, "bound_update_s": bound_update,
-        **overheads(fast, bound),
+        **overheads(rows, bound),
         "reward_share": med["time_reward_s"] / sum(med.values()),
         "update_bound_note": ("TRPO adds CG Fisher-vector products and line-search passes beyond this bound"
                               if r.algorithm == "trpo" else "PPO/REINFORCE: one forward+backward per step"),

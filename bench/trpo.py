@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.iteration import fastest, overheads, run_with_bound
+from bench.iteration import overheads, timed_iterations
 from rl.trainer import Finetuner
 from rl.trpo import fisher_operator, policy_gradient, state_subsample
 from utils import PROJECT_ROOT, apply_threads, load_config
@@ -42,12 +42,6 @@ LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4"]
 TIMES = ("time_sample_s", "time_reward_s", "time_update_s")
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
                "line_search_kl")
-
-
-def run_variant(cfg, out: Path, repeats: int) -> tuple[Finetuner, list[dict[str, float]]]:
-    ft = Finetuner(cfg, out)
-    ft.iteration()  # warm-up
-    return ft, [ft.iteration()[0] for _ in range(repeats)]
 
 
 def summarise(rows: list[dict[str, float]], fields) -> dict[str, float]:
@@ -117,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(path, [*args.overrides, *extra])
         apply_threads(cfg)
         r = cfg.rl
-        if r.algorithm == "trpo":
-            ft, rows = run_variant(cfg, out / "runs" / name, args.repeats)
-        else:
-            ft, rows, bound = run_with_bound(cfg, out / "runs" / name, args.repeats)
+        ft, rows, bound = timed_iterations(cfg, out / "runs" / name, args.repeats, bound=r.algorithm != "trpo")
         entry = {"config": path, "overrides": [*args.overrides, *extra], "batch": r.batch_size,
                  "T": cfg.sampler.num_steps, "microbatch": r.microbatch, **summarise(rows, (*TIMES, *TRPO_FIELDS))}
         if r.algorithm == "trpo":
@@ -133,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             if name == "trpo":
                 entry["fvp_methods"] = fvp_errors(ft)
         else:
-            entry.update(bound, **overheads(fastest(rows), bound))
+            entry.update(bound, **overheads(rows, bound))
             if args.profile:
                 entry["profile_top"] = profile_iteration(ft, out / "ppo_profile.txt")
         result["variants"][name] = entry

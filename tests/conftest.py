@@ -17,34 +17,43 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-_ZYGOTE: list[subprocess.Popen] = []
-_PENDING = bytearray()  # what the fork server has written and no answer has consumed yet
+class _ForkServer:
+    """tests/zygote.py, running: requests go to its stdin, answers come back one JSON line each."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=ROOT, env=script_env(), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pending = bytearray()  # what the server has written and no answer has consumed yet
+
+    def request(self, request: dict) -> None:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, timeout: float | None = None) -> dict | None:
+        """The next answer; None if none came within `timeout` seconds (None: wait for it). Reads the pipe's
+        descriptor itself: a buffered reader could hold an answer that select() then never reports."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the test fork server (tests/zygote.py) died with status {self.proc.wait()}")
+            self.pending.extend(chunk)
+        line, _, rest = bytes(self.pending).partition(b"\n")
+        self.pending[:] = rest
+        return json.loads(line)
 
 
-def _zygote() -> subprocess.Popen:
-    """The session's fork server (tests/zygote.py), started on first use."""
-    if not _ZYGOTE or _ZYGOTE[0].poll() is not None:
-        _ZYGOTE[:] = [subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=ROOT, env=script_env(), text=True,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)]
-        _PENDING.clear()
+_ZYGOTE: list[_ForkServer] = []
+
+
+def _zygote() -> _ForkServer:
+    """The session's fork server, started on first use (again if it died)."""
+    if not _ZYGOTE or _ZYGOTE[0].proc.poll() is not None:
+        _ZYGOTE[:] = [_ForkServer()]
     return _ZYGOTE[0]
-
-
-def _answer(server: subprocess.Popen, timeout: float | None = None) -> dict | None:
-    """The server's next answer; None if none came within `timeout` seconds (None: wait for it). Reads the
-    pipe's descriptor itself: a buffered reader could hold an answer that select() then never reports."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while b"\n" not in _PENDING:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([server.stdout], [], [], left)[0]:
-            return None
-        chunk = os.read(server.stdout.fileno(), 4096)
-        if not chunk:
-            raise RuntimeError(f"the test fork server (tests/zygote.py) died with status {server.wait()}")
-        _PENDING.extend(chunk)
-    line, _, rest = bytes(_PENDING).partition(b"\n")
-    _PENDING[:] = rest
-    return json.loads(line)
 
 
 class ForkedLaunch:
@@ -56,19 +65,18 @@ class ForkedLaunch:
         self.args = [sys.executable, "-m", module, *args]
         self.returncode: int | None = None
         self._server = _zygote()
-        self._server.stdin.write(json.dumps({"module": module, "args": args, "env": env, "cwd": str(ROOT),
-                                             "stdout": str(stdout), "stderr": str(stderr)}) + "\n")
-        self._server.stdin.flush()
-        self.pid = _answer(self._server)["pid"]
+        self._server.request({"module": module, "args": args, "env": env, "cwd": str(ROOT),
+                              "stdout": str(stdout), "stderr": str(stderr)})
+        self.pid = self._server.answer()["pid"]
 
     def poll(self) -> int | None:
-        if self.returncode is None and (answer := _answer(self._server, 0.0)) is not None:
+        if self.returncode is None and (answer := self._server.answer(0.0)) is not None:
             self.returncode = answer["returncode"]
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            answer = _answer(self._server, timeout)
+            answer = self._server.answer(timeout)
             if answer is None:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             self.returncode = answer["returncode"]
@@ -97,8 +105,8 @@ def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
 
 def pytest_unconfigure(config):
     for server in _ZYGOTE:
-        server.stdin.close()
-        server.wait(timeout=60)
+        server.proc.stdin.close()
+        server.proc.wait(timeout=60)
 
 
 def smoke_argv(out: Path, *overrides: str) -> list[str]:

@@ -4,8 +4,9 @@ Each script runs on configs/smoke.yaml: once uninterrupted, once killed while a 
 written and then twice after seeded random delays, relaunched after every kill. The expected final
 weights, metrics.csv and TensorBoard scalars are those of the uninterrupted run with the same seed.
 Those launches are forks of the tests' fork server (tests/zygote.py); one short test runs the bench's own
-launcher, a fresh interpreter. Two fast tests pin the run-directory fixes the bench depends on: a relaunch removes the temporary
-directories killed writes left, and TensorBoard keeps the checkpoint's own step after a resume.
+launcher, a fresh interpreter. Two fast tests pin the run-directory fixes the bench depends on: a relaunch
+removes the temporary directories killed writes left, and TensorBoard keeps the checkpoint's own step after
+a resume.
 """
 from __future__ import annotations
 
