@@ -223,6 +223,9 @@ def test_conjugate_gradient_against_linalg_solve():
     torch.testing.assert_close(res.x, torch.linalg.solve(spd, b), rtol=1e-6, atol=1e-8)
     few = conjugate_gradient(lambda v: spd @ v, b, iters=3)
     assert few.iters == 3 and few.residual > res.residual
+    # xᵀFx from the residual equals the explicit product, converged or not
+    for r in (res, few):
+        torch.testing.assert_close(r.xfx, float(r.x @ spd @ r.x), rtol=1e-8, atol=0.0)
 
 
 @pytest.mark.parametrize("method", ["jvp", "double_vjp", "fd"])
