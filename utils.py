@@ -329,9 +329,12 @@ class TRPOConfig:
                              ge=0.0)
     kl_states: int = _f(128, "states (i, t) subsampled for the Fisher-vector products (0: all); the line search's "
                              "KL is always over every state", ge=0)
-    fvp: Literal["jvp", "double_vjp", "fd"] = _f(
+    probe_states: int = _f(64, "states, disjoint from kl_states', on which the full step's KL aims the line search's "
+                               "first try at 0.9 δ (one forward pass over them; 0: first try at the full step)", ge=0)
+    fvp: Literal["jvp", "double_vjp", "fd", "fd_forward"] = _f(
         "fd", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp'), the derivative of a vjp "
-               "('double_vjp', slower to build) or a central difference of two forward passes ('fd', fastest on CPU)")
+               "('double_vjp', slower to build), a central difference of two forward passes ('fd') or a forward "
+               "difference of one ('fd_forward', fastest on CPU)")
     penalty_beta: float = _f(1.0, "penalty mode: initial β of L(θ) − β·KL", gt=0.0)
     penalty_steps: int = _f(4, "penalty mode: gradient steps per iteration", ge=1)
 

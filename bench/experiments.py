@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.trpo import FAST as TRPO_FAST
 from evaluation.run import BASE, CEILING, ModelSpec, evaluate_run
 from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
 
@@ -158,7 +159,8 @@ class Variant:
 
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":  # configs/trpo.yaml and sac.yaml pin the pre-size default's reward and budget themselves
-        return [Variant("ppo", DEFAULT_CFG, PRE_SIZE), Variant("trpo", TRPO_CFG), Variant("sac", SAC_CFG),
+        return [Variant("ppo", DEFAULT_CFG, PRE_SIZE), Variant("trpo", TRPO_CFG),
+                Variant("trpo_fast", TRPO_CFG, tuple(TRPO_FAST)), Variant("sac", SAC_CFG),
                 Variant("sac_td0", SAC_CFG, ("rl.sac.lam=0.0",))]
     if which in SETS:
         return [Variant(name, DEFAULT_CFG, over) for name, over in SETS[which].items()]

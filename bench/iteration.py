@@ -97,6 +97,18 @@ def timed_iterations(cfg, out: Path, repeats: int, *, bound: bool = True
     return ft, rows, ({k: min(b[k] for b in bounds) for k in bounds[0]} if bound else None)
 
 
+TIMES = ("time_sample_s", "time_reward_s", "time_update_s")
+"""An iteration's phases, as logged."""
+
+
+def medians(rows: list[dict[str, float]], fields=TIMES) -> dict[str, float]:
+    """The median over the timed iterations of each of `fields` that every row has, and time_iteration_s, the
+    median of the phases' sum."""
+    med = {k: statistics.median(r[k] for r in rows) for k in fields if all(k in r for r in rows)}
+    med["time_iteration_s"] = statistics.median(sum(r[k] for k in TIMES) for r in rows)
+    return med
+
+
 def overheads(rows: list[dict[str, float]], bound: dict[str, float]) -> dict[str, float | None]:
     """measured / bound for sampling, update and both: the fastest timed iteration's phases (also returned, as
     `min_` + the row's key) over `unet_bound`'s."""
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_threads(cfg)
     ft, rows, bound = timed_iterations(cfg, out / "run", args.repeats)
     r = cfg.rl
-    med = {k: statistics.median(row[k] for row in rows) for k in ("time_sample_s", "time_reward_s", "time_update_s")}
+    med = medians(rows)
     bound_sample, bound_update = bound["bound_sample_s"], bound["bound_update_s"]
     T, B, mb, dev = cfg.sampler.num_steps, r.batch_size, r.microbatch, ft.device
     t_fwd, t_fwd_bwd = bound["unet_forward_batch_s"], bound["unet_forward_backward_microbatch_s"]
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "unet_forward_batch_s": t_fwd, "unet_forward_backward_microbatch_s": t_fwd_bwd,
         **med, "bound_sample_s": bound_sample, "bound_update_s": bound_update,
         **overheads(rows, bound),
-        "reward_share": med["time_reward_s"] / sum(med.values()),
+        "reward_share": med["time_reward_s"] / sum(med[k] for k in TIMES),
         "update_bound_note": ("TRPO adds CG Fisher-vector products and line-search passes beyond this bound"
                               if r.algorithm == "trpo" else "PPO/REINFORCE: one forward+backward per step"),
     }

@@ -23,31 +23,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench.iteration import overheads, timed_iterations
+from bench.iteration import TIMES, medians, overheads, timed_iterations
 from rl.trainer import Finetuner
 from rl.trpo import fisher_operator, policy_gradient, state_subsample
 from utils import PROJECT_ROOT, apply_threads, load_config
 
-PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric"]
+PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",
+             "rl.trpo.probe_states=0"]
 """The TRPO settings of the published comparison (docs/results/main), on today's code."""
-LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4"]
+LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0"]
 """A quarter of the states for F and 4 CG iterations: 1.43x PPO, but lower held-out quality over 3 training seeds."""
+FAST = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward", "rl.trpo.probe_states=64"]
+"""Half the states for F, 8 CG iterations, J v by forward difference, the first try aimed by 64 probe states."""
 
-TIMES = ("time_sample_s", "time_reward_s", "time_update_s")
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
-               "line_search_kl")
-
-
-def summarise(rows: list[dict[str, float]], fields) -> dict[str, float]:
-    med = {k: statistics.median(r[k] for r in rows) for k in fields if all(k in r for r in rows)}
-    med["time_iteration_s"] = statistics.median(sum(r[k] for k in TIMES) for r in rows)
-    return med
+               "line_search_kl", "first_fraction")
 
 
 def fvp_errors(ft: Finetuner, *, repeats: int = 2) -> dict[str, dict[str, float]]:
@@ -64,7 +59,7 @@ def fvp_errors(ft: Finetuner, *, repeats: int = 2) -> dict[str, dict[str, float]
     vs = [torch.nn.functional.normalize(torch.randn(n, generator=torch.Generator().manual_seed(3 + i)), dim=0)
           for i in range(repeats)]
     results, reference = {}, None
-    for method in ("jvp", "fd", "double_vjp"):
+    for method in ("jvp", "fd", "fd_forward", "double_vjp"):
         t0 = time.perf_counter()
         op = fisher_operator(ft.policy, traj, states, mu_s, damping=0.0, method=method)
         build = time.perf_counter() - t0
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = {"ppo": (args.ppo_cfg, []), "trpo_published": (args.trpo_cfg, PUBLISHED),
-               "trpo": (args.trpo_cfg, []), "trpo_lean": (args.trpo_cfg, LEAN)}
+               "trpo": (args.trpo_cfg, []), "trpo_lean": (args.trpo_cfg, LEAN), "trpo_fast": (args.trpo_cfg, FAST)}
     result: dict = {"threads": None, "variants": {}}
     for name in args.variants:
         path, extra = configs[name]
@@ -113,12 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         r = cfg.rl
         ft, rows, bound = timed_iterations(cfg, out / "runs" / name, args.repeats, bound=r.algorithm != "trpo")
         entry = {"config": path, "overrides": [*args.overrides, *extra], "batch": r.batch_size,
-                 "T": cfg.sampler.num_steps, "microbatch": r.microbatch, **summarise(rows, (*TIMES, *TRPO_FIELDS))}
+                 "T": cfg.sampler.num_steps, "microbatch": r.microbatch, **medians(rows, (*TIMES, *TRPO_FIELDS))}
         if r.algorithm == "trpo":
             accepted = [row["line_search_kl"] for row in rows if row["accepted"]]
             t = r.trpo
             entry.update(max_kl=t.max_kl, kl_states=t.kl_states, cg_iters_cfg=t.cg_iters, fvp=t.fvp,
-                         backtrack=t.backtrack, accepted=len(accepted), tried=len(rows),
+                         probe_states=t.probe_states, backtrack=t.backtrack, accepted=len(accepted), tried=len(rows),
                          max_accepted_kl=max(accepted, default=0.0),
                          every_accepted_kl_within_delta=all(k <= t.max_kl for k in accepted))
             if name == "trpo":

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ddpm.ddim import DDIMStep, gaussian_logprob
-from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
+from ddpm.sampling import Trajectory, sample_trajectory
 from rl.policy import DiffusionPolicy
 from utils import CraterdiffError, LatentSettings, ScheduleSettings, first_line
 

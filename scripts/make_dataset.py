@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from data.datasets import load_image_folder
 from data.mars import build_crater_set
 from utils import CraterdiffError, load_config, resolve_path, run_main, save_image_grid, script_parser

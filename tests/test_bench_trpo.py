@@ -3,6 +3,7 @@ Fisher-product methods compared, the PPO profile written; and bench.iteration's 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_bench_trpo_runs_both_algorithms_side_by_side(tmp_path):
     methods = trpo["fvp_methods"]
     assert methods["jvp"]["rel_error_vs_jvp"] == 0.0
     assert methods["fd"]["rel_error_vs_jvp"] < 1e-2 and methods["double_vjp"]["rel_error_vs_jvp"] < 1e-3
+    assert methods["fd_forward"]["rel_error_vs_jvp"] < 1e-2
     assert ppo["bound_sample_s"] > 0 and ppo["bound_update_s"] > 0 and ppo["overhead_total"] > 0
     top = ppo["profile_top"]
     assert top and all(e["self_cpu_s"] >= 0 for e in top) and 0 < sum(e["share"] for e in top) <= 1 + 1e-9
@@ -47,3 +49,29 @@ def test_bench_iteration_splits_an_iteration_against_the_unet_bound(tmp_path):
     assert r["overhead_total"] == pytest.approx((r["min_time_sample_s"] + r["min_time_update_s"])
                                                 / (r["bound_sample_s"] + r["bound_update_s"]))
     assert r["overhead_sample"] == pytest.approx(r["min_time_sample_s"] / r["bound_sample_s"])
+
+
+def test_bench_trpo_solve_scores_each_solve_against_the_exact_kl(tmp_path):
+    """With F on every state (tiny damping, a small δ: the quadratic regime) the step β x the model puts on δ has
+    exact KL δ over the batch; a 4-state solve is scored against the same exact KL, the probe's estimate beside it."""
+    from bench import trpo_solve
+
+    args = ["--out", str(tmp_path), "--cfg", "configs/trpo.yaml", "--iterations", "2", "--draws", "2",
+            "--settings", "0:5:fd", "4:2:fd_forward",
+            *(a for s in [*SHRINK, f"reward.artifact={tmp_path / 'reward'}", "rl.trpo.damping=1e-6",
+                          "rl.trpo.max_kl=1e-6", "rl.trpo.probe_states=8"] for a in ("--set", s))]
+    trpo_solve.main(args)
+    result = json.loads((tmp_path / "solve.json").read_text())
+    assert len(result["solves"]) == 2 * 2 * 2
+    full, cheap = result["summary"]["0:5:fd"], result["summary"]["4:2:fd_forward"]
+    assert full["eta_relative"] == pytest.approx(1.0) and full["probe_over_exact"] is None
+    assert full["kl_over_delta"] == pytest.approx(1.0, rel=0.05)
+    assert all(math.isfinite(r["eta"]) and r["eta"] > 0 for r in result["solves"])
+    assert cheap["probe_over_exact"] > 0 and cheap["solves"] == 4
+
+
+def test_bench_trpo_solve_refuses_a_malformed_setting(tmp_path, capsys):
+    from bench import trpo_solve
+
+    with pytest.raises(SystemExit, match="not STATES:CG_ITERS:METHOD"):
+        trpo_solve.main(["--out", str(tmp_path), "--settings", "32:eight:fd"])

@@ -228,7 +228,7 @@ def test_conjugate_gradient_against_linalg_solve():
         torch.testing.assert_close(r.xfx, float(r.x @ spd @ r.x), rtol=1e-8, atol=0.0)
 
 
-@pytest.mark.parametrize("method", ["jvp", "double_vjp", "fd"])
+@pytest.mark.parametrize("method", ["jvp", "double_vjp", "fd", "fd_forward"])
 def test_fisher_vector_product_against_explicit_fisher(method):
     # Only conv_out is trainable, so the Fisher matrix F = Jᵀ W J is small enough to build explicitly:
     # J = ∂μ/∂θ over the states of S (every dimension), W = 1/(σ̃_k² · d · |S|) (the KL is a mean).
@@ -253,7 +253,7 @@ def test_fisher_vector_product_against_explicit_fisher(method):
         fisher += jac.T @ jac / (policy.sigma_tilde(k) ** 2 * d * n_states)
     v = torch.randn(n, generator=torch.Generator().manual_seed(1))
     fv = fisher_vector_product(policy, traj, states, mu_old, v, damping=0.0, method=method)
-    if method == "fd":  # a float32 difference quotient: accurate as a vector, not to 1e-3 in every entry
+    if method.startswith("fd"):  # a float32 difference quotient: accurate as a vector, not to 1e-3 in every entry
         assert float((fv.double() - fisher @ v.double()).norm() / (fisher @ v.double()).norm()) < 2e-3
     else:
         torch.testing.assert_close(fv.double(), fisher @ v.double(), rtol=1e-3, atol=1e-6)
@@ -333,6 +333,76 @@ def test_kl_line_search_rule_aims_at_the_trust_region_edge():
     with pytest.raises(ValueError, match="unknown line-search rule"):
         backtracking_line_search(set_step=lambda f: None, evaluate=quadratic, expected_full=1.0, max_kl=1e-3,
                                  coeff=0.5, max_iters=1, accept_ratio=0.1, rule="armijo")
+    # a first try aimed by the probe starts there (and lands inside at once)
+    res = backtracking_line_search(set_step=lambda f: state.update(frac=f), evaluate=quadratic, expected_full=1.0,
+                                   max_kl=1e-3, coeff=0.5, max_iters=5, accept_ratio=0.1, rule="kl", first=0.3)
+    assert res.accepted and res.iters == 1 and res.step_fraction == 0.3
+    with pytest.raises(ValueError, match="first try's fraction"):
+        backtracking_line_search(set_step=lambda f: None, evaluate=quadratic, expected_full=1.0, max_kl=1e-3,
+                                 coeff=0.5, max_iters=1, accept_ratio=0.1, first=1.5)
+
+
+def test_state_subsamples_keep_s_and_draw_a_disjoint_probe():
+    from rl.trpo import state_subsamples
+
+    flat = lambda d: {k * 4 + i for k, idx in d.items() for i in idx.tolist()}  # noqa: E731
+    for n, n_probe in [(6, 5), (10, 100), (0, 5), (3, 0)]:
+        alone = state_subsample(3, 4, n, generator=torch.Generator().manual_seed(3))
+        s, probe = state_subsamples(3, 4, n, n_probe, generator=torch.Generator().manual_seed(3))
+        assert flat(s) == flat(alone) and len(flat(s)) == (12 if n == 0 else n)  # the same S with or without S'
+        assert not flat(s) & flat(probe)
+        assert len(flat(probe)) == min(n_probe, 12 - len(flat(s)))
+
+
+def test_probe_aims_the_first_try_at_the_trust_region_edge():
+    """In the quadratic regime (a small step) the probe's fraction f_0 puts the KL on S' at KEEP² δ, whatever
+    the full step's KL; a full step already inside keeps f_0 = 1; θ is left at θ_old."""
+    from rl.trpo import KEEP, probe_fraction, policy_gradient, state_subsamples
+
+    policy = tiny_policy()
+    params = policy.trainable_parameters()
+    traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
+    adv = normalize_batch(traj.images.mean((1, 2, 3)))
+    mu_old = policy_gradient(policy, traj, adv, microbatch=4).mu_old
+    _, probe = state_subsamples(traj.num_steps, traj.batch_size, 3, 6, generator=torch.Generator().manual_seed(1))
+    mu_probe = {k: mu_old[k, idx] for k, idx in probe.items()}
+    theta = flat_params(params)
+    d = 1e-4 * theta.norm() * torch.nn.functional.normalize(torch.randn(theta.numel(),
+                                                                        generator=torch.Generator().manual_seed(2)), dim=0)
+    set_step = lambda f: set_flat_params(params, theta + f * d)  # noqa: E731
+    set_step(1.0)
+    kl_full = subsample_kl(policy, traj, probe, mu_probe)
+    set_step(0.0)
+    for over in (16.0, 3.0):
+        f0, kl = probe_fraction(policy, traj, probe, mu_old, set_step=set_step, max_kl=kl_full / over)
+        assert torch.equal(flat_params(params), theta) and kl == pytest.approx(kl_full)
+        assert f0 == pytest.approx(KEEP / math.sqrt(over))
+        set_step(f0)
+        assert subsample_kl(policy, traj, probe, mu_probe) == pytest.approx(KEEP ** 2 * kl_full / over, rel=0.02)
+        set_step(0.0)
+    assert probe_fraction(policy, traj, probe, mu_old, set_step=set_step, max_kl=2 * kl_full)[0] == 1.0
+
+
+def test_probe_saves_line_search_passes_and_keeps_the_trust_region():
+    """With 3 of 24 states for F the full step overshoots the exact KL (the second try lands inside); the probe's
+    12 further states aim the first try, so fewer passes are needed, and every accepted step stays within δ."""
+    policy = tiny_policy()
+    params = policy.trainable_parameters()
+    theta = flat_params(params)
+    tries = {}
+    for probe_states in (0, 12):
+        cfg = rl_cfg(microbatch=8, trpo={"max_kl": 1e-3, "kl_states": 3, "probe_states": probe_states, "cg_iters": 5})
+        tries[probe_states] = []
+        for seed in range(4):
+            traj = policy.sample(8, generator=torch.Generator().manual_seed(seed))
+            adv = normalize_batch(traj.images.mean((1, 2, 3)))
+            stats = trpo_update(policy, traj, adv, cfg, generator=torch.Generator().manual_seed(seed))
+            assert stats.extra["accepted"] and stats.kl <= 1e-3
+            assert ("probe_kl" in stats.extra) == (probe_states > 0)
+            assert (stats.extra["first_fraction"] < 1.0) == (probe_states > 0)
+            tries[probe_states].append(stats.extra["backtrack_iters"])
+            set_flat_params(params, theta)
+    assert sum(tries[12]) < sum(tries[0]), tries
 
 
 def test_every_accepted_trpo_step_is_inside_the_trust_region():
@@ -428,7 +498,7 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
         kl = sum(gaussian_kl(policy.step(k, traj.x_t[k, idx], traj.x_prev[k, idx]).mu, mu_old[k],
                              policy.sigma_tilde(k)).sum() / n for k, idx in states.items())
         grad_kl = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
-    for method in ("jvp", "double_vjp", "fd"):
+    for method in ("jvp", "double_vjp", "fd", "fd_forward"):
         fvp = fisher_operator(policy, traj, states, mu_old, damping=0.0, method=method)
         for seed in (1, 2):
             v = torch.randn(grad_kl.numel(), generator=torch.Generator().manual_seed(seed))
