@@ -11,7 +11,8 @@ Sets:
 * `sizes`: the crater-size levers that make `configs/default.yaml`, one added at a time (`SIZE_LEVERS`): the
   MMD + GP-MI reward of the pre-size default (`PRE_SIZE`), + the `size` reward at lr 1e-4, + the last step held at
   the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the default), + 100 iterations.
-* `main`: the base model against PPO, TRPO (`configs/trpo.yaml`) and the SAC-style actor-critic (`configs/sac.yaml`,
+* `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 states
+  and 10 CG iterations or 32 and 8, `bench.trpo.TRPO_64`, `TRPO_32`) and the SAC-style actor-critic (`configs/sac.yaml`,
   soft λ-returns; `sac_td0`: the one-step soft Bellman target, λ = 0), all with the pre-size default's reward and
   budget (`PRE_SIZE`: MMD + GP-MI, 25 iterations), as published in docs/results/main.
 * `ablation`: the pre-size default (same iterations, step sizes, batch) with the reward weights
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.trpo import FAST as TRPO_FAST
+from bench.trpo import TRPO_32, TRPO_64
 from evaluation.run import BASE, CEILING, ModelSpec, evaluate_run
 from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
 
@@ -160,7 +161,8 @@ class Variant:
 def variants(which: str, *, realism_weight: float) -> list[Variant]:
     if which == "main":  # configs/trpo.yaml and sac.yaml pin the pre-size default's reward and budget themselves
         return [Variant("ppo", DEFAULT_CFG, PRE_SIZE), Variant("trpo", TRPO_CFG),
-                Variant("trpo_fast", TRPO_CFG, tuple(TRPO_FAST)), Variant("sac", SAC_CFG),
+                Variant("trpo_64", TRPO_CFG, tuple(TRPO_64)), Variant("trpo_32", TRPO_CFG, tuple(TRPO_32)),
+                Variant("sac", SAC_CFG),
                 Variant("sac_td0", SAC_CFG, ("rl.sac.lam=0.0",))]
     if which in SETS:
         return [Variant(name, DEFAULT_CFG, over) for name, over in SETS[which].items()]

@@ -11,7 +11,10 @@ applies to all) at the same batch and number of denoising steps; each runs one w
   with `--profile`, the top torch.profiler entries of one iteration (DIR/ppo_profile.txt);
 - `trpo_published`: the TRPO config with the settings of the published comparison (J v by double
   backward, 64 states, 10 CG iterations, geometric backtracking);
-- `trpo`: the TRPO config as it is (the published 64 states and 10 CG iterations, today's products and backtracking);
+- `trpo`: the TRPO config as it is;
+- `trpo_64`: the published solve, 64 states and 10 CG iterations, with J v by central difference and today's
+  line search (`configs/trpo.yaml` before 2026-12-05);
+- `trpo_32`: 32 states, 8 CG iterations, J v by forward difference, today's line search;
 - `trpo_lean`: the TRPO config with 16 states for F and 4 CG iterations (faster, but it loses held-out quality:
   docs/results/main_trpo_lean).
 
@@ -38,8 +41,10 @@ PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters
 """The TRPO settings of the published comparison (docs/results/main), on today's code."""
 LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0"]
 """A quarter of the states for F and 4 CG iterations: 1.43x PPO, but lower held-out quality over 3 training seeds."""
-FAST = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward", "rl.trpo.probe_states=64"]
-"""Half the states for F, 8 CG iterations, J v by forward difference, the first try aimed by 64 probe states."""
+TRPO_64 = ["rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.fvp=fd"]
+"""The published solve (64 states, 10 CG iterations) with J v by central difference, today's line search."""
+TRPO_32 = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward"]
+"""Half the states for F, 8 CG iterations, J v by forward difference, today's line search."""
 
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
                "line_search_kl", "first_fraction")
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = {"ppo": (args.ppo_cfg, []), "trpo_published": (args.trpo_cfg, PUBLISHED),
-               "trpo": (args.trpo_cfg, []), "trpo_lean": (args.trpo_cfg, LEAN), "trpo_fast": (args.trpo_cfg, FAST)}
+               "trpo": (args.trpo_cfg, []), "trpo_lean": (args.trpo_cfg, LEAN),
+               "trpo_64": (args.trpo_cfg, TRPO_64), "trpo_32": (args.trpo_cfg, TRPO_32)}
     result: dict = {"threads": None, "variants": {}}
     for name in args.variants:
         path, extra = configs[name]

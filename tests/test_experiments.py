@@ -87,7 +87,7 @@ def test_ablation_variants_set_every_weight_and_load():
         name = v.name.removesuffix("+realism")
         assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(REWARDS[name])
         assert w["realism"] == (0.25 if v.name.endswith("+realism") else 0.0)
-    assert [v.name for v in variants("main", realism_weight=0.5)] == ["ppo", "trpo", "sac", "sac_td0"]
+    assert [v.name for v in variants("main", realism_weight=0.5)] == ["ppo", "trpo", "trpo_64", "trpo_32", "sac", "sac_td0"]
 
 
 def test_size_ladder_adds_one_lever_at_a_time_through_the_default():
