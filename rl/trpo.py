@@ -127,9 +127,9 @@ def backtracking_line_search(*, set_step: Callable[[float], None], evaluate: Cal
     rule 'geometric': f_{j+1} = coeff · f_j. rule 'kl': after a try over the trust region,
     f_{j+1} = f_j · KEEP · sqrt(δ / KL_j), the largest fraction inside it if the KL is quadratic in the
     step (as it is near θ_old, KL ≈ ½ f² sᵀFs); after any other rejection, coeff · f_j. The quadratic
-    model on the state subsample underestimates the exact KL, by 2-5x at `configs/trpo.yaml`'s 64 states,
-    so 'kl' usually lands inside on the second try where 'geometric' may need several, and keeps more of
-    the step.
+    model on the state subsample underestimates the exact KL (on the shipped model by 1.0x at 64 states and
+    1.4-1.6x at 32 or 16, medians, up to 2.5x; docs/results/trpo_solve), so 'kl' usually lands inside on the
+    second try where 'geometric' may need several, and keeps more of the step.
 
     set_step(f) puts θ = θ_old + f · full_step; evaluate() gives (surrogate gain, KL) at the current θ.
     """
@@ -273,8 +273,8 @@ def probe_fraction(policy: DiffusionPolicy, traj: Trajectory, probe: dict[int, T
     the KL of the full step on S' (states disjoint from S; μ_old: (T, B, C, H, W)); returns (f_0, KL_S').
 
     s is fitted to S, so it leans on directions in which F_S has little curvature, and ½ β² sᵀF_S s = δ
-    underestimates the exact KL (2-5x at 64 states): the full step's first try mostly fails and costs a
-    pass over the batch. On S', which s was not fitted to, the mean per-state KL is an unbiased estimate of
+    underestimates the exact KL (by 1.4-1.6x at 16-32 states on the shipped model): the full step's first
+    try mostly fails and costs a pass over the batch. On S', which s was not fitted to, the mean per-state KL is an unbiased estimate of
     the batch's, up to the sampling error of |S'| states, at the cost of one forward pass over them. Leaves
     θ = θ_old."""
     set_step(1.0)
