@@ -231,14 +231,12 @@ def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tenso
 
 def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
                  mu_old: dict[int, Tensor]) -> float:
-    """KL(θ_old ‖ θ) over S (mean over states) at the current θ, no grad."""
+    """KL(θ_old ‖ θ) over S (mean over states) at the current θ, no grad, from one UNet call over all of S
+    (`means_at`: a few states per step, which one call a step would run in batches of a few)."""
     n = sum(len(v) for v in states.values())
-    total = 0.0
     with torch.no_grad():
-        for k, idx in states.items():
-            out = policy.step_at(traj, k, idx)
-            total += float(gaussian_kl(out.mu, mu_old[k], policy.sigma_tilde(k)).sum() / n)
-    return total
+        mus = policy.means_at(traj, states)  # (|S_k|, C, H, W) per step
+    return sum(float(gaussian_kl(mu, mu_old[k], policy.sigma_tilde(k)).sum() / n) for k, mu in zip(states, mus))
 
 
 def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_old: Tensor, *,
