@@ -331,6 +331,9 @@ class TRPOConfig:
                              "KL is always over every state", ge=0)
     probe_states: int = _f(64, "states, disjoint from kl_states', on which the full step's KL aims the line search's "
                                "first try at 0.9 δ (one forward pass over them; 0: first try at the full step)", ge=0)
+    state_draw: Literal["uniform", "curvature"] = _f(
+        "uniform", "how kl_states and probe_states are drawn: 'uniform' over the batch's states; 'curvature' "
+                   "stratified by step, n_k ∝ 1/σ̃_k² (the step's share of the KL's curvature), at least one a step")
     fvp: Literal["jvp", "double_vjp", "fd", "fd_forward"] = _f(
         "fd", "J v of the Fisher product F v = Jᵀ H J v: forward-mode AD ('jvp'), the derivative of a vjp "
                "('double_vjp', slower to build), a central difference of two forward passes ('fd') or a forward "

@@ -11,11 +11,11 @@ applies to all) at the same batch and number of denoising steps; each runs one w
   with `--profile`, the top torch.profiler entries of one iteration (DIR/ppo_profile.txt);
 - `trpo_published`: the TRPO config with the settings of the published comparison (J v by double
   backward, 64 states, 10 CG iterations, geometric backtracking);
-- `trpo`: the TRPO config as it is;
-- `trpo_64`: the published solve, 64 states and 10 CG iterations, with J v by central difference and today's
-  line search (`configs/trpo.yaml` before 2026-12-05);
-- `trpo_32`: 32 states, 8 CG iterations, J v by forward difference, today's line search (`configs/trpo.yaml`
-  since 2026-12-05, so not in the default set);
+- `trpo`: the TRPO config as it is (16 states drawn by step in proportion to 1/σ̃_k², 8 CG iterations);
+- `trpo_64`: the published solve, 64 uniformly drawn states and 10 CG iterations, with J v by central difference
+  and today's line search (`configs/trpo.yaml` until 2026-12-05);
+- `trpo_32`: 32 uniformly drawn states, 8 CG iterations, J v by forward difference, today's line search
+  (`configs/trpo.yaml` on 2026-12-05);
 - `trpo_lean`: the TRPO config with 16 states for F and 4 CG iterations (faster, but it loses held-out quality:
   docs/results/main_trpo_lean).
 
@@ -38,14 +38,16 @@ from rl.trpo import fisher_operator, policy_gradient, state_subsample
 from utils import PROJECT_ROOT, apply_threads, load_config
 
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",
-             "rl.trpo.probe_states=0"]
+             "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
 """The TRPO settings of the published comparison (docs/results/main), on today's code."""
-LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0"]
+LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
 """A quarter of the states for F and 4 CG iterations: 1.43x PPO, but lower held-out quality over 3 training seeds."""
-TRPO_64 = ["rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.fvp=fd"]
-"""The published solve (64 states, 10 CG iterations) with J v by central difference, today's line search."""
-TRPO_32 = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward"]
-"""Half the states for F, 8 CG iterations, J v by forward difference, today's line search: configs/trpo.yaml."""
+TRPO_64 = ["rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.fvp=fd", "rl.trpo.state_draw=uniform"]
+"""The published solve (64 uniformly drawn states, 10 CG iterations) with J v by central difference, today's line
+search."""
+TRPO_32 = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward", "rl.trpo.state_draw=uniform"]
+"""Half the states for F, 8 CG iterations, J v by forward difference, today's line search, a uniform draw:
+configs/trpo.yaml on 2026-12-05, before the draw by step."""
 
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
                "line_search_kl", "first_fraction")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--variants", nargs="+", default=["ppo", "trpo_published", "trpo_64", "trpo", "trpo_lean"])
+    p.add_argument("--variants", nargs="+", default=["ppo", "trpo_published", "trpo_64", "trpo_32", "trpo", "trpo_lean"])
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

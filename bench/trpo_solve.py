@@ -1,10 +1,11 @@
 """How good a cheaper TRPO solve is: the surrogate gain its direction buys per unit of exact KL over the batch.
 
     python -m bench.trpo_solve --out DIR [--cfg configs/trpo.yaml] [--iterations 3] [--draws 2]
-                               [--settings 64:10:fd 32:8:fd_forward ...] [--set KEY=VALUE ...]
+                               [--settings 64:10:fd 16:8:fd_forward:curvature ...] [--set KEY=VALUE ...]
 
 Runs `iterations` TRPO iterations of the config (one process). At each, before its update and so at θ_old, every setting
-(states for F : CG iterations : J v method) solves F x = g on `draws` state subsamples, and each solution is
+(states for F : CG iterations : J v method [: draw], the draw `trpo.state_draw`'s, uniform unless named) solves
+F x = g on `draws` state subsamples (the probe states drawn alike), and each solution is
 scored against the whole batch, not against the subsample it was fitted to:
 
     η(x) = gᵀ(βx) / sqrt(2 KL(βx)),   β = sqrt(2δ / xᵀF_S x)
@@ -31,17 +32,26 @@ from rl import trpo
 from rl.trainer import Finetuner
 from utils import PROJECT_ROOT, apply_threads, load_config
 
-SETTINGS = ("64:10:fd", "32:10:fd", "32:8:fd_forward", "32:6:fd", "16:4:fd")
-"""configs/trpo.yaml's solve before the forward difference (64 states, 10 CG), then cheaper ones."""
+SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd_forward:curvature",
+            "16:8:fd_forward:curvature", "16:10:fd_forward:curvature")
+"""configs/trpo.yaml's solve until 2026-12-05 (64 uniform states, 10 CG), its solve on 2026-12-05 (32 and 8), then
+draws by step in proportion to 1/σ̃_k² (16 and 8: configs/trpo.yaml since 2026-12-06)."""
 
 
-def parse_setting(text: str) -> tuple[int, int, str]:
-    """'states:cg_iters:method' → (states, cg_iters, method); one line naming the problem otherwise."""
+DRAWS = ("uniform", "curvature")
+
+
+def parse_setting(text: str) -> tuple[int, int, str, str]:
+    """'states:cg_iters:method[:draw]' → (states, cg_iters, method, draw), draw 'uniform' unless given (the
+    `trpo.state_draw` choices); one line naming the problem otherwise."""
     parts = text.split(":")
-    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in trpo.FVP_METHODS:
-        raise SystemExit(f"error: setting {text!r} is not STATES:CG_ITERS:METHOD (e.g. 32:8:fd_forward; methods "
-                         f"{', '.join(trpo.FVP_METHODS)})")
-    return int(parts[0]), int(parts[1]), parts[2]
+    if len(parts) == 3:
+        parts.append("uniform")
+    if len(parts) != 4 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in trpo.FVP_METHODS \
+            or parts[3] not in DRAWS:
+        raise SystemExit(f"error: setting {text!r} is not STATES:CG_ITERS:METHOD[:DRAW] (e.g. 32:8:fd_forward or "
+                         f"16:8:fd_forward:curvature; methods {', '.join(trpo.FVP_METHODS)}; draws {', '.join(DRAWS)})")
+    return int(parts[0]), int(parts[1]), parts[2], parts[3]
 
 
 def score_solves(policy, traj, adv, cfg, settings, *, draws: int, seed: int) -> list[dict]:
@@ -54,10 +64,12 @@ def score_solves(policy, traj, adv, cfg, settings, *, draws: int, seed: int) -> 
     g = grad.g
     rows = []
     for text in settings:
-        n, iters, method = parse_setting(text)
+        n, iters, method, how = parse_setting(text)
+        weights = trpo.curvature_weights(policy) if how == "curvature" else None
         for draw in range(draws):
             states, probe = trpo.state_subsamples(traj.num_steps, traj.batch_size, n, t.probe_states,
-                                                  generator=torch.Generator().manual_seed(seed + draw))
+                                                  generator=torch.Generator().manual_seed(seed + draw),
+                                                  step_weights=weights)
             mu_s = {k: grad.mu_old[k, idx] for k, idx in states.items()}
             t0 = time.perf_counter()
             fvp = trpo.fisher_operator(policy, traj, states, mu_s, damping=t.damping, method=method)
@@ -95,6 +107,7 @@ def summarise(rows: list[dict], settings) -> dict[str, dict[str, float]]:
                   "probe_over_exact": statistics.mean(probed) if (probed := [r["probe_over_exact"] for r in mine
                                                                               if r["probe_over_exact"] is not None])
                   else None,
+                  "probe_over_exact_min": min(probed, default=None), "probe_over_exact_max": max(probed, default=None),
                   "solves": len(mine)}
     return out
 
@@ -132,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
               "max_kl": cfg.rl.trpo.max_kl, "probe_states": cfg.rl.trpo.probe_states, "summary": summary,
               "solves": rows}
     (out / "solve.json").write_text(json.dumps(result, indent=2))
-    print(f"{'setting':<18} {'solve s':>8} {'η / ref':>8} {'range':>13} {'KL(βx)/δ':>9} {'probe/exact':>11}")
+    print(f"{'setting':<26} {'solve s':>8} {'η / ref':>8} {'range':>13} {'KL(βx)/δ':>9} {'probe/exact':>11}")
     for s, e in summary.items():
-        print(f"{s:<18} {e['solve_s']:8.2f} {e['eta_relative']:8.3f} {e['eta_relative_min']:6.3f}-"
+        print(f"{s:<26} {e['solve_s']:8.2f} {e['eta_relative']:8.3f} {e['eta_relative_min']:6.3f}-"
               f"{e['eta_relative_max']:.3f} {e['kl_over_delta']:9.2f} "
               + (f"{e['probe_over_exact']:11.2f}" if e["probe_over_exact"] is not None else f"{'-':>11}"))
 

@@ -75,6 +75,14 @@ def check_config(cfg: Config, world: int) -> None:
     if r.advantages.gae and r.policy_mode == "schedule":
         raise CraterdiffError("rl.advantages.gae needs per-step states; the schedule policy acts once per "
                               "trajectory: set rl.advantages.gae false")
+    if r.algorithm == "trpo" and r.trpo.state_draw == "curvature":
+        T = cfg.sampler.num_steps
+        for key in ("kl_states", "probe_states"):
+            n = getattr(r.trpo, key)
+            if 0 < n < T:
+                raise CraterdiffError(f"rl.trpo.{key} is {n} but rl.trpo.state_draw curvature draws at least one state "
+                                      f"a step (sampler.num_steps {T}); set rl.trpo.{key} >= {T} or 0, or "
+                                      f"state_draw uniform")
     if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
         raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
                               "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")

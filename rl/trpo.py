@@ -10,12 +10,14 @@ Notation (Schulman et al. 2015; docs/design.md, "TRPO"):
 | `max_kl`   | δ      | the trust-region radius |
 | `full_step`| β s,  β = sqrt(2δ / sᵀ F s) | the largest step the quadratic KL model allows |
 | `kl`       | KL(θ_old ‖ θ) = (1/(B·T)) Σ_{i,k} mean_dims (μ_old − μ_θ)² / (2σ̃_k²) | exact Gaussian KL over every state |
-| `states`   | S      | the state subsample (`trpo.kl_states`) on which F is estimated |
+| `states`   | S      | the state subsample (`trpo.kl_states`) on which F is estimated, w_k each state's weight |
 | `probe`    | S'     | further states, disjoint from S (`trpo.probe_states`), that aim the first line-search try |
 
 The per-step Gaussians share σ̃ under θ_old and θ, so the KL is the closed form above, whose
 Hessian at θ_old is the Fisher matrix F = Jᵀ W J (J = ∂μ/∂θ, W = I/σ̃² per dimension): F v is
-estimated on S as Jᵀ (W (J v)), J v by a central difference or forward-mode AD (`fisher_operator`).
+estimated on S as Jᵀ (W (J v)), J v by a finite difference or forward-mode AD (`fisher_operator`). S is drawn
+uniformly, or by step in proportion to 1/σ̃_k² (`trpo.state_draw: curvature`), since W makes the low-noise steps
+carry most of F and of the KL (the last, deterministic one, at the σ floor, ~0.8 on the shipped model).
 The gradient pass also gives L(θ_old) and μ_old of every state, so each line-search try is one forward
 pass without grad that gives both L(θ) and the exact KL over the whole batch: the trust region holds
 on every state, not only on S. Everything is accumulated state by state, so graph memory stays O(1) in T.
@@ -127,9 +129,9 @@ def backtracking_line_search(*, set_step: Callable[[float], None], evaluate: Cal
     rule 'geometric': f_{j+1} = coeff · f_j. rule 'kl': after a try over the trust region,
     f_{j+1} = f_j · KEEP · sqrt(δ / KL_j), the largest fraction inside it if the KL is quadratic in the
     step (as it is near θ_old, KL ≈ ½ f² sᵀFs); after any other rejection, coeff · f_j. The quadratic
-    model on the state subsample underestimates the exact KL (on the shipped model by 1.0x at 64 states and
-    1.4-1.6x at 32 or 16, medians, up to 2.5x; docs/results/trpo_solve), so 'kl' usually lands inside on the
-    second try where 'geometric' may need several, and keeps more of the step.
+    model on a uniformly drawn state subsample underestimates the exact KL (on the shipped model by 1.0x at 64
+    states and 1.4-1.6x at 32 or 16, medians, up to 2.5x; docs/results/trpo_solve), so 'kl' usually lands inside
+    on the second try where 'geometric' may need several, and keeps more of the step.
 
     set_step(f) puts θ = θ_old + f · full_step; evaluate() gives (surrogate gain, KL) at the current θ.
     """
@@ -160,21 +162,76 @@ region's edge, so that a KL a little above quadratic still lands inside."""
 # The policy-specific pieces: g, the KL on a state subsample, F v
 # ----------------------------------------------------------------------------------------------
 
-def state_subsample(num_steps: int, batch: int, n: int, *, generator: torch.Generator) -> dict[int, Tensor]:
+class StateSample(dict):
+    """A subsample of the batch's states, {step k: sorted trajectory indices}, with `weight[k]`: w_k, the weight of
+    each of step k's states in the estimate of a batch mean, mean_{k,i} x_{k,i} ≈ Σ_k w_k Σ_{i∈S_k} x_{k,i}.
+    A uniform draw of n states has w_k = 1/n; a draw stratified by step, n_k states at step k, w_k = 1/(T·n_k).
+    Both are unbiased."""
+
+    def __init__(self, idx: dict[int, Tensor], weight: dict[int, float]):
+        super().__init__(idx)
+        self.weight = weight
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.values())
+
+
+def state_subsample(num_steps: int, batch: int, n: int, *, generator: torch.Generator) -> StateSample:
     """S: n random (step k, trajectory i) pairs without replacement (all if n = 0 or n ≥ T·B), grouped
     by step: {k: trajectory indices}."""
     return state_subsamples(num_steps, batch, n, 0, generator=generator)[0]
 
 
-def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, generator: torch.Generator
-                     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """S as `state_subsample`, and S': n_probe further random states disjoint from S (fewer if S leaves fewer;
-    none if S is every state), both grouped by step. S is the same draw with or without S'."""
+def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, generator: torch.Generator,
+                     step_weights: list[float] | None = None) -> tuple[StateSample, StateSample]:
+    """S and S', n_probe further states disjoint from S (fewer if S leaves fewer; none if S is every state).
+
+    Uniform (`step_weights` None): n random states of the T·B; S is the same draw with or without S'.
+    Stratified: n_k states at step k, n_k ∝ step_weights[k] with at least one per step (`allocate`), drawn without
+    replacement within the step; S' likewise, from each step's remaining trajectories."""
     total = num_steps * batch
-    every = n == 0 or n >= total
-    order = torch.arange(total) if every else torch.randperm(total, generator=generator)
-    cut = total if every else n
-    return _by_step(order[:cut], batch), _by_step(order[cut:cut + n_probe], batch)
+    if n == 0 or n >= total:
+        every = _by_step(torch.arange(total), batch)
+        return StateSample(every, {k: 1.0 / total for k in every}), StateSample({}, {})
+    if step_weights is None:
+        order = torch.randperm(total, generator=generator)
+        s, probe = _by_step(order[:n], batch), _by_step(order[n:n + n_probe], batch)
+        return (StateSample(s, {k: 1.0 / n for k in s}),
+                StateSample(probe, {k: 1.0 / min(n_probe, total - n) for k in probe}))
+    counts = allocate(step_weights, n, [batch] * num_steps)
+    left = min(n_probe, total - n)  # too few left for one a step: no S'
+    probe_counts = allocate(step_weights, left, [batch - c for c in counts]) if left >= num_steps else None
+    s, probe = {}, {}
+    for k in range(num_steps):
+        order = torch.randperm(batch, generator=generator)
+        s[k] = order[:counts[k]].sort().values
+        if probe_counts and probe_counts[k]:
+            probe[k] = order[counts[k]:counts[k] + probe_counts[k]].sort().values
+    return (StateSample(s, {k: 1.0 / (num_steps * len(v)) for k, v in s.items()}),
+            StateSample(probe, {k: 1.0 / (num_steps * len(v)) for k, v in probe.items()}))
+
+
+def allocate(weights: list[float], n: int, caps: list[int]) -> list[int]:
+    """n_k: n states over the steps, n_k ≈ n w_k / Σw, at least one per step and at most caps[k] (D'Hondt: each state
+    after the first of every step goes to the step with the largest w_k / (n_k + 1)). Needs T ≤ n ≤ Σ caps."""
+    T = len(weights)
+    if not T <= n <= sum(caps):
+        raise ValueError(f"cannot draw {n} states stratified over {T} steps of at most {caps} states each: "
+                         f"choose between {T} and {sum(caps)}")
+    counts = [1] * T
+    for _ in range(n - T):
+        open_steps = [k for k in range(T) if counts[k] < caps[k]]
+        k = max(open_steps, key=lambda j: weights[j] / (counts[j] + 1))
+        counts[k] += 1
+    return counts
+
+
+def curvature_weights(policy: DiffusionPolicy) -> list[float]:
+    """1/σ̃_k² per step: the scale of the KL's curvature in μ at step k (H_μ = 1/σ̃_k² per dimension), so of
+    step k's share of F and of the KL. On the shipped model the last, deterministic step (σ̃ = the 0.05 floor)
+    holds ~0.8 of both; a uniform draw of 32 states gives it about 3."""
+    return [1.0 / policy.sigma_tilde(k) ** 2 for k in range(policy.num_actions)]
 
 
 def _by_step(flat: Tensor, batch: int) -> dict[int, Tensor]:
@@ -223,20 +280,20 @@ def policy_gradient(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, *, m
     return GradientPass(g=g, surrogate=total, mu_old=torch.stack([torch.cat(m) for m in mu_old]))
 
 
-def old_means(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor]) -> dict[int, Tensor]:
+def old_means(policy: DiffusionPolicy, traj: Trajectory, states: StateSample) -> dict[int, Tensor]:
     """μ_old of every state in S at the current θ (= θ_old), no grad."""
     with torch.no_grad():
         return {k: policy.step_at(traj, k, idx).mu.detach() for k, idx in states.items()}
 
 
-def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
-                 mu_old: dict[int, Tensor]) -> float:
-    """KL(θ_old ‖ θ) over S (mean over states) at the current θ, no grad, from one UNet call over all of S
-    (`means_at`: a few states per step, which one call a step would run in batches of a few)."""
-    n = sum(len(v) for v in states.values())
+def subsample_kl(policy: DiffusionPolicy, traj: Trajectory, states: StateSample, mu_old: dict[int, Tensor]) -> float:
+    """KL(θ_old ‖ θ) over S, Σ_k w_k Σ_{i∈S_k} KL_{k,i} (the mean over states for a uniform draw), at the current θ,
+    no grad, from one UNet call over all of S (`means_at`: a few states per step, which one call a step would run
+    in batches of a few)."""
     with torch.no_grad():
         mus = policy.means_at(traj, states)  # (|S_k|, C, H, W) per step
-    return sum(float(gaussian_kl(mu, mu_old[k], policy.sigma_tilde(k)).sum() / n) for k, mu in zip(states, mus))
+        return sum(states.weight[k] * float(gaussian_kl(mu, mu_old[k], policy.sigma_tilde(k)).sum())
+                   for k, mu in zip(states, mus))
 
 
 def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_old: Tensor, *,
@@ -265,16 +322,16 @@ def surrogate_and_kl(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, mu_
     return gain, kl
 
 
-def probe_fraction(policy: DiffusionPolicy, traj: Trajectory, probe: dict[int, Tensor], mu_old: Tensor, *,
+def probe_fraction(policy: DiffusionPolicy, traj: Trajectory, probe: StateSample, mu_old: Tensor, *,
                    set_step: Callable[[float], None], max_kl: float) -> tuple[float, float]:
     """f_0 = min(1, KEEP · sqrt(δ / KL_S'(β s))), the line search's first try aimed at the trust region's edge by
     the KL of the full step on S' (states disjoint from S; μ_old: (T, B, C, H, W)); returns (f_0, KL_S').
 
     s is fitted to S, so it leans on directions in which F_S has little curvature, and ½ β² sᵀF_S s = δ
-    underestimates the exact KL (by 1.4-1.6x at 16-32 states on the shipped model): the full step's first
-    try mostly fails and costs a pass over the batch. On S', which s was not fitted to, the mean per-state KL is an unbiased estimate of
-    the batch's, up to the sampling error of |S'| states, at the cost of one forward pass over them. Leaves
-    θ = θ_old."""
+    misjudges the exact KL (uniform draws of 16-32 states underestimate it 1.4-1.6x on the shipped model, so the
+    full step's first try mostly fails and costs a pass over the batch; draws by step put it at 0.7-0.95x). On S',
+    which s was not fitted to, the weighted KL is an unbiased estimate of the batch's, up to the sampling error of
+    |S'| states, at the cost of one forward pass over them. Leaves θ = θ_old."""
     set_step(1.0)
     kl = distributed.mean_float(subsample_kl(policy, traj, probe,
                                              {k: mu_old[k, idx.to(mu_old.device)] for k, idx in probe.items()}))
@@ -282,13 +339,13 @@ def probe_fraction(policy: DiffusionPolicy, traj: Trajectory, probe: dict[int, T
     return (min(1.0, KEEP * math.sqrt(max_kl / kl)) if math.isfinite(kl) and kl > 0 else 1.0), kl
 
 
-def kl_mu_curvature(mu_old: Tensor, sigma_tilde: float, n: int) -> Tensor:
-    """diag H_μ, H_μ = ∂²/∂μ² [Σ_i KL_i(μ) / n] at μ = μ_old, shaped like μ: the KL's curvature in the
+def kl_mu_curvature(mu_old: Tensor, sigma_tilde: float, weight: float) -> Tensor:
+    """diag H_μ, H_μ = ∂²/∂μ² [w Σ_i KL_i(μ)] at μ = μ_old, shaped like μ: the KL's curvature in the
     mean, by autograd on `gaussian_kl` itself (so it follows its reduction). The KL is a sum of
     per-dimension squares, so H_μ is diagonal and H_μ·1 is its diagonal. Elementwise: no network."""
     m = mu_old.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        grad = torch.autograd.grad(gaussian_kl(m, mu_old, sigma_tilde).sum() / n, m, create_graph=True)[0]
+        grad = torch.autograd.grad(gaussian_kl(m, mu_old, sigma_tilde).sum() * weight, m, create_graph=True)[0]
         return torch.autograd.grad(grad.sum(), m)[0]
 
 
@@ -299,7 +356,7 @@ class _StepMean(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, traj: Trajectory, states: dict[int, Tensor]) -> list[Tensor]:
+    def forward(self, traj: Trajectory, states: StateSample) -> list[Tensor]:
         return self.policy.means_at(traj, states)
 
 
@@ -317,7 +374,7 @@ def contiguous_norm_inputs(module: torch.nn.Module):
             h.remove()
 
 
-def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
+def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: StateSample,
                     mu_old: dict[int, Tensor], *, damping: float, method: str = "jvp") -> Callable[[Tensor], Tensor]:
     """v ↦ F v + λ v at the current θ (= θ_old), as the Gauss-Newton product F v = Jᵀ H_μ J v.
 
@@ -343,8 +400,7 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
     if method not in FVP_METHODS:
         raise ValueError(f"unknown Fisher-vector product method {method!r}; choose one of {', '.join(FVP_METHODS)}")
     params = policy.trainable_parameters()
-    n = sum(len(v) for v in states.values())
-    curvature = [kl_mu_curvature(mu_old[k], policy.sigma_tilde(k), n) for k in states]  # diag H_μ per step
+    curvature = [kl_mu_curvature(mu_old[k], policy.sigma_tilde(k), states.weight[k]) for k in states]  # diag H_μ
     # second derivatives and forward-mode AD of attention need the plain-math SDPA kernel (the fused
     # CPU/flash kernels have neither; the first-order graph of the jvp method keeps the fused one, 2x
     # faster on CPU); `plain()`: fp32 (second derivatives of low-precision activations are noise) and
@@ -368,8 +424,9 @@ def fisher_operator(policy: DiffusionPolicy, traj: Trajectory, states: dict[int,
         primals = {key: p.detach() for key, p in zip(keys, params)}
         mean_at = lambda theta: functional_call(step_mean, theta, (traj, states))  # noqa: E731
     if method == "fd_forward":
-        with torch.no_grad(), policy.plain():  # μ(θ) by the same kernels as μ(θ + hv)
-            mean_old = mean_at(primals)
+        # μ(θ) for the difference: the graph's own outputs, the same UNet call and kernels as μ(θ + hv) without
+        # grad (bitwise equal on CPU, tested), so no second forward pass
+        mean_old = [mu.detach() for mu in mus]
 
     def j_v(v: Tensor) -> list[Tensor]:
         if method == "double_vjp":
@@ -434,7 +491,7 @@ def forward_difference(f: Callable[[dict[str, Tensor]], list[Tensor]], theta: di
     return [(a - b) / h for a, b in zip(plus, f_theta)]
 
 
-def fisher_vector_product(policy: DiffusionPolicy, traj: Trajectory, states: dict[int, Tensor],
+def fisher_vector_product(policy: DiffusionPolicy, traj: Trajectory, states: StateSample,
                           mu_old: dict[int, Tensor], v: Tensor, *, damping: float, method: str = "jvp") -> Tensor:
     """F v + λ v for one v (see `fisher_operator`, which serves many v at the same θ)."""
     return fisher_operator(policy, traj, states, mu_old, damping=damping, method=method)(v)
@@ -452,7 +509,8 @@ def averaged(fvp: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 
 def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLConfig, *,
                 generator: torch.Generator) -> UpdateStats:
-    """One TRPO step: g, s = CG(F, g) with F on the state subsample S, β = sqrt(2δ / sᵀFs), the first try's
+    """One TRPO step: g, s = CG(F, g) with F on the state subsample S (drawn as `trpo.state_draw` says),
+    β = sqrt(2δ / sᵀFs), the first try's
     fraction aimed by the KL on the probe states S' (`probe_fraction`; its time counts to the line search's),
     backtracking line search on the exact KL over every state of the batch and on the surrogate."""
     t = cfg.trpo
@@ -467,8 +525,8 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     clock.append(time.perf_counter())
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
-    states, probe = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, t.probe_states,
-                                     generator=generator)
+    states, probe = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, t.probe_states, generator=generator,
+                                     step_weights=curvature_weights(policy) if t.state_draw == "curvature" else None)
     mu_old_s = {k: grad.mu_old[k, idx.to(grad.mu_old.device)] for k, idx in states.items()}
 
     fvp = averaged(fisher_operator(policy, traj, states, mu_old_s, damping=t.damping, method=t.fvp))

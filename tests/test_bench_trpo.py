@@ -57,21 +57,24 @@ def test_bench_trpo_solve_scores_each_solve_against_the_exact_kl(tmp_path):
     from bench import trpo_solve
 
     args = ["--out", str(tmp_path), "--cfg", "configs/trpo.yaml", "--iterations", "2", "--draws", "2",
-            "--settings", "0:5:fd", "4:2:fd_forward",
+            "--settings", "0:5:fd", "4:2:fd_forward", "4:2:fd_forward:curvature",
             *(a for s in [*SHRINK, f"reward.artifact={tmp_path / 'reward'}", "rl.trpo.damping=1e-6",
                           "rl.trpo.max_kl=1e-6", "rl.trpo.probe_states=8"] for a in ("--set", s))]
     trpo_solve.main(args)
     result = json.loads((tmp_path / "solve.json").read_text())
-    assert len(result["solves"]) == 2 * 2 * 2
+    assert len(result["solves"]) == 3 * 2 * 2
     full, cheap = result["summary"]["0:5:fd"], result["summary"]["4:2:fd_forward"]
     assert full["eta_relative"] == pytest.approx(1.0) and full["probe_over_exact"] is None
     assert full["kl_over_delta"] == pytest.approx(1.0, rel=0.05)
     assert all(math.isfinite(r["eta"]) and r["eta"] > 0 for r in result["solves"])
     assert cheap["probe_over_exact"] > 0 and cheap["solves"] == 4
+    stratified = result["summary"]["4:2:fd_forward:curvature"]
+    assert stratified["solves"] == 4 and stratified["probe_over_exact"] > 0 and stratified["eta_relative"] > 0
 
 
 def test_bench_trpo_solve_refuses_a_malformed_setting(tmp_path, capsys):
     from bench import trpo_solve
 
-    with pytest.raises(SystemExit, match="not STATES:CG_ITERS:METHOD"):
-        trpo_solve.main(["--out", str(tmp_path), "--settings", "32:eight:fd"])
+    for bad in ("32:eight:fd", "16:8:fd:random"):
+        with pytest.raises(SystemExit, match=r"not STATES:CG_ITERS:METHOD\[:DRAW\]"):
+            trpo_solve.main(["--out", str(tmp_path), "--settings", bad])

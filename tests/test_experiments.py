@@ -87,7 +87,14 @@ def test_ablation_variants_set_every_weight_and_load():
         name = v.name.removesuffix("+realism")
         assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(REWARDS[name])
         assert w["realism"] == (0.25 if v.name.endswith("+realism") else 0.0)
-    assert [v.name for v in variants("main", realism_weight=0.5)] == ["ppo", "trpo", "trpo_64", "trpo_32", "sac", "sac_td0"]
+    main = variants("main", realism_weight=0.5)
+    assert [v.name for v in main] == ["ppo", "trpo", "trpo_64", "trpo_32", "trpo_size", "sac", "sac_td0"]
+    cfgs = {v.name: load_config(v.cfg, list(v.overrides)) for v in main}
+    # the earlier solves draw uniformly; TRPO with the size reward is configs/trpo.yaml with the default's size weight
+    assert cfgs["trpo"].rl.trpo.state_draw == "curvature"
+    assert cfgs["trpo_64"].rl.trpo.state_draw == cfgs["trpo_32"].rl.trpo.state_draw == "uniform"
+    assert cfgs["trpo_size"].reward.weights.size == load_config(DEFAULT_CFG).reward.weights.size > 0
+    assert cfgs["trpo_size"].rl.trpo == cfgs["trpo"].rl.trpo and cfgs["trpo_size"].rl.algorithm == "trpo"
 
 
 def test_size_ladder_adds_one_lever_at_a_time_through_the_default():
