@@ -189,7 +189,8 @@ def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, genera
 
     Uniform (`step_weights` None): n random states of the T·B; S is the same draw with or without S'.
     Stratified: n_k states at step k, n_k ∝ step_weights[k] with at least one per step (`allocate`), drawn without
-    replacement within the step; S' likewise, from each step's remaining trajectories."""
+    replacement within the step; S' likewise, from each step's remaining trajectories (none if S takes every
+    trajectory of a step or leaves fewer than T states: S' could not represent every step)."""
     total = num_steps * batch
     if n == 0 or n >= total:
         every = _by_step(torch.arange(total), batch)
@@ -200,8 +201,8 @@ def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, genera
         return (StateSample(s, {k: 1.0 / n for k in s}),
                 StateSample(probe, {k: 1.0 / min(n_probe, total - n) for k in probe}))
     counts = allocate(step_weights, n, [batch] * num_steps)
-    left = min(n_probe, total - n)  # too few left for one a step: no S'
-    probe_counts = allocate(step_weights, left, [batch - c for c in counts]) if left >= num_steps else None
+    left, caps = min(n_probe, total - n), [batch - c for c in counts]
+    probe_counts = allocate(step_weights, left, caps) if left >= num_steps and min(caps) > 0 else None
     s, probe = {}, {}
     for k in range(num_steps):
         order = torch.randperm(batch, generator=generator)

@@ -398,6 +398,10 @@ def test_stratified_draw_is_unbiased_disjoint_and_beats_the_uniform_one():
         e = torch.tensor(est)
         assert abs(float(e.mean()) - mean) < 4 * float(e.std()) / math.sqrt(len(e)), how
     assert float(torch.tensor(estimates["curvature"]).var()) < 0.2 * float(torch.tensor(estimates["uniform"]).var())
+    # no S' when S takes a whole step (S' could not represent it) or leaves fewer states than steps
+    gen = torch.Generator().manual_seed(0)
+    assert state_subsamples(T, 4, 10, 6, generator=gen, step_weights=w)[1] == {}  # the last step's 4 all in S
+    assert state_subsamples(T, B, 4 * B - 3, 8, generator=gen, step_weights=w)[1] == {}
 
 
 def test_forward_difference_base_point_is_the_graphs_own_output():
@@ -468,6 +472,28 @@ def test_probe_saves_line_search_passes_and_keeps_the_trust_region():
             tries[probe_states].append(stats.extra["backtrack_iters"])
             set_flat_params(params, theta)
     assert sum(tries[12]) < sum(tries[0]), tries
+
+
+def test_trpo_update_draws_its_states_by_step_and_keeps_the_trust_region(monkeypatch):
+    """state_draw curvature: S and S' are drawn with the weights 1/σ̃_k², and every accepted step is within δ."""
+    from rl import trpo
+
+    policy = tiny_policy()
+    params = policy.trainable_parameters()
+    theta = flat_params(params)
+    draws = []
+    real = trpo.state_subsamples
+    monkeypatch.setattr(trpo, "state_subsamples", lambda *a, **kw: draws.append(kw["step_weights"]) or real(*a, **kw))
+    cfg = rl_cfg(microbatch=8, trpo={"max_kl": 1e-3, "kl_states": 6, "probe_states": 6, "cg_iters": 5,
+                                     "state_draw": "curvature"})
+    for seed in range(3):
+        traj = policy.sample(8, generator=torch.Generator().manual_seed(seed))
+        adv = normalize_batch(traj.images.mean((1, 2, 3)))
+        stats = trpo_update(policy, traj, adv, cfg, generator=torch.Generator().manual_seed(seed))
+        assert stats.extra["accepted"] and 0 < stats.kl <= 1e-3 and stats.extra["probe_kl"] > 0
+        set_flat_params(params, theta)
+    expected = [1 / policy.sigma_tilde(k) ** 2 for k in range(policy.num_actions)]
+    assert draws == [expected] * 3 and expected[-1] > expected[0]
 
 
 def test_every_accepted_trpo_step_is_inside_the_trust_region():
