@@ -34,14 +34,15 @@ import torch
 
 from bench.iteration import TIMES, medians, overheads, timed_iterations
 from rl.trainer import Finetuner
-from rl.trpo import fisher_operator, policy_gradient, state_subsample
+from rl.trpo import draw_weights, fisher_operator, policy_gradient, state_subsamples
 from utils import PROJECT_ROOT, apply_threads, load_config
 
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",
              "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
 """The TRPO settings of the published comparison (docs/results/main), on today's code."""
 LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
-"""A quarter of the states for F and 4 CG iterations: 1.43x PPO, but lower held-out quality over 3 training seeds."""
+"""A quarter of the states for F and 4 CG iterations: 1.42-1.48x PPO, but lower held-out quality over 3 training
+seeds."""
 TRPO_64 = ["rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.fvp=fd", "rl.trpo.state_draw=uniform"]
 """The published solve (64 uniformly drawn states, 10 CG iterations) with J v by central difference, today's line
 search."""
@@ -61,7 +62,8 @@ def fvp_errors(ft: Finetuner, *, repeats: int = 2) -> dict[str, dict[str, float]
                             chunk=ft.cfg.rl.sample_batch)
     adv = torch.randn(traj.batch_size, generator=torch.Generator().manual_seed(1)).double()
     mu_old = policy_gradient(ft.policy, traj, adv, microbatch=ft.cfg.rl.microbatch).mu_old
-    states = state_subsample(traj.num_steps, traj.batch_size, t.kl_states, generator=torch.Generator().manual_seed(2))
+    states = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, 0, generator=torch.Generator().manual_seed(2),
+                              step_weights=draw_weights(ft.policy, t.state_draw))[0]
     mu_s = {k: mu_old[k, idx] for k, idx in states.items()}
     n = sum(p.numel() for p in ft.policy.trainable_parameters())
     vs = [torch.nn.functional.normalize(torch.randn(n, generator=torch.Generator().manual_seed(3 + i)), dim=0)

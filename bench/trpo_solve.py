@@ -38,9 +38,6 @@ SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd
 draws by step in proportion to 1/σ̃_k² (16 and 8: configs/trpo.yaml since 2026-12-06)."""
 
 
-DRAWS = ("uniform", "curvature")
-
-
 def parse_setting(text: str) -> tuple[int, int, str, str]:
     """'states:cg_iters:method[:draw]' → (states, cg_iters, method, draw), draw 'uniform' unless given (the
     `trpo.state_draw` choices); one line naming the problem otherwise."""
@@ -48,9 +45,9 @@ def parse_setting(text: str) -> tuple[int, int, str, str]:
     if len(parts) == 3:
         parts.append("uniform")
     if len(parts) != 4 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in trpo.FVP_METHODS \
-            or parts[3] not in DRAWS:
+            or parts[3] not in trpo.STATE_DRAWS:
         raise SystemExit(f"error: setting {text!r} is not STATES:CG_ITERS:METHOD[:DRAW] (e.g. 32:8:fd_forward or "
-                         f"16:8:fd_forward:curvature; methods {', '.join(trpo.FVP_METHODS)}; draws {', '.join(DRAWS)})")
+                         f"16:8:fd_forward:curvature; methods {', '.join(trpo.FVP_METHODS)}; draws {', '.join(trpo.STATE_DRAWS)})")
     return int(parts[0]), int(parts[1]), parts[2], parts[3]
 
 
@@ -65,7 +62,7 @@ def score_solves(policy, traj, adv, cfg, settings, *, draws: int, seed: int) -> 
     rows = []
     for text in settings:
         n, iters, method, how = parse_setting(text)
-        weights = trpo.curvature_weights(policy) if how == "curvature" else None
+        weights = trpo.draw_weights(policy, how)
         for draw in range(draws):
             states, probe = trpo.state_subsamples(traj.num_steps, traj.batch_size, n, t.probe_states,
                                                   generator=torch.Generator().manual_seed(seed + draw),

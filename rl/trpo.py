@@ -172,6 +172,17 @@ class StateSample(dict):
         super().__init__(idx)
         self.weight = weight
 
+    @classmethod
+    def uniform(cls, idx: dict[int, Tensor]) -> "StateSample":
+        """A uniform draw: w = 1/|S| for every state."""
+        n = sum(len(v) for v in idx.values())
+        return cls(idx, {k: 1.0 / n for k in idx})
+
+    @classmethod
+    def by_step(cls, idx: dict[int, Tensor], num_steps: int) -> "StateSample":
+        """A draw stratified by step (every step represented): w_k = 1/(T·|S_k|)."""
+        return cls(idx, {k: 1.0 / (num_steps * len(v)) for k, v in idx.items()})
+
     @property
     def size(self) -> int:
         return sum(len(v) for v in self.values())
@@ -193,13 +204,11 @@ def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, genera
     trajectory of a step or leaves fewer than T states: S' could not represent every step)."""
     total = num_steps * batch
     if n == 0 or n >= total:
-        every = _by_step(torch.arange(total), batch)
-        return StateSample(every, {k: 1.0 / total for k in every}), StateSample({}, {})
+        return StateSample.uniform(_by_step(torch.arange(total), batch)), StateSample({}, {})
     if step_weights is None:
         order = torch.randperm(total, generator=generator)
-        s, probe = _by_step(order[:n], batch), _by_step(order[n:n + n_probe], batch)
-        return (StateSample(s, {k: 1.0 / n for k in s}),
-                StateSample(probe, {k: 1.0 / min(n_probe, total - n) for k in probe}))
+        return (StateSample.uniform(_by_step(order[:n], batch)),
+                StateSample.uniform(_by_step(order[n:n + n_probe], batch)))
     counts = allocate(step_weights, n, [batch] * num_steps)
     left, caps = min(n_probe, total - n), [batch - c for c in counts]
     probe_counts = allocate(step_weights, left, caps) if left >= num_steps and min(caps) > 0 else None
@@ -209,8 +218,7 @@ def state_subsamples(num_steps: int, batch: int, n: int, n_probe: int, *, genera
         s[k] = order[:counts[k]].sort().values
         if probe_counts and probe_counts[k]:
             probe[k] = order[counts[k]:counts[k] + probe_counts[k]].sort().values
-    return (StateSample(s, {k: 1.0 / (num_steps * len(v)) for k, v in s.items()}),
-            StateSample(probe, {k: 1.0 / (num_steps * len(v)) for k, v in probe.items()}))
+    return StateSample.by_step(s, num_steps), StateSample.by_step(probe, num_steps)
 
 
 def allocate(weights: list[float], n: int, caps: list[int]) -> list[int]:
@@ -226,6 +234,17 @@ def allocate(weights: list[float], n: int, caps: list[int]) -> list[int]:
         k = max(open_steps, key=lambda j: weights[j] / (counts[j] + 1))
         counts[k] += 1
     return counts
+
+
+STATE_DRAWS = ("uniform", "curvature")
+"""How S and S' are drawn (`trpo.state_draw`)."""
+
+
+def draw_weights(policy: DiffusionPolicy, draw: str) -> list[float] | None:
+    """`state_subsamples`' step_weights for the draw `draw`: None (uniform) or `curvature_weights`."""
+    if draw not in STATE_DRAWS:
+        raise ValueError(f"unknown state draw {draw!r}; choose one of {', '.join(STATE_DRAWS)}")
+    return curvature_weights(policy) if draw == "curvature" else None
 
 
 def curvature_weights(policy: DiffusionPolicy) -> list[float]:
@@ -511,9 +530,9 @@ def averaged(fvp: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLConfig, *,
                 generator: torch.Generator) -> UpdateStats:
     """One TRPO step: g, s = CG(F, g) with F on the state subsample S (drawn as `trpo.state_draw` says),
-    β = sqrt(2δ / sᵀFs), the first try's
-    fraction aimed by the KL on the probe states S' (`probe_fraction`; its time counts to the line search's),
-    backtracking line search on the exact KL over every state of the batch and on the surrogate."""
+    β = sqrt(2δ / sᵀFs), the first try's fraction aimed by the KL on the probe states S' (`probe_fraction`; its
+    time counts to the line search's), backtracking line search on the exact KL over every state of the batch and
+    on the surrogate."""
     t = cfg.trpo
     params = policy.trainable_parameters()
     theta_old = flat_params(params)
@@ -527,7 +546,7 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
     states, probe = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, t.probe_states, generator=generator,
-                                     step_weights=curvature_weights(policy) if t.state_draw == "curvature" else None)
+                                     step_weights=draw_weights(policy, t.state_draw))
     mu_old_s = {k: grad.mu_old[k, idx.to(grad.mu_old.device)] for k, idx in states.items()}
 
     fvp = averaged(fisher_operator(policy, traj, states, mu_old_s, damping=t.damping, method=t.fvp))

@@ -494,6 +494,9 @@ def test_trpo_update_draws_its_states_by_step_and_keeps_the_trust_region(monkeyp
         set_flat_params(params, theta)
     expected = [1 / policy.sigma_tilde(k) ** 2 for k in range(policy.num_actions)]
     assert draws == [expected] * 3 and expected[-1] > expected[0]
+    assert trpo.draw_weights(policy, "uniform") is None
+    with pytest.raises(ValueError, match="unknown state draw 'step'; choose one of uniform, curvature"):
+        trpo.draw_weights(policy, "step")
 
 
 def test_every_accepted_trpo_step_is_inside_the_trust_region():
@@ -579,13 +582,13 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
     S weighted as the draw weighs it (1/|S| uniform; 1/(T·|S_k|) stratified by step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rl.trpo import curvature_weights, fisher_operator, state_subsamples
+    from rl.trpo import draw_weights, fisher_operator, state_subsamples
 
     policy = tiny_policy()
     params = policy.trainable_parameters()
     traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
     states, _ = state_subsamples(traj.num_steps, traj.batch_size, 6, 0, generator=torch.Generator().manual_seed(2),
-                                 step_weights=curvature_weights(policy) if draw == "curvature" else None)
+                                 step_weights=draw_weights(policy, draw))
     assert len(set(states.weight.values())) == (1 if draw == "uniform" else len(set(map(len, states.values()))))
     mu_old = old_means(policy, traj, states)
     with sdpa_kernel(SDPBackend.MATH):  # KL over S = Σ_steps w_k Σ_i KL_i, with its graph
