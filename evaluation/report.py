@@ -29,8 +29,8 @@ from torch import Tensor
 
 from utils import atomic_write_text
 
-__all__ = ["tsne_plot", "training_curves", "size_plots", "write_report", "format_metric", "TABLE_METRICS",
-           "FID_CAVEAT", "SIZE_METRICS"]
+__all__ = ["tsne_plot", "training_curves", "size_plots", "largest_craters_grid", "spectrum_plot", "write_report",
+           "format_metric", "TABLE_METRICS", "FID_CAVEAT", "SIZE_METRICS"]
 
 TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
     # (key, column title, number format: "sig" = 4 significant digits, "fix" = 3 decimals)
@@ -48,15 +48,14 @@ TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
 with EfficientNet-Lite0 features the polynomial kernel is ~60, so KID is O(1-100), not O(10⁻³))."""
 
 SIZE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("detect_rate", "detected", "fix"),
     ("share_ge100", "share ≥ 100 km", "fix"),
+    ("share_ge150", "share ≥ 150 km", "fix"),
     ("w1_log10", "W1(log10 D) ↓", "fix"),
     ("kl_hist", "KL(sizes) ↓", "fix"),
-    ("share_ge100_templates", "share ≥ 100 km (templates)", "fix"),
-    ("w1_log10_templates", "W1(log10 D) (templates) ↓", "fix"),
-    ("kl_hist_templates", "KL(sizes) (templates) ↓", "fix"),
 )
-"""Columns of the crater-size table (besides coverage of the held-out craters ≥ 100 km per extractor): the
-ridge estimator's figures, then the template matcher's."""
+"""Columns of the crater-size table, once per instrument (keys <key>_<instrument>), besides the coverage of the
+held-out craters ≥ 100 km per extractor. The shares count every tile (one with no crater found counts as no)."""
 
 FID_CAVEAT = ("FID at small n is biased (the bias grows as d/n; ~150 images in 1280-d give rank-deficient "
               "covariances) and is comparable only at equal n and extractor; KID is the unbiased main distance.")
@@ -121,51 +120,79 @@ def tsne_plot(real: Tensor, gen_sets: Mapping[str, Tensor], path: str | Path, *,
 # Crater sizes
 # ----------------------------------------------------------------------------------------------
 
-def size_plots(sizes: Mapping[str, list[np.ndarray]], heldout_true: np.ndarray | None, heldout_est: np.ndarray,
+def size_plots(measures: Mapping[str, Mapping[str, list]], heldout: Mapping[str, tuple], catalogue_km: np.ndarray | None,
                out_dir: str | Path) -> dict[str, Path]:
-    """The size-frequency figures: the cumulative SFD N(≥D) against D on log-log axes (the planetary
-    convention; one line per model and seed, or per pooled group (`evaluation.run.pool_sizes`), N normalised by
-    the set's size so sets of any n compare)
-    and the histograms of log10 D (each model's seeds pooled), beside the held-out craters' (their
-    catalogue diameters, and the estimator's sizes of them). sizes: model -> [D̂ (n,) per seed]."""
-    from evaluation.sizes import HIST_EDGES_LOG10, cumulative_counts
+    """The size-frequency figures, one row per instrument: the cumulative SFD N(≥D) per tile against D on log-log
+    axes (the planetary convention; a tile where nothing was found adds nothing, so the curve's height at the
+    smallest D is the detection rate), and the R-plot over √2 bins with Poisson error bars
+    (`evaluation.sizes.r_plot`), each model beside the held-out tiles measured by the same instrument and their
+    catalogue diameters. measures: instrument -> model -> [(found, D km) per seed or pooled group]; heldout:
+    instrument -> (found, D km)."""
+    from evaluation.sizes import cumulative_counts, r_plot
 
     plt = _mpl()
-    out_dir = Path(out_dir)
-    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=110)
-    refs = [("held-out, estimated", heldout_est, dict(color="black", ls="--", lw=2))]
-    if heldout_true is not None:
-        refs.insert(0, ("held-out, catalogue", heldout_true, dict(color="black", lw=2)))
-    for name, d, style in refs:
-        x, n = cumulative_counts(d)
-        ax.step(x, n / len(d), where="post", label=name, **style)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (model, per_seed) in enumerate(sizes.items()):
-        for j, d in enumerate(per_seed):
-            x, n = cumulative_counts(d)
-            ax.step(x, n / len(d), where="post", color=colours[i % len(colours)], lw=1, alpha=0.8,
-                    label=model if j == 0 else None)
+    names = list(measures)
+    fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.6 * len(names)), dpi=100, squeeze=False)
+    for row, inst in zip(axes, names):
+        refs = [(f"held-out, {inst}", heldout[inst], dict(color="black", ls="--", lw=2))]
+        if catalogue_km is not None:
+            refs.insert(0, ("held-out, catalogue", (np.ones(len(catalogue_km), bool), catalogue_km),
+                            dict(color="black", lw=2)))
+        lines = [(n, fd, style) for n, fd, style in refs]
+        for i, (model, per) in enumerate(measures[inst].items()):
+            for j, fd in enumerate(per):
+                lines.append((model if j == 0 else None, fd, dict(color=colours[i % len(colours)], lw=1, alpha=0.85)))
+        for label, (found, d), style in lines:
+            det = np.asarray(d)[np.asarray(found)]
+            if det.size:
+                x, n = cumulative_counts(det)
+                row[0].step(x, n / len(found), where="post", label=label, **style)
+            mid, r, sigma, _ = r_plot(det, len(found))
+            ok = np.isfinite(r)
+            if ok.any():
+                row[1].errorbar(mid[ok], r[ok], yerr=sigma[ok], marker="o", ms=3, capsize=2, label=label, **style)
+        for ax, title, ylabel in ((row[0], "cumulative SFD", "N(≥ D) per tile"),
+                                  (row[1], "R-plot (√2 bins, Poisson errors)", "R = D̄³ N / (A ΔD), A in tiles")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("crater diameter D (km)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}: {inst}")
+            ax.legend(fontsize=7, loc="lower left")
+    return {"size-frequency distributions (cumulative and R-plot)": _save_figure(fig, Path(out_dir) / "sizes_sfd.png")}
+
+
+def largest_craters_grid(images: Tensor, found: np.ndarray, d_km: np.ndarray, path: str | Path, *, n: int = 32) -> Path:
+    """A grid of the n largest detected craters of `images` (N, C, H, W), largest first (as many as were
+    detected; a blank tile when none was)."""
+    from utils import save_image_grid
+
+    idx = np.flatnonzero(np.asarray(found))
+    idx = idx[np.argsort(-np.asarray(d_km)[idx], kind="stable")][:n]
+    tiles = images[torch.as_tensor(idx, dtype=torch.long)] if idx.size else torch.zeros_like(images[:1])
+    return save_image_grid(tiles, path, nrow=8, scale=2)
+
+
+def spectrum_plot(sets: Mapping[str, Tensor], path: str | Path) -> Path:
+    """The radially averaged power spectrum P(k) of each set of tiles (evaluation/texture.py), log-log, the first
+    set drawn as the reference."""
+    from evaluation.texture import radial_power_spectrum
+
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for i, (name, x) in enumerate(sets.items()):
+        p = radial_power_spectrum(x).numpy()
+        k = np.arange(len(p))
+        style = dict(color="black", lw=2) if i == 0 else dict(lw=1)
+        ax.plot(k[1:], p[1:], label=name, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("crater diameter D (km)")
-    ax.set_ylabel("N(≥ D) / N")
-    ax.set_title("cumulative size-frequency distribution")
-    ax.legend(fontsize=7, loc="lower left")  # the curves fall to the right: that corner stays empty
-    sfd = _save_figure(fig, out_dir / "sizes_sfd.png")
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-    edges = np.asarray(HIST_EDGES_LOG10)
-    for name, d, style in refs:
-        ax.hist(np.log10(d), bins=edges, density=True, histtype="step", **style, label=name)
-    for i, (model, per_seed) in enumerate(sizes.items()):
-        ax.hist(np.log10(np.concatenate(per_seed)), bins=edges, density=True, histtype="step",
-                color=colours[i % len(colours)], lw=1.2, label=model)
-    ax.axvline(2.0, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("log10 D (km); dotted: 100 km")
-    ax.set_ylabel("density")
-    ax.set_title("crater sizes")
-    ax.legend(fontsize=8)
-    return {"size-frequency distribution": sfd, "size histograms": _save_figure(fig, out_dir / "sizes_hist.png")}
+    ax.set_xlabel("spatial frequency k (cycles per tile)")
+    ax.set_ylabel("P(k)")
+    ax.set_title("radially averaged power spectrum")
+    ax.legend(fontsize=7)
+    return _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,37 +336,107 @@ def _tables(report: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _size_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | None:
-    """(header, rows, the estimator's line) of the crater-size table, or None without size figures."""
+    """(header, rows, the instruments' line) of the crater-size table, or None without size figures."""
     sizes = report.get("sizes")
     if not sizes:
         return None
+    insts = sizes.get("instruments", [])
     exs = [ex for ex in _extractors(report)
            if any(ex in (m.get("coverage_ge100") or {}) for m in sizes["models"].values())]
-    header = ["model"] + [t for _, t, _ in SIZE_METRICS] + [f"coverage ≥ 100 km ({ex}) ↑" for ex in exs]
+    cols = [(f"{k}_{inst}", f"{title} ({inst})", fmt) for inst in insts for k, title, fmt in SIZE_METRICS]
+    header = ["model"] + [t for _, t, _ in cols] + [f"coverage ≥ 100 km ({ex}) ↑" for ex in exs]
     held = sizes.get("heldout", {})
     nan = float("nan")
-    rows = [["held-out (estimated)", f"{held.get('share_ge100_estimated', nan):.3f}", "0", "0",
-             f"{held.get('share_ge100_templates', nan):.3f}", "0", "0"] + ["–"] * len(exs)]
+    own = {"w1_log10": "0", "kl_hist": "0"}
+    rows = [["held-out (same instrument)"] + [own.get(k.rsplit("_", 1)[0], f"{held.get(k, nan):.3f}")
+                                              for k, _, _ in cols] + ["–"] * len(exs)]
     if "share_ge100_true" in held:
-        rows.append(["held-out (catalogue)", f"{held['share_ge100_true']:.3f}", "–", "–", "–", "–", "–"]
+        cat = {"detect_rate": "1.000", "share_ge100": f"{held['share_ge100_true']:.3f}",
+               "share_ge150": f"{held.get('share_ge150_true', nan):.3f}"}
+        rows.append(["held-out (catalogue)"] + [cat.get(k.rsplit("_", 1)[0], "–") for k, _, _ in cols]
                     + ["–"] * len(exs))
     for model, per in sizes["models"].items():
         cov = per.get("coverage_ge100") or {}
-        rows.append([model] + [format_metric(per.get(k), fmt) for k, _, fmt in SIZE_METRICS]
+        rows.append([model] + [format_metric(per.get(k), fmt) for k, _, fmt in cols]
                     + [format_metric(cov.get(ex), "fix") for ex in exs])
-    e, t = sizes.get("estimator", {}), sizes.get("templates", {})
-    line = (f"Two instruments measure sizes. The ridge estimator on radial profiles, fitted on the "
-            f"{e.get('n_train')} train craters' diameters: on the {e.get('n_heldout')} held-out craters "
-            f"R² = {e.get('r2_log10', nan):.3f}, MAE = {e.get('mae_log10', nan):.3f} in log10 D "
-            f"(×{10 ** e.get('mae_log10', 0.0):.2f}). The template matcher (normalised cross-correlation with "
-            f"rendered craters, fitted to no diameters; sun at azimuth {t.get('light_azimuth_deg', nan):.0f}°, "
-            f"elevation {t.get('light_elevation_deg', nan):.0f}°): R² = {t.get('r2_log10', nan):.3f}, "
-            f"MAE = {t.get('mae_log10', nan):.3f}, Spearman ρ = {t.get('spearman', nan):.3f}. The `size` reward "
-            f"uses the template matcher, so the ridge estimator is the independent judge of a run trained on it. "
-            f"W1 and KL compare each set's sizes with the held-out craters' sizes by the same instrument; "
-            f"coverage ≥ 100 km is coverage restricted to the held-out craters whose catalogue diameter is at "
-            f"least 100 km.")
+    line = ("Two detectors measure sizes; each reports a diameter only where it finds a crater, so a tile with "
+            "none counts as no crater in the shares (validation below). `rims` tests the coherence of radial "
+            "gradients on rings about the tile centre against phase-scrambled copies of the tile (one scale "
+            "fitted to the train diameters); `templates` is the matched filter against rendered craters with a "
+            "closed-form phase-randomisation null (fitted to no diameters), which the `size` reward uses, so "
+            "`rims` is the independent judge of a run trained on it. W1 and KL compare the detected craters' "
+            "sizes with the held-out tiles' detected craters by the same instrument; coverage ≥ 100 km is "
+            "coverage restricted to the held-out craters whose catalogue diameter is at least 100 km.")
     return header, rows, line
+
+
+def _validation_table(report: Mapping) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """(header, rows, one line per instrument on its goals) of the instruments' validation, or None."""
+    validation = (report.get("sizes") or {}).get("validation") or {}
+    if not validation:
+        return None
+    header = ["instrument", "set", "tiles", "detected", "called ≥ 100 km", "called ≥ 150 km",
+              "detected share ≥ 100 km (catalogue)", "detected share ≥ 150 km (catalogue)", "Spearman ρ of D"]
+    rows, lines = [], []
+    nan = float("nan")
+    for inst, v in validation.items():
+        for name, r in v["sets"].items():
+            real = "catalogue_share_ge100" in r
+            rows.append([inst, name, str(r["n"]), f"{r['detect_rate']:.3f}", f"{r['share_ge100']:.3f}",
+                         f"{r['share_ge150']:.3f}",
+                         f"{r.get('share_ge100_detected', nan):.3f} ({r['catalogue_share_ge100']:.3f})" if real else "–",
+                         f"{r.get('share_ge150_detected', nan):.3f} ({r['catalogue_share_ge150']:.3f})" if real else "–",
+                         f"{r.get('spearman', nan):.3f}" if real else "–"])
+        missed = [g for g, ok in v["goals"].items() if not ok]
+        lines.append(f"{inst}: " + ("every validation goal met." if not missed else "goals missed: " + "; ".join(missed)
+                                    + ". Its size figures are not evidence."))
+    return header, rows, lines
+
+
+def _detail_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | None:
+    """(header, rows, line) of the fine-detail table, or None."""
+    detail = report.get("detail")
+    if not detail:
+        return None
+    header = ["set", "mean gradient |∇x|", "power spectrum: worst band's relative error ↓"]
+    rows = [["held-out (real)", f"{detail['heldout_mean_gradient']:.4f}", "0"]]
+    rows += [[m, format_metric(d["mean_gradient"]), format_metric(d["spectrum_deviation"], "fix")]
+             for m, d in detail["models"].items()]
+    return header, rows, ("Fine detail: the mean gradient magnitude of the tiles, and max over spatial frequencies "
+                          "k ≥ 1 of |P(k) / P_held-out(k) − 1| of the radially averaged power spectrum.")
+
+
+def _texture_lines(report: Mapping) -> list[str]:
+    """One line per model on what it gained beyond the texture-only row."""
+    out = []
+    for m, c in (report.get("texture_check") or {}).items():
+        if "wins" in c:
+            if c["texture_only"]:
+                out.append(f"{m} beats the base model only where the texture-only row does as well "
+                           f"({', '.join(c['shared'])}): it has gained texture, not craters.")
+            elif c["wins"]:
+                out.append(f"{m} beats the base model on {', '.join(c['own'])}, where the texture-only row does not"
+                           + (f"; on {', '.join(c['shared'])} the texture-only row does as well." if c["shared"] else "."))
+            else:
+                out.append(f"{m} beats the base model on no compared metric.")
+        if c["behind_texture"]:
+            out.append(f"The texture-only row is better than {m} on {', '.join(c['behind_texture'])}.")
+    return out
+
+
+def _sections(report: Mapping) -> list[tuple[str, list[str], list[str], list[list[str]]]]:
+    """The report's tables after the per-extractor ones: (title, lines above, header, rows)."""
+    out = []
+    v = _validation_table(report)
+    if v:
+        out.append(("Crater-size instruments: validation", v[2], v[0], v[1]))
+    size_table = _size_table(report)
+    if size_table:
+        out.append(("Crater sizes", [size_table[2]], size_table[0], size_table[1]))
+    d = _detail_table(report)
+    if d:
+        out.append(("Fine detail", [d[2]], d[0], d[1]))
+    return out
 
 
 def _notes(report: Mapping) -> list[str]:
@@ -361,7 +458,7 @@ def _notes(report: Mapping) -> list[str]:
     held = (report.get("realism_logit") or {}).get("heldout_real")
     if held:
         notes.append(f"Mean realism logit of the real held-out images: {format_metric(held)}.")
-    return notes + [str(c) for c in report.get("caveats", [])]
+    return notes + _texture_lines(report) + [str(c) for c in report.get("caveats", [])]
 
 
 def _settings_lines(report: Mapping) -> list[tuple[str, str]]:
@@ -378,11 +475,9 @@ def _markdown(report: Mapping, images: Mapping[str, Path], out_dir: Path) -> str
                   "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
-    size_table = _size_table(report)
-    if size_table:
-        header, rows, line = size_table
-        lines += ["## Crater sizes", "", line, "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for title_, above, header, rows in _sections(report):
+        lines += [f"## {title_}", ""] + [x for a in above for x in (a, "")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in _notes(report)] + [""]
     settings = _settings_lines(report)
@@ -431,10 +526,8 @@ def _html(report: Mapping, images: Mapping[str, Path]) -> str:
         for r in rows:
             parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
         parts.append("</tbody></table>")
-    size_table = _size_table(report)
-    if size_table:
-        header, rows, line = size_table
-        parts.append(f"<h2>Crater sizes</h2><p>{e(line)}</p><table><thead><tr>"
+    for title_, above, header, rows in _sections(report):
+        parts.append(f"<h2>{e(title_)}</h2>" + "".join(f"<p>{e(a)}</p>" for a in above) + "<table><thead><tr>"
                      + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</tbody></table>")

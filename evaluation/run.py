@@ -30,19 +30,24 @@ from tqdm.auto import tqdm
 
 from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
-from evaluation.report import size_plots, training_curves, tsne_plot, write_report
-from evaluation.sizes import (LARGE_KM, META_FILE, SizeEstimator, TemplateInstrument, fit_size_estimator,
-                              folder_diameters, images_sha256, load_size_estimator, save_size_estimator, share_large,
-                              size_figures, subset_coverage, template_instrument)
+from data.surrogates import craterless_sets, phase_scramble
+from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, training_curves, tsne_plot, write_report
+from evaluation.sizes import (HUGE_KM, INSTRUMENTS, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
+                              share_large, size_figures, subset_coverage, validate_instrument)
+from evaluation.texture import mean_gradient, radial_power_spectrum, spectrum_deviation
 from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,
                    resolve_path, save_image_grid)
 
-__all__ = ["CEILING", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
-           "pool_sizes", "evaluate_run", "evaluate_folders", "default_run_dir"]
+__all__ = ["CEILING", "TEXTURE", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
+           "pool_sizes", "texture_check", "evaluate_run", "evaluate_folders", "default_run_dir"]
 
 BASE, FINETUNED = "base", "finetuned"
 CEILING = "train_split"
 """Name of the ceiling row: the train split scored against the held-out split (real vs. real)."""
+TEXTURE = "texture_only"
+"""Name of the texture-only reference row: the held-out tiles phase-scrambled (their texture, no crater; a fresh
+scramble per sampling seed), scored like a model."""
+RESERVED = (CEILING, TEXTURE)
 MIN_IMAGES = 6
 """Fewest images per set: density and coverage use the 5th nearest neighbour."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -72,9 +77,9 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Path]:
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise CraterdiffError(f"--model '{item}': expected NAME=PATH, e.g. --model ppo=runs/default/model")
-        if not _NAME.match(name) or name == CEILING:
+        if not _NAME.match(name) or name in RESERVED:
             raise CraterdiffError(f"--model '{item}': the name must be letters, digits, '_', '.' or '-' and not "
-                                  f"'{CEILING}' (the ceiling row)")
+                                  f"'{CEILING}' or '{TEXTURE}' (the reference rows)")
         if name in out:
             raise CraterdiffError(f"--model: name '{name}' is given twice")
         out[name] = Path(path).expanduser()
@@ -162,63 +167,122 @@ def _build_extractor(cfg: Config, name: str, device: torch.device):
 
 
 MARS_32 = DataConfig(source="mars", image_size=32, channels=1)
-"""The embedded crater set at 32 px: the size instrument's training set in folder mode."""
+"""The embedded crater set at 32 px: the size instruments' calibration set in folder mode."""
 
 
-def size_estimator(train: ImageSet, heldout: ImageSet, path: Path) -> SizeEstimator | None:
-    """The crater-size estimator at `path` (checksum-verified, and fitted on these train craters), else
-    fitted on the train split's diameters, validated on the held-out split and saved there; None when
-    the data carry no diameters (`data.source` other than mars)."""
-    if train.diameters_km is None or heldout.diameters_km is None:
+def instruments_for(train: ImageSet) -> dict[str, SizeInstrument] | None:
+    """Both size instruments calibrated on the train split (evaluation/sizes.py), or None when the data carry
+    no diameters (`data.source` other than mars)."""
+    if train.diameters_km is None:
         return None
-    d_train = train.diameters_km.double().numpy()
-    if (path / META_FILE).is_file():
-        est = load_size_estimator(path)
-        if est.train_sha256 != images_sha256(train.images, d_train):
-            raise CraterdiffError(f"the size estimator in '{path}' was fitted on other train craters; delete it to "
-                                  f"fit it on these")
-        return est
-    est = fit_size_estimator(train.images, d_train, heldout.images, heldout.diameters_km.double().numpy())
-    save_size_estimator(est, path)
-    return est
+    return build_instruments(train.images, train.diameters_km.double().numpy())
 
 
-@dataclass
-class SizeMeasure:
-    """One instrument's sizes D̂ km: of every model's samples per seed, and of the held-out craters."""
-    models: dict[str, list[np.ndarray]]
-    heldout: np.ndarray
+Found = tuple[np.ndarray, np.ndarray]
+"""(found (n,) bool, D km (n,) with NaN where nothing was found): one set measured by one instrument."""
 
 
-def measure_sizes(instrument, sets: Mapping[str, Sequence[Tensor]], heldout: Tensor) -> SizeMeasure:
-    """`instrument.predict_km` of every model's image sets and of the held-out craters."""
-    return SizeMeasure({m: [instrument.predict_km(x) for x in xs] for m, xs in sets.items()},
-                       instrument.predict_km(heldout))
+def measure_sizes(instruments: Mapping[str, SizeInstrument], sets: Mapping[str, Sequence[Tensor]], heldout: Tensor
+                  ) -> dict[str, dict]:
+    """{instrument: {"models": {model: [Found per seed]}, "heldout": Found}}."""
+    return {name: {"models": {m: [inst.detect_km(x) for x in xs] for m, xs in sets.items()},
+                   "heldout": inst.detect_km(heldout)} for name, inst in instruments.items()}
 
 
-def _size_report(est: SizeEstimator, path: Path, ridge: SizeMeasure, tm: TemplateInstrument, templates: SizeMeasure,
-                 heldout_true: np.ndarray | None, coverage: dict[str, dict[str, list[float]]]) -> dict:
-    """report["sizes"]: both instruments' validations, the held-out shares, and per model the size
-    figures over seeds (`size_figures` against the held-out craters' sizes by the same instrument; the
-    template matcher's with the suffix `_templates`) and coverage of the large craters."""
-    models = {}
-    for m in ridge.models:
-        for measure, suffix in ((ridge, ""), (templates, "_templates")):
-            figs = [size_figures(d, measure.heldout) for d in measure.models[m]]
-            models.setdefault(m, {}).update({k + suffix: summarize([f[k] for f in figs]) for k in figs[0]})
-        if coverage.get(m):
-            models[m]["coverage_ge100"] = {ex: summarize(v) for ex, v in coverage[m].items()}
-    held = {"n": int(len(ridge.heldout)), "share_ge100_estimated": share_large(ridge.heldout),
-            "share_ge100_templates": share_large(templates.heldout)}
-    if heldout_true is not None:
-        held["share_ge100_true"] = share_large(heldout_true)
-    return {"estimator": {"path": str(path), "r2_log10": est.heldout_r2, "mae_log10": est.heldout_mae,
-                          "n_train": est.n_train, "n_heldout": est.n_heldout, "ridge_alpha": est.alpha,
-                          "train_sha256": est.train_sha256},
-            "templates": {"light_azimuth_deg": tm.matcher.azimuth_deg, "light_elevation_deg": tm.matcher.elevation_deg,
-                          "light_peak_ncc": tm.light_peak_ncc, "r2_log10": tm.heldout_r2, "mae_log10": tm.heldout_mae,
-                          "spearman": tm.heldout_spearman, "n_heldout": tm.n_heldout},
-            "large_km": LARGE_KM, "heldout": held, "models": models}
+def size_report(instruments: Mapping[str, SizeInstrument], measures: Mapping[str, dict], heldout: Tensor,
+                heldout_km: np.ndarray | None, craterless: Mapping[str, Tensor],
+                coverage: Mapping[str, Mapping[str, list[float]]]) -> dict:
+    """report["sizes"]: each instrument's validation (on the real held-out tiles when their catalogue diameters
+    are known, and on the craterless sets), the held-out tiles' own figures, and per model each instrument's
+    `size_figures` over seeds against the held-out tiles measured by the same instrument (keys
+    <figure>_<instrument>), with the coverage of the held-out craters ≥ 100 km."""
+    validation, held, models = {}, {}, {}
+    for name, inst in instruments.items():
+        if heldout_km is not None:
+            validation[name] = validate_instrument(inst, heldout, heldout_km, dict(craterless))
+        ref_found, ref_km = measures[name]["heldout"]
+        held.update({f"{k}_{name}": v for k, v in size_figures(ref_found, ref_km, ref_found, ref_km).items()
+                     if k in ("detect_rate", "share_ge100", "share_ge150")})
+        for m, per_seed in measures[name]["models"].items():
+            figs = [size_figures(f, d, ref_found, ref_km) for f, d in per_seed]
+            models.setdefault(m, {}).update({f"{k}_{name}": summarize([f[k] for f in figs]) for k in figs[0]})
+    for m, cov in coverage.items():
+        if cov and m in models:
+            models[m]["coverage_ge100"] = {ex: summarize(v) for ex, v in cov.items()}
+    held["n"] = int(len(heldout))
+    if heldout_km is not None:
+        held["share_ge100_true"] = share_large(heldout_km)
+        held["share_ge150_true"] = share_large(heldout_km, threshold_km=HUGE_KM)
+    return {"instruments": list(instruments), "validation": validation, "large_km": LARGE_KM, "huge_km": HUGE_KM,
+            "heldout": held, "models": models}
+
+
+_BETTER = {"coverage": 1, "recall": 1, "precision": 1, "density": 1, "vendi": 1, "mode_coverage": 1,
+           "kid_mean": -1, "fid": -1, "mmd": -1}
+"""The direction in which each compared metric improves."""
+
+
+def texture_check(report: Mapping, *, base: str = BASE) -> dict[str, dict]:
+    """Per model (not the base or a reference row), against the texture-only row: `behind_texture`, the metrics
+    (every extractor's, and each size instrument's W1) on which the texture row's mean is better than the
+    model's; with a base model, `wins`, those on which the model beats the base, split into `shared` (the
+    texture row beats the base there too) and `own`, and `texture_only`: it has wins and all are shared, i.e.
+    it gained texture, not craters."""
+    models = report.get("models", {})
+    if TEXTURE not in models:
+        return {}
+    sizes = (report.get("sizes") or {}).get("models", {})
+    w1_keys = [f"w1_log10_{inst}" for inst in (report.get("sizes") or {}).get("instruments", [])]
+
+    def better(m: str, ref: str) -> set[str]:
+        """The metrics on which m's mean is better than ref's."""
+        out = {f"{ex}/{k}" for ex, per in models[m].items() for k, sign in _BETTER.items()
+               if k in per and k in models[ref].get(ex, {}) and sign * (per[k]["mean"] - models[ref][ex][k]["mean"]) > 0}
+        if m in sizes and ref in sizes:
+            out |= {f"sizes/{k}" for k in w1_keys if sizes[m][k]["mean"] < sizes[ref][k]["mean"]}
+        return out
+
+    has_base = base in models
+    tex = better(TEXTURE, base) if has_base else set()
+    out = {}
+    for m in models:
+        if m == base or m in RESERVED:
+            continue
+        row: dict = {"behind_texture": sorted(better(TEXTURE, m))}
+        if has_base:
+            w = better(m, base)
+            row.update(wins=sorted(w), shared=sorted(w & tex), own=sorted(w - tex),
+                       texture_only=bool(w) and not (w - tex))
+        out[m] = row
+    return out
+
+
+def detail_report(sets: Mapping[str, Sequence[Tensor]], heldout: Tensor) -> dict:
+    """report["detail"]: per set the mean gradient magnitude G and the worst band's relative error of the
+    radially averaged power spectrum against the held-out tiles' (over seeds), and the held-out tiles' G."""
+    ref = radial_power_spectrum(heldout)
+    out = {m: {"mean_gradient": summarize([mean_gradient(x) for x in xs]),
+               "spectrum_deviation": summarize([spectrum_deviation(radial_power_spectrum(x), ref) for x in xs])}
+           for m, xs in sets.items()}
+    return {"heldout_mean_gradient": mean_gradient(heldout), "models": out}
+
+
+def size_figures_and_grids(measures: Mapping[str, dict], sets: Mapping[str, Sequence[Tensor]], heldout: Tensor,
+                           heldout_km: np.ndarray | None, groups: Mapping[str, Sequence[str]] | None,
+                           out: Path) -> dict[str, Path]:
+    """The size-frequency figures (cumulative and R-plot, per instrument) and, per instrument, a grid of the 32
+    largest detected craters of the held-out tiles and of each set (its first seed), largest first."""
+    images = size_plots({name: pool_sizes(meas["models"], groups) for name, meas in measures.items()},
+                        {name: meas["heldout"] for name, meas in measures.items()}, heldout_km, out)
+    for name, meas in measures.items():
+        f, d = meas["heldout"]
+        images[f"largest detected craters ({name}): held-out"] = largest_craters_grid(
+            heldout, f, d, out / f"largest_{name}_heldout.png")
+        for m, per in meas["models"].items():
+            f, d = per[0]
+            images[f"largest detected craters ({name}): {m}"] = largest_craters_grid(
+                sets[m][0], f, d, out / f"largest_{name}_{_file_name(m)}.png")
+    return images
 
 
 def _check_eval_config(ev: EvalConfig) -> None:
@@ -247,14 +311,14 @@ def _realism_model(cfg: Config, run_dir: Path, device: torch.device):
 # Model mode
 # ----------------------------------------------------------------------------------------------
 
-def pool_sizes(sizes: Mapping[str, list[np.ndarray]], groups: Mapping[str, Sequence[str]] | None
-               ) -> dict[str, list[np.ndarray]]:
+def pool_sizes(sizes: Mapping[str, list[Found]], groups: Mapping[str, Sequence[str]] | None) -> dict[str, list[Found]]:
     """The size figures' lines: with `groups` (name -> model names, e.g. a variant's training seeds), one pooled
-    array per group, then every model in no group as it is (one array per seed); without, `sizes` unchanged."""
+    measurement per group, then every model in no group as it is (one per seed); without, `sizes` unchanged."""
     if not groups:
         return dict(sizes)
     grouped = {m for names in groups.values() for m in names}
-    out = {g: [np.concatenate([d for m in names for d in sizes[m]])] for g, names in groups.items()}
+    out = {g: [tuple(np.concatenate(parts) for parts in zip(*[fd for m in names for fd in sizes[m]]))]
+           for g, names in groups.items()}
     return {**out, **{m: d for m, d in sizes.items() if m not in grouped}}
 
 
@@ -284,9 +348,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
             from None
     extractors = {name: _build_extractor(cfg, name, device) for name in ev.extractors}  # fail early on bad names
-    sizer = size_estimator(train, heldout, out / "size_estimator")
-    matcher = (template_instrument(train.images, heldout.images, heldout.diameters_km.double().numpy())
-               if sizer is not None else None)
+    instruments = instruments_for(train)
+    heldout_km = heldout.diameters_km.double().numpy() if heldout.diameters_km is not None else None
     large = (heldout.diameters_km >= LARGE_KM) if heldout.diameters_km is not None else None
 
     # 1. samples: every model, every seed, the same seeds
@@ -300,6 +363,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
             samples[spec.name][seed] = sample(n_gen, torch.Generator().manual_seed(int(seed))).cpu()
         del sample
         timings[f"sample_{spec.name}_s"] = time.perf_counter() - t0
+    samples[TEXTURE] = {seed: phase_scramble(heldout.images[_subset(len(heldout), n_real, seed)],
+                                             torch.Generator().manual_seed(int(seed))) for seed in ev.seeds}
 
     # 2. metrics: every extractor, seed, model; plus the ceiling (train split vs held-out)
     t0 = time.perf_counter()
@@ -332,14 +397,18 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in per_seed.items()},
     }
 
-    # 3. crater sizes by both instruments, each against the held-out craters' sizes by the same instrument
-    ridge = None
-    if sizer is not None:
-        sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
-        sets[CEILING] = [train.images[_subset(len(train), n_train, seed)] for seed in ev.seeds]
-        ridge, templates = measure_sizes(sizer, sets, heldout.images), measure_sizes(matcher, sets, heldout.images)
-        report["sizes"] = _size_report(sizer, out / "size_estimator", ridge, matcher, templates,
-                                       heldout.diameters_km.double().numpy(), coverage_large)
+    # 3. crater sizes by both detectors, each against the held-out tiles measured by the same detector; fine detail
+    t0 = time.perf_counter()
+    sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
+    sets[CEILING] = [train.images[_subset(len(train), n_train, seed)] for seed in ev.seeds]
+    measures = None
+    if instruments is not None:
+        measures = measure_sizes(instruments, sets, heldout.images)
+        report["sizes"] = size_report(instruments, measures, heldout.images, heldout_km,
+                                      craterless_sets(heldout.images), coverage_large)
+    report["detail"] = detail_report(sets, heldout.images)
+    report["texture_check"] = texture_check(report)
+    timings["sizes_s"] = time.perf_counter() - t0
 
     # 4. realism logits (the run's reward artifact)
     realism, artifact = _realism_model(cfg, run_dir, device)
@@ -358,9 +427,10 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     for m, s in samples.items():
         images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
                                                                  scale=2)
-    if ridge is not None:
-        images.update(size_plots(pool_sizes(ridge.models, groups), heldout.diameters_km.double().numpy(),
-                                 ridge.heldout, out))
+    if measures is not None:
+        images.update(size_figures_and_grids(measures, sets, heldout.images, heldout_km, groups, out))
+    images["radially averaged power spectrum"] = spectrum_plot(
+        {"held-out (real)": heldout.images, **{m: torch.cat(xs) for m, xs in sets.items()}}, out / "spectrum.png")
     if ev.tsne:
         for ex_name, (real, gens) in tsne_sets.items():
             images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
@@ -398,6 +468,9 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     report["caveats"] = [f"{CEILING} is the ceiling: real train craters against real held-out craters.",
+                         f"{TEXTURE} is the texture-only reference: the held-out tiles with their Fourier phases "
+                         f"scrambled (same texture, no crater). A model that beats the base only where this row "
+                         f"does as well has gained texture, not craters.",
                          f"'{cfg.reward.features.name}' is the reward's own feature space: a gain seen only there may "
                          f"be the reward being gamed; check the other extractors."]
     if realism is not None:
@@ -434,21 +507,18 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     counts = {}
     # every extractor first, so that a bad name fails before any image is read
     extractors = {n: build_extractor(n, input_size=ev.input_size, seed=seed, device=dev) for n in dict.fromkeys(features)}
-    # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instrument is the
-    # estimator fitted on the embedded Mars set's train split (the same 320 km tiles), also validated on
-    # the real folder's catalogue diameters
+    # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instruments are
+    # calibrated on the embedded Mars set's train split (the same 320 km tiles) and validated on the real folder
     real_small, real_files = load_image_folder(real_dir, size=32, channels=1)
     real_km, why = folder_diameters(real_dir, real_files)
-    sizer = coverage = None
+    instruments = coverage = None
     if real_km is None:
         tqdm.write(f"size figures skipped: {why} (columns file, diameter_km)")
     else:
-        mars_train, mars_heldout = load_image_set(MARS_32, "train"), load_image_set(MARS_32, "heldout")
-        sizer = size_estimator(mars_train, mars_heldout, out / "size_estimator")
-        matcher = template_instrument(mars_train.images, mars_heldout.images,
-                                      mars_heldout.diameters_km.double().numpy())
-        coverage = {"generated": {}}
+        instruments = instruments_for(load_image_set(MARS_32, "train"))
+        coverage = {"generated": {}, TEXTURE: {}}
         large = torch.from_numpy(real_km >= LARGE_KM)
+    report["models"][TEXTURE] = {}
     for ex_name, extractor in extractors.items():
         size = extractor.input_size
         real_img, _ = load_image_folder(real_dir, size=size, channels=3)  # the same sorted files as real_files
@@ -459,35 +529,42 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
                                       f"{MIN_IMAGES}")
         counts = {"n_real": real_img.shape[0], "n_generated": gen_img.shape[0]}
         real = extract_features(extractor, real_img)
-        gen = extract_features(extractor, gen_img)
-        r = evaluate_features(real, gen, features=ex_name, seed=seed, kid_subsets=ev.kid_subsets, n_modes=ev.n_modes)
-        report["models"]["generated"][ex_name] = _aggregate([r])
-        if coverage is not None and bool(large.any()):
-            coverage["generated"][ex_name] = [subset_coverage(real, gen, large)]
+        rows = {"generated": extract_features(extractor, gen_img),
+                TEXTURE: extract_features(extractor, phase_scramble(real_img, torch.Generator().manual_seed(seed)))}
+        for name, gen in rows.items():
+            r = evaluate_features(real, gen, features=ex_name, seed=seed, kid_subsets=ev.kid_subsets,
+                                  n_modes=ev.n_modes)
+            report["models"][name][ex_name] = _aggregate([r])
+            if coverage is not None and bool(large.any()):
+                coverage[name][ex_name] = [subset_coverage(real, gen, large)]
+        gen = rows["generated"]
         if not images:
             images["real"] = save_image_grid(real_img[:64], out / "samples_real.png")
             images["generated"] = save_image_grid(gen_img[:64], out / "samples_generated.png")
         if ev.tsne:
             images[f"t-SNE, {ex_name} features"] = tsne_plot(real, {"generated": gen},
                                                              out / f"tsne_{_file_name(ex_name)}.png", seed=seed)
-    if sizer is not None:
-        gen_small, _ = load_image_folder(generated_dir, size=32, channels=1)
-        ridge = measure_sizes(sizer, {"generated": [gen_small]}, real_small)
-        templates = measure_sizes(matcher, {"generated": [gen_small]}, real_small)
-        report["sizes"] = _size_report(sizer, out / "size_estimator", ridge, matcher, templates, real_km, coverage)
-        r2, mae = sizer.validate(real_small, real_km)
-        r2_t, mae_t = matcher.validate(real_small, real_km)
-        report["sizes"]["real_folder_validation"] = {"r2_log10": r2, "mae_log10": mae, "r2_log10_templates": r2_t,
-                                                     "mae_log10_templates": mae_t, "n": int(len(real_km))}
-        images.update(size_plots(ridge.models, real_km, ridge.heldout, out))
+    gen_small, _ = load_image_folder(generated_dir, size=32, channels=1)
+    sets = {"generated": [gen_small], TEXTURE: [phase_scramble(real_small, torch.Generator().manual_seed(seed))]}
+    if instruments is not None:
+        measures = measure_sizes(instruments, sets, real_small)
+        report["sizes"] = size_report(instruments, measures, real_small, real_km, craterless_sets(real_small, seed=seed),
+                                      coverage)
+        images.update(size_figures_and_grids(measures, sets, real_small, real_km, None, out))
     else:
         report["sizes_skipped"] = why
+    report["detail"] = detail_report(sets, real_small)
+    report["texture_check"] = texture_check(report)
+    images["radially averaged power spectrum"] = spectrum_plot(
+        {"real": real_small, **{m: xs[0] for m, xs in sets.items()}}, out / "spectrum.png")
     report["settings"] = {"real": str(real_dir), "generated": str(generated_dir), **counts,
                           "extractors": list(dict.fromkeys(features)), "kid_subsets": ev.kid_subsets,
                           "n_modes": min(ev.n_modes, counts["n_real"]), "seed": seed, "device": str(dev),
                           "timings_s": {"total_s": round(time.perf_counter() - t_start, 2)}}
-    report["caveats"] = ["One set each, all images of each folder: no spread over seeds; compare only at equal n."]
-    if sizer is None:
+    report["caveats"] = ["One set each, all images of each folder: no spread over seeds; compare only at equal n.",
+                         f"{TEXTURE}: the real folder's images with their Fourier phases scrambled (same texture, "
+                         f"no crater), scored like the generated folder."]
+    if instruments is None:
         report["caveats"].append(f"Crater-size figures skipped: {why}.")
     write_report(out, report, images)
     return report

@@ -1,30 +1,25 @@
-"""Crater sizes: an estimator of crater diameter fitted on the train split, and the size-frequency figures.
+"""Crater sizes: two detectors, validated on real and craterless tiles, and the size-frequency figures.
 
-A planetary scientist judges a crater population by its size-frequency distribution (SFD) first, so
-the evaluation measures the sizes of generated craters with an instrument fitted once on the real
-train split's `diameter_km` (metadata.csv) and validated on the held-out split, never on generated
-images. Two instruments measure sizes: the template matcher of reward/templates.py, fitted to no
-diameters (`TemplateInstrument`), and this estimator, classical and written by hand (no library fits
-crater sizes from tiles):
+A planetary scientist judges a crater population by its size-frequency distribution (SFD) first, and an
+instrument that always returns a diameter measures texture where there is no crater. So every size
+instrument here is a detector: it reports a diameter only where it finds a crater, and every report
+validates it on three sets: the real held-out tiles (detection rate, shares ≥ 100 and ≥ 150 km of the
+detected craters against the catalogue's, Spearman ρ of D), their phase-scrambled copies and smooth noise
+(data/surrogates.py: the same texture, no crater; `VALIDATION_GOALS`). The two instruments share no fitted
+part, so each can judge a reward built on the other:
 
-    φ(x) = [ĝ_0..ĝ_R, Î_0..Î_R, ŝ_0..ŝ_R]     radial profiles about the tile centre (reward/profiles.py)
-    log10 D̂ = w·(φ(x) − mean) / std + b      ridge regression (sklearn's RidgeCV picks the penalty)
+* `rims`: the rim-coherence detector of evaluation/rims.py (one scale κ fitted on the train diameters);
+* `templates`: the matched filter of reward/templates.py (sun direction and threshold from the train tiles
+  and their surrogates, no diameters), which the `size` reward uses.
 
-with ĝ_r, Î_r, ŝ_r the ring means of slope and intensity and the ring std. Rings are fixed fractions of
-the half-width, so a tile of any pixel size maps to the same kilometres. The features are
-invariant to the tile's 8 rotations and flips by construction (tested), which is the rotation and
-flip augmentation the estimator needs; arbitrary-angle rotations were tried and lowered the
-held-out R² (0.61 -> 0.57: the rotated corners are interpolated from reflections).
-
-Notation: D diameters in km, (n,); P, Q histograms of log10 D on fixed bins; W1 the 1-Wasserstein
-distance of the log10 D samples; N(≥D) the cumulative count (the planetary-science SFD convention).
+Notation: D diameters in km, (n,), NaN where nothing was found; P, Q histograms of log10 D on fixed bins;
+W1 the 1-Wasserstein distance of the detected craters' log10 D; N(≥D) the cumulative count; R the relative
+SFD (Crater Analysis Techniques Working Group 1979).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,158 +27,102 @@ import torch
 from torch import Tensor
 
 from evaluation.metrics import knn_radii
-from reward.profiles import RINGS, radial_profile_features
-from reward.templates import TemplateMatcher, calibrate_light
-from utils import CraterdiffError, atomic_directory, first_line
+from evaluation.rims import RimDetector, fit_rim_detector
+from reward.templates import TemplateMatcher, calibrated_matcher
+from utils import first_line
 
 WINDOW_KM = 320.0
 """Side of the embedded Mars tiles on the ground (data/mars_craters/README.md): D km = d · WINDOW_KM."""
-LARGE_KM = 100.0
-"""Diameter from which a crater counts as large (the mode the base model under-covers)."""
+LARGE_KM, HUGE_KM = 100.0, 150.0
+"""Diameters from which a crater counts as large (the mode the base model under-covers) and very large."""
 HIST_EDGES_LOG10 = tuple(np.linspace(math.log10(40.0), math.log10(320.0), 13).tolist())
 """Bins of log10 D for the histograms and their KL: 12 bins from 40 to 320 km (the tile's width)."""
-ESTIMATOR_FILE, META_FILE = "size_estimator.npz", "size_estimator.json"
-FORMAT = "craterdiff.size_estimator"
+INSTRUMENTS = ("rims", "templates")
+"""The size instruments, in report order: the independent judge first, then the `size` reward's own."""
+VALIDATION_GOALS = {"craterless_share_ge100": 0.05, "craterless_share_ge150": 0.02, "real_share_gap": 0.05,
+                    "real_spearman": 0.7}
+"""On each craterless set at most these shares called ≥ 100 and ≥ 150 km; on the real held-out tiles the
+detected craters' shares ≥ 100 and ≥ 150 km within `real_share_gap` of the catalogue's, and ρ of D at least
+`real_spearman`."""
 
 
 # ----------------------------------------------------------------------------------------------
-# The instrument
-# ----------------------------------------------------------------------------------------------
-
-def r_squared(pred: np.ndarray, target: np.ndarray) -> float:
-    """R² = 1 − Σ (ŷ − y)² / Σ (y − ȳ)²."""
-    return float(1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
-
-
-def log10_errors(pred_km: np.ndarray, diameters_km: np.ndarray) -> tuple[float, float]:
-    """(R², mean |log10 D̂ − log10 D|) of predicted against known diameters, both in km."""
-    pred, y = np.log10(np.asarray(pred_km, dtype=np.float64)), np.log10(np.asarray(diameters_km, dtype=np.float64))
-    return r_squared(pred, y), float(np.abs(pred - y).mean())
-
-
-@dataclass
-class SizeEstimator:
-    """log10 D̂ = coef · (φ − mean) / std + intercept, with its validation on the held-out split."""
-    coef: np.ndarray          # (F,)
-    intercept: float
-    feature_mean: np.ndarray  # (F,)
-    feature_std: np.ndarray   # (F,)
-    alpha: float              # the ridge penalty RidgeCV chose
-    rings: int = RINGS
-    n_train: int = 0
-    heldout_r2: float = float("nan")   # on log10 D
-    heldout_mae: float = float("nan")  # mean |log10 D̂ − log10 D|
-    n_heldout: int = 0
-    train_sha256: str = ""             # of the train images and diameters it was fitted on
-
-    def predict_log10(self, images: Tensor) -> np.ndarray:
-        """log10 D̂ (N,) of (N, C, H, W) tiles in [-1, 1]."""
-        phi = radial_profile_features(images.detach().cpu(), rings=self.rings).numpy()
-        return (phi - self.feature_mean) / self.feature_std @ self.coef + self.intercept
-
-    def predict_km(self, images: Tensor) -> np.ndarray:
-        """D̂ in km (N,)."""
-        return 10.0 ** self.predict_log10(images)
-
-    def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
-        """(R², MAE) of log10 D̂ against known diameters."""
-        return log10_errors(self.predict_km(images), diameters_km)
-
-
-def images_sha256(images: Tensor, diameters_km: np.ndarray) -> str:
-    """A checksum of a labelled image set (what an estimator was fitted on)."""
-    h = hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes())
-    h.update(np.asarray(diameters_km, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
-def fit_size_estimator(train_images: Tensor, train_km: np.ndarray, heldout_images: Tensor, heldout_km: np.ndarray,
-                       *, rings: int = RINGS) -> SizeEstimator:
-    """Fit on the train split, validate on the held-out split (R², MAE in log10 D)."""
-    from sklearn.linear_model import RidgeCV
-
-    if len(train_images) < 8:
-        raise CraterdiffError(f"the size estimator needs at least 8 train craters with diameters, got "
-                              f"{len(train_images)}")
-    phi = radial_profile_features(train_images.detach().cpu(), rings=rings).numpy()
-    mean, std = phi.mean(0), phi.std(0) + 1e-8
-    y = np.log10(np.asarray(train_km, dtype=np.float64))
-    ridge = RidgeCV(alphas=np.logspace(-3, 3, 25)).fit((phi - mean) / std, y)
-    est = SizeEstimator(coef=ridge.coef_.astype(np.float64), intercept=float(ridge.intercept_), feature_mean=mean,
-                        feature_std=std, alpha=float(ridge.alpha_), rings=rings, n_train=len(train_images),
-                        train_sha256=images_sha256(train_images, train_km))
-    est.heldout_r2, est.heldout_mae = est.validate(heldout_images, heldout_km)
-    est.n_heldout = len(heldout_images)
-    return est
-
-
-def save_size_estimator(est: SizeEstimator, path: Path) -> Path:
-    """Write `path/` atomically: the arrays (npz) and their metadata with the npz's sha256."""
-    with atomic_directory(path) as tmp:
-        np.savez(tmp / ESTIMATOR_FILE, coef=est.coef, feature_mean=est.feature_mean, feature_std=est.feature_std)
-        meta = {k: v for k, v in asdict(est).items() if not isinstance(v, np.ndarray)}
-        meta.update(format=FORMAT, sha256=hashlib.sha256((tmp / ESTIMATOR_FILE).read_bytes()).hexdigest())
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    return Path(path)
-
-
-def load_size_estimator(path: Path) -> SizeEstimator:
-    """Read a saved estimator, refusing a foreign, corrupted (checksum) or unreadable one in one line."""
-    path = Path(path)
-    redo = f"delete '{path}' to fit it again"
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-        if meta.pop("format", None) != FORMAT:
-            raise CraterdiffError(f"'{path}' is not a craterdiff size estimator; {redo}")
-        digest = meta.pop("sha256")
-        if hashlib.sha256((path / ESTIMATOR_FILE).read_bytes()).hexdigest() != digest:
-            raise CraterdiffError(f"the size estimator in '{path}' is corrupted (checksum mismatch); {redo}")
-        arrays = np.load(path / ESTIMATOR_FILE, allow_pickle=False)
-        return SizeEstimator(coef=arrays["coef"], feature_mean=arrays["feature_mean"],
-                             feature_std=arrays["feature_std"], **meta)
-    except CraterdiffError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CraterdiffError(f"cannot read the size estimator in '{path}' ({first_line(e)}); {redo}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# The second instrument: template matching
+# The instruments
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class TemplateInstrument:
-    """The matched filter of reward/templates.py in km, with its validation on held-out craters. It is
-    fitted to no diameters (only its sun direction is chosen, on the train images), so it judges a
-    reward built on the ridge estimator, and the estimator judges the `size` reward built on it."""
-    matcher: TemplateMatcher
-    light_peak_ncc: float
+class SizeInstrument:
+    """A crater detector in km: `detector.detect` gives found and log10 d̂ (fractions of the tile width)."""
+    name: str
+    detector: RimDetector | TemplateMatcher
     window_km: float = WINDOW_KM
-    heldout_r2: float = float("nan")
-    heldout_mae: float = float("nan")
-    heldout_spearman: float = float("nan")
-    n_heldout: int = 0
+    info: dict = field(default_factory=dict)
 
-    def predict_km(self, images: Tensor) -> np.ndarray:
-        """D̂ km (N,) = d̂ · window_km."""
-        return 10.0 ** self.matcher.log10_fraction(images).numpy() * self.window_km
-
-    def validate(self, images: Tensor, diameters_km: np.ndarray) -> tuple[float, float]:
-        """(R², MAE) of log10 D̂ against known diameters."""
-        return log10_errors(self.predict_km(images), diameters_km)
+    def detect_km(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(found (N,) bool, D̂ km (N,) float64, NaN where nothing was found)."""
+        det = self.detector.detect(images)
+        return det.found.numpy(), 10.0 ** det.log10_fraction.numpy() * self.window_km
 
 
-def template_instrument(train_images: Tensor, heldout_images: Tensor, heldout_km: np.ndarray) -> TemplateInstrument:
-    """The template matcher with its sun direction calibrated on the train images (no diameters used),
-    validated on the held-out craters (R², MAE of log10 D, Spearman ρ of D)."""
+def build_instruments(train_images: Tensor, train_km: np.ndarray, *, window_km: float = WINDOW_KM
+                      ) -> dict[str, SizeInstrument]:
+    """Both instruments calibrated on the train tiles: the rim detector's κ from their diameters, the
+    template matcher's sun direction and threshold from the tiles and their surrogates alone."""
+    rims = fit_rim_detector(train_images, np.asarray(train_km, dtype=np.float64) / window_km)
+    matcher, peak = calibrated_matcher(train_images)
+    return {"rims": SizeInstrument("rims", rims, window_km, {"kappa": rims.kappa, "alpha": rims.alpha,
+                                                              "surrogates": rims.surrogates}),
+            "templates": SizeInstrument("templates", matcher, window_km,
+                                        {"light_azimuth_deg": matcher.azimuth_deg,
+                                         "light_elevation_deg": matcher.elevation_deg, "light_peak_ncc": peak,
+                                         "z_threshold": matcher.threshold})}
+
+
+def share_called(found: np.ndarray, d_km: np.ndarray, threshold_km: float) -> float:
+    """The share of all tiles in which a crater of D ≥ threshold was found (a tile with none counts as no)."""
+    return float((np.asarray(found) & (np.nan_to_num(d_km, nan=0.0) >= threshold_km)).mean())
+
+
+def share_detected(found: np.ndarray, d_km: np.ndarray, threshold_km: float) -> float:
+    """The share of the detected craters with D ≥ threshold (NaN when none was detected)."""
+    d = np.asarray(d_km)[np.asarray(found)]
+    return float((d >= threshold_km).mean()) if d.size else math.nan
+
+
+def validate_instrument(inst: SizeInstrument, heldout: Tensor, heldout_km: np.ndarray,
+                        craterless: dict[str, Tensor]) -> dict:
+    """The instrument's validation table and goals (`VALIDATION_GOALS`): on the real held-out tiles the
+    detection rate, the shares ≥ 100 and ≥ 150 km of all tiles and of the detected craters against the
+    catalogue's, and Spearman ρ of D over the detected craters; on each craterless set the detection rate and
+    the shares called ≥ 100 and ≥ 150 km."""
     from scipy.stats import spearmanr
 
-    azimuth, elevation, peak = calibrate_light(train_images)
-    inst = TemplateInstrument(TemplateMatcher(azimuth_deg=azimuth, elevation_deg=elevation), light_peak_ncc=peak)
-    inst.heldout_r2, inst.heldout_mae = inst.validate(heldout_images, heldout_km)
-    inst.heldout_spearman = float(spearmanr(inst.predict_km(heldout_images), heldout_km).statistic)
-    inst.n_heldout = len(heldout_images)
-    return inst
+    g = VALIDATION_GOALS
+    found, d = inst.detect_km(heldout)
+    cat = np.asarray(heldout_km, dtype=np.float64)
+    rho = float(spearmanr(d[found], cat[found]).statistic) if found.sum() > 2 else math.nan
+    real = {"n": int(len(cat)), "detect_rate": float(found.mean()),
+            "share_ge100": share_called(found, d, LARGE_KM), "share_ge150": share_called(found, d, HUGE_KM),
+            "share_ge100_detected": share_detected(found, d, LARGE_KM),
+            "share_ge150_detected": share_detected(found, d, HUGE_KM),
+            "catalogue_share_ge100": float((cat >= LARGE_KM).mean()),
+            "catalogue_share_ge150": float((cat >= HUGE_KM).mean()), "spearman": rho}
+    sets = {"real held-out": real}
+    goals = {"real: detected share ≥ 100 km within 0.05 of the catalogue's":
+             abs(real["share_ge100_detected"] - real["catalogue_share_ge100"]) <= g["real_share_gap"],
+             "real: detected share ≥ 150 km within 0.05 of the catalogue's":
+             abs(real["share_ge150_detected"] - real["catalogue_share_ge150"]) <= g["real_share_gap"],
+             f"real: Spearman ρ ≥ {g['real_spearman']}": rho >= g["real_spearman"]}
+    for name, x in craterless.items():
+        f, dd = inst.detect_km(x)
+        row = {"n": int(len(f)), "detect_rate": float(f.mean()), "share_ge100": share_called(f, dd, LARGE_KM),
+               "share_ge150": share_called(f, dd, HUGE_KM)}
+        sets[name] = row
+        goals[f"{name}: ≤ {g['craterless_share_ge100']} called ≥ 100 km"] = \
+            row["share_ge100"] <= g["craterless_share_ge100"]
+        goals[f"{name}: ≤ {g['craterless_share_ge150']} called ≥ 150 km"] = \
+            row["share_ge150"] <= g["craterless_share_ge150"]
+    return {"info": inst.info, "sets": sets, "goals": goals, "met": all(goals.values())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +202,38 @@ def subset_coverage(real: Tensor, gen: Tensor, subset: Tensor, *, k: int = 5) ->
     return float(hit.double().mean())
 
 
-def size_figures(d_km: np.ndarray, ref_km: np.ndarray) -> dict[str, float]:
-    """The per-set size figures against a reference: share ≥ 100 km, W1(log10 D), KL of the histograms."""
-    return {"share_ge100": share_large(d_km), "w1_log10": wasserstein_log10(d_km, ref_km),
-            "kl_hist": kl_histograms(ref_km, d_km)}
+R_BIN_EDGES_KM = tuple((32.0 * 2 ** (np.arange(0, 9) / 2)).tolist())
+"""√2 diameter bins for the R-plot (Crater Analysis Techniques Working Group 1979): 32 km to 512 km."""
+
+
+def r_plot(d_km: np.ndarray, n_tiles: int, *, edges: tuple[float, ...] = R_BIN_EDGES_KM
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The relative SFD per tile over √2 bins [D_a, D_b):
+
+        D̄ = sqrt(D_a D_b),  R = D̄³ N_b / (A (D_b − D_a)),  σ_R = R / sqrt(N_b)     (Poisson)
+
+    with N_b the detected craters in the bin and the area A counted in tiles (A = n_tiles). Returns
+    (D̄, R, σ_R, N_b), each (bins,); R and σ_R are NaN in empty bins. Written by hand: craterstats (the field's
+    tool) needs scipy.integrate.simps, which current scipy no longer has, in the version the index serves."""
+    e = np.asarray(edges, dtype=np.float64)
+    d = np.asarray(d_km, dtype=np.float64)
+    counts = np.histogram(d[np.isfinite(d)], bins=e)[0].astype(np.float64)
+    mid = np.sqrt(e[:-1] * e[1:])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(counts > 0, mid ** 3 * counts / (n_tiles * (e[1:] - e[:-1])), np.nan)
+        sigma = np.where(counts > 0, r / np.sqrt(counts), np.nan)
+    return mid, r, sigma, counts
+
+
+def size_figures(found: np.ndarray, d_km: np.ndarray, ref_found: np.ndarray, ref_km: np.ndarray) -> dict[str, float]:
+    """One instrument's figures of a set against a reference set measured by the same instrument: the
+    detection rate, the shares of all tiles called ≥ 100 and ≥ 150 km, and of the detected craters W1(log10 D)
+    and the KL of the size histograms (NaN when nothing was detected)."""
+    d, ref = np.asarray(d_km)[np.asarray(found)], np.asarray(ref_km)[np.asarray(ref_found)]
+    out = {"detect_rate": float(np.mean(found)), "share_ge100": share_called(found, d_km, LARGE_KM),
+           "share_ge150": share_called(found, d_km, HUGE_KM)}
+    if d.size and ref.size:
+        out.update(w1_log10=wasserstein_log10(d, ref), kl_hist=kl_histograms(ref, d))
+    else:
+        out.update(w1_log10=math.nan, kl_hist=math.nan)
+    return out

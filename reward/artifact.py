@@ -6,7 +6,7 @@ Artifact directory:
 |---|---|
 | `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, reference description, realism metrics, SHA-256 of every file below |
 | `reference_features.npy` | φ(Y), (m, D) float64, loaded with allow_pickle=False |
-| `reference_sizes.npy` | log10 d̂(Y), (m,) float64: the reference craters' sizes by template matching (reward/templates.py) |
+| `reference_sizes.npy` | s(Y), (m,) float64: the reference craters' log10 sizes by the template detector (reward/templates.py), `NO_CRATER_LOG10` where it finds none |
 | `pca.npz` | the PCA fitted on φ(Y) (mean, components, explained variance), allow_pickle=False |
 | `realism.safetensors` | the realism CNN (only when trained) |
 
@@ -30,10 +30,10 @@ from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, median_bandwidth, mmd2_unbiased_loo, \
     ot_rewards
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
-from reward.templates import LOG10_STEP, TemplateMatcher, calibrate_light
+from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
 from utils import CraterdiffError, atomic_directory
 
-REWARD_ARTIFACT_VERSION = 2
+REWARD_ARTIFACT_VERSION = 3
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "size")
 COMPONENTS = DIVERSITY_COMPONENTS + ("realism",)
 FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors")
@@ -109,8 +109,9 @@ class RewardModel:
         return extract_features(self.extractor, images, batch_size=batch_size).double()
 
     def sizes(self, images: Tensor) -> Tensor:
-        """s = log10 d̂(x) (n,) float64: each image's crater diameter as a fraction of the tile width."""
-        return self.sizer.log10_fraction(images)
+        """s (n,) float64: log10 d̂(x), the crater diameter the template detector finds as a fraction of the tile
+        width, or NO_CRATER_LOG10 where it finds none (texture alone then matches no reference size)."""
+        return detected_log_sizes(self.sizer, images)
 
     def realism_logits(self, images: Tensor) -> Tensor:
         """(n,) logits of the realism scorer (higher = more like the reference craters)."""
@@ -181,6 +182,12 @@ class RewardModel:
 # Build
 # ----------------------------------------------------------------------------------------------
 
+def detected_log_sizes(sizer: TemplateMatcher, images: Tensor) -> Tensor:
+    """s (n,) float64: log10 d̂ where the detector finds a crater, NO_CRATER_LOG10 elsewhere."""
+    det = sizer.detect(images)
+    return torch.where(det.found, det.log10_fraction, torch.full_like(det.log10_fraction, NO_CRATER_LOG10))
+
+
 def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | None, device="cpu",
                        reference_info: dict | None = None, progress: bool = False,
                        extractor: FeatureExtractor | None = None) -> RewardModel:
@@ -202,9 +209,8 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
         raise CraterdiffError(f"the reward reference needs at least 8 images, got {m}: add reference images")
     bandwidth = r.bandwidth_scale * float(median_bandwidth(ref))
     pca = fit_pca(ref, k=min(r.pca_dim, m - 1, ref.shape[1]))
-    azimuth, elevation, peak = calibrate_light(reference_images)
-    sizer = TemplateMatcher(azimuth_deg=azimuth, elevation_deg=elevation)
-    size_ref = sizer.log10_fraction(reference_images)
+    sizer, peak = calibrated_matcher(reference_images, seed=cfg.seed)
+    size_ref = detected_log_sizes(sizer, reference_images)
     # the median heuristic, floored at one template step: references of one crater size (a procedural set
     # with a fixed diameter) would otherwise give h = 0
     size_bandwidth = max(float(torch.pdist(size_ref[:, None]).median()), LOG10_STEP)
@@ -266,7 +272,7 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
             "knn_k": model.knn_k,
             "ot": {"method": model.ot_method, "reg": model.ot_reg, "match": model.ot_match},
             "size": {"light_azimuth_deg": model.sizer.azimuth_deg, "light_elevation_deg": model.sizer.elevation_deg,
-                     "light_peak_ncc": model.info.get("size_light_peak_ncc"), "bandwidth": model.size_bandwidth},
+                     "z_threshold": model.sizer.threshold, "light_peak_ncc": model.info.get("size_light_peak_ncc"), "bandwidth": model.size_bandwidth},
             "reference": model.info.get("reference", {}),
             "realism": model.info.get("realism", {"enabled": False}),
             "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},
@@ -325,7 +331,7 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
         size_reference = torch.from_numpy(np.load(path / "reference_sizes.npy", allow_pickle=False))
         size = meta["size"]
         sizer = TemplateMatcher(azimuth_deg=float(size["light_azimuth_deg"]),
-                                elevation_deg=float(size["light_elevation_deg"]))
+                                elevation_deg=float(size["light_elevation_deg"]), threshold=float(size["z_threshold"]))
         with np.load(path / "pca.npz", allow_pickle=False) as z:
             pca = PCA(mean=torch.from_numpy(z["mean"]), components=torch.from_numpy(z["components"]),
                       explained_variance=torch.from_numpy(z["explained_variance"]),

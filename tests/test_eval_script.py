@@ -70,16 +70,20 @@ def test_folder_mode_end_to_end(tmp_path):
                       "--features", "pixels", "random_cnn", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"generated"}
-    assert set(report["models"]["generated"]) == {"pixels", "random_cnn"}
-    for ex in ("pixels", "random_cnn"):
-        _check_metric_tree(report["models"]["generated"][ex], 1)
+    # the generated folder and the texture-only row (the real folder phase-scrambled), scored alike
+    assert set(report["models"]) == {"generated", "texture_only"}
+    for row in report["models"].values():
+        assert set(row) == {"pixels", "random_cnn"}
+        for ex in ("pixels", "random_cnn"):
+            _check_metric_tree(row[ex], 1)
+    assert set(report["texture_check"]["generated"]) == {"behind_texture"}
+    assert set(report["detail"]["models"]) == {"generated", "texture_only"}
     assert (report["settings"]["n_real"], report["settings"]["n_generated"]) == (14, 12)
     # noise against craters in pixel space: far from the reference
     assert report["models"]["generated"]["pixels"]["kid_mean"]["mean"] > 0
-    assert _check_self_contained(out / "report.html") == 4   # two grids, two t-SNE plots
+    assert _check_self_contained(out / "report.html") == 5   # two grids, two t-SNE plots, the power spectrum
     md = (out / "report.md").read_text()
-    assert "| generated |" in md and "FID at small n" in md
+    assert "| generated |" in md and "| texture_only |" in md and "FID at small n" in md and "## Fine detail" in md
 
 
 def _pipeline_copy(dst: Path) -> Path:
@@ -128,41 +132,53 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
 
     out = tmp_path / "eval"
     report = json.loads((out / "report.json").read_text())
-    assert list(report["models"]) == ["base", "finetuned", "train_split"]
+    assert list(report["models"]) == ["base", "finetuned", "texture_only", "train_split"]
     for model, per in report["models"].items():
         assert set(per) == {"pixels", "random_cnn"}, model
         for ex in per:
             _check_metric_tree(per[ex], 1)
     s = report["settings"]
     assert (s["n_generated"], s["n_real"], s["seeds"]) == (16, 16, [0])
-    assert set(report["realism_logit"]) == {"base", "finetuned", "heldout_real"}
+    assert set(report["realism_logit"]) == {"base", "finetuned", "texture_only", "heldout_real"}
     # the same weights and the same seed give the same samples: identical rows
     assert report["models"]["base"]["pixels"] == report["models"]["finetuned"]["pixels"]
     # the ceiling (real vs real) beats a model on coverage in pixel space
     assert report["models"]["train_split"]["pixels"]["coverage"]["mean"] >= 0.5
-    for f in ("samples_base.png", "samples_finetuned.png", "samples_heldout.png", "tsne_pixels.png",
-              "tsne_random_cnn.png", "curves_finetuned.png", "sizes_sfd.png", "sizes_hist.png", "report.md",
-              "report.html", "size_estimator/size_estimator.npz"):
+    for f in ("samples_base.png", "samples_finetuned.png", "samples_heldout.png", "samples_texture_only.png",
+              "tsne_pixels.png", "tsne_random_cnn.png", "curves_finetuned.png", "sizes_sfd.png", "spectrum.png",
+              "largest_rims_heldout.png", "largest_templates_base.png", "largest_templates_texture_only.png",
+              "report.md", "report.html"):
         assert (out / f).is_file(), f
-    assert _check_self_contained(out / "report.html") == 8
-    # crater sizes: the estimator's validation, and per model the size figures (identical samples, identical
-    # figures); the held-out craters' shares from their catalogue diameters and from the estimator
+    # grids: held-out, 3 sets; t-SNE ×2; curves; SFD; spectrum; the largest craters by 2 instruments of
+    # held-out, base, finetuned, texture_only, train_split
+    assert _check_self_contained(out / "report.html") == 4 + 2 + 1 + 1 + 1 + 2 * 5
+    # crater sizes: both detectors validated on the real held-out tiles and the craterless sets, and per model
+    # the size figures (identical samples, identical figures)
     sizes = report["sizes"]
-    assert sizes["estimator"]["n_train"] == 130 and sizes["estimator"]["r2_log10"] > 0.5
-    assert set(sizes["models"]) == {"base", "finetuned", "train_split"}
+    assert sizes["instruments"] == ["rims", "templates"]
+    for inst in ("rims", "templates"):
+        v = sizes["validation"][inst]
+        assert set(v["sets"]) == {"real held-out", "phase-scrambled held-out", "smooth noise"}
+        assert v["sets"]["real held-out"]["n"] == 131 and v["sets"]["real held-out"]["spearman"] > 0.7
+        assert v["met"], v["goals"]
+        assert 0.2 < sizes["heldout"][f"share_ge100_{inst}"] < 0.6
+        for k in ("detect_rate", "share_ge100", "share_ge150", "w1_log10", "kl_hist"):
+            stat = sizes["models"]["base"][f"{k}_{inst}"]
+            assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == 1, (k, stat)
+        # texture carries no craters: 16 scrambled tiles have few detections, the real ones many
+        assert sizes["models"]["texture_only"][f"detect_rate_{inst}"]["mean"] <= 0.25
+        assert sizes["heldout"][f"detect_rate_{inst}"] >= 0.6
+    assert set(sizes["models"]) == {"base", "finetuned", "texture_only", "train_split"}
     assert sizes["models"]["base"] == sizes["models"]["finetuned"]
     assert 0.2 < sizes["heldout"]["share_ge100_true"] < 0.6
-    # the second instrument, the template matcher, validated too and reported beside the estimator
-    assert sizes["templates"]["spearman"] > 0.8 and sizes["templates"]["n_heldout"] == 131
-    assert 0.2 < sizes["heldout"]["share_ge100_templates"] < 0.6
-    for k in ("share_ge100", "w1_log10", "kl_hist", "share_ge100_templates", "w1_log10_templates",
-              "kl_hist_templates"):
-        stat = sizes["models"]["base"][k]
-        assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == 1, (k, stat)
+    check = report["texture_check"]["finetuned"]
+    assert set(check) == {"behind_texture", "wins", "shared", "own", "texture_only"} and check["wins"] == []
     md = (out / "report.md").read_text()
     assert "## Features: random_cnn" in md and "| train_split |" in md and "realism logit" in md
+    assert "## Crater-size instruments: validation" in md and "| rims | smooth noise |" in md
     assert "## Crater sizes" in md and "W1(log10 D)" in md and "held-out (catalogue)" in md
-    assert "share ≥ 100 km (templates)" in md and "template matcher" in md
+    assert "share ≥ 150 km (templates)" in md and "| texture_only |" in md and "## Fine detail" in md
+    assert "finetuned beats the base model on no compared metric" in md
 
 
 def test_eval_errors_are_one_line(tmp_path, smoke_cfg):
@@ -186,7 +202,7 @@ def test_model_arguments_are_checked():
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     assert parse_model_args(["ppo=runs/a/model", "trpo = runs/b/model"]) == {"ppo": Path("runs/a/model"),
                                                                             "trpo": Path("runs/b/model")}
-    for bad, msg in ((["ppo"], "NAME=PATH"), (["train_split=x"], "ceiling"), (["a=x", "a=y"], "twice")):
+    for bad, msg in ((["ppo"], "NAME=PATH"), (["train_split=x"], "reference rows"), (["texture_only=x"], "reference rows"), (["a=x", "a=y"], "twice")):
         with pytest.raises(CraterdiffError, match=msg):
             parse_model_args(bad)
     missing = Path("/nonexistent/run")
@@ -203,11 +219,17 @@ def test_model_arguments_are_checked():
 def test_pool_sizes_draws_one_line_per_group_and_keeps_the_others():
     from evaluation.run import pool_sizes
 
-    a = [np.array([10.0, 20.0]), np.array([30.0])]
-    b = [np.array([40.0]), np.array([50.0, 60.0])]
-    base = [np.array([5.0]), np.array([6.0])]
+    def fd(*d):  # (found, D): NaN is "no crater"
+        d = np.array(d)
+        return np.isfinite(d), d
+
+    a = [fd(10.0, np.nan), fd(30.0)]
+    b = [fd(40.0), fd(50.0, 60.0)]
+    base = [fd(5.0), fd(6.0)]
     sizes = {"v_s0": a, "v_s1": b, "base": base}
     pooled = pool_sizes(sizes, {"v": ["v_s0", "v_s1"]})
     assert list(pooled) == ["v", "base"] and pooled["base"] is base
-    assert len(pooled["v"]) == 1 and sorted(pooled["v"][0]) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    found, d = pooled["v"][0]
+    assert len(pooled["v"]) == 1 and found.tolist() == [True, False, True, True, True, True]
+    assert sorted(d[found]) == [10.0, 30.0, 40.0, 50.0, 60.0]
     assert pool_sizes(sizes, None) == sizes

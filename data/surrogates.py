@@ -1,0 +1,63 @@
+"""Craterless surrogates: tiles with the texture of real ones and no crater, to check that an instrument
+can say "nothing here".
+
+    phase scramble:  s = F⁻¹( |F x| · e^{iφ} ),  φ the phases of the FFT of white noise (uniform, Hermitian),
+                     φ_0 = arg (F x)_0, so s keeps x's amplitude spectrum (its texture, contrast and mean)
+                     and loses every coherent structure (a crater rim is phase alignment across frequencies)
+    smooth noise:    s = G_σ * w,  w white Gaussian noise, G_σ a Gaussian of σ px (periodic), scaled to std
+
+A stationary Gaussian field has uniform independent phases, so both are draws of the same null: texture
+without form. Written by hand: no library makes phase-randomised surrogates of a batch of images in torch.
+
+Notation: x (N, C, H, W) tiles; F the 2-d DFT over (H, W).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SMOOTH_SIGMA_PX = 1.0
+"""σ of the smooth-noise surrogate, in pixels."""
+
+
+def random_phases(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """φ (*shape) float64: the phases of the 2-d FFT of standard normal noise over the last two dims. Each is
+    uniform on (−π, π], independent of the others up to the Hermitian symmetry φ(−f) = −φ(f) a real image needs
+    (the self-conjugate frequencies get 0 or π)."""
+    return torch.angle(torch.fft.fft2(torch.randn(shape, generator=generator, dtype=torch.float64)))
+
+
+def phase_scramble(images: Tensor, generator: torch.Generator) -> Tensor:
+    """s = F⁻¹(|F x| e^{iφ}) (N, C, H, W) float32, φ random per image and channel, the mean (f = 0) kept."""
+    x = images.detach().cpu().double()
+    spectrum = torch.fft.fft2(x)                                         # (N, C, H, W) complex
+    phases = random_phases(tuple(x.shape), generator)
+    phases[..., 0, 0] = torch.angle(spectrum[..., 0, 0])
+    return torch.fft.ifft2(spectrum.abs() * torch.exp(1j * phases)).real.float()
+
+
+def smooth_noise(n: int, size: int, generator: torch.Generator, *, channels: int = 1,
+                 sigma_px: float = SMOOTH_SIGMA_PX, std: float = 0.5) -> Tensor:
+    """G_σ * w (n, channels, size, size) float32 with zero mean and standard deviation `std` per tile; the
+    Gaussian filter is applied in Fourier space, ĝ(f) = exp(−2π² σ² |f|²) with f in cycles per pixel."""
+    w = torch.randn((n, channels, size, size), generator=generator, dtype=torch.float64)
+    f = torch.fft.fftfreq(size, dtype=torch.float64)
+    gain = torch.exp(-2 * math.pi ** 2 * sigma_px ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+    s = torch.fft.ifft2(torch.fft.fft2(w) * gain).real
+    s = s - s.mean(dim=(-2, -1), keepdim=True)
+    return (s / s.std(dim=(-2, -1), keepdim=True) * std).float()
+
+
+CRATERLESS = ("phase-scrambled held-out", "smooth noise")
+"""The names of the craterless validation sets, in report order."""
+
+
+def craterless_sets(heldout: Tensor, *, seed: int = 0) -> dict[str, Tensor]:
+    """The craterless validation sets built from the held-out tiles (N, C, H, W): each tile phase-scrambled,
+    and as many tiles of smooth noise with the held-out tiles' mean standard deviation."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, _ = heldout.shape
+    std = float(heldout.double().std(dim=(-2, -1)).mean())
+    return {CRATERLESS[0]: phase_scramble(heldout, g), CRATERLESS[1]: smooth_noise(n, h, g, channels=c, std=std)}
