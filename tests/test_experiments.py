@@ -44,38 +44,40 @@ def test_summary_spreads_over_training_seeds_and_checks_the_target():
     assert c["precision"]["target"] == pytest.approx(0.74) and c["precision"]["met"]  # 0.76
     assert c["recall"]["met"] and c["vendi"]["met"]  # equal to the base model's is not below it
     assert c["wall_min"]["met"] and not c["coverage"]["met"] and not t["met"]
-    assert "share_ge100" not in c  # no size figures in this report
+    assert "share_ge100_rims" not in c  # no size figures in this report
     md = summary_markdown("main", s, {"ppo": t}, {"set": "main"})
     assert "| ppo | 0.840 ✗ | 10.500 ✓ | 0.760 ✓ | 2.000 ✓ | 2.000 ✓ | 11.000 ✓ | NOT met |" in md
     assert "0.840 ± 0.057" in md and "coverage ≥ 0.855" in md
 
 
 def _sizes(share, w1, share_t, w1_t):
-    return {"share_ge100": _cell(share), "w1_log10": _cell(w1), "share_ge100_templates": _cell(share_t),
-            "w1_log10_templates": _cell(w1_t), "coverage_ge100": {"efficientnet_lite0": _cell([0.7, 0.8, 0.9])}}
+    return {"share_ge100_rims": _cell(share), "share_ge150_rims": _cell([x / 3 for x in share]),
+            "w1_log10_rims": _cell(w1), "share_ge100_templates": _cell(share_t),
+            "share_ge150_templates": _cell([x / 3 for x in share_t]), "w1_log10_templates": _cell(w1_t),
+            "coverage_ge100": {"efficientnet_lite0": _cell([0.7, 0.8, 0.9])}}
 
 
 def test_size_target_halves_the_gap_to_the_heldout_share_and_the_w1_by_each_instrument():
     report = {"models": {BASE: _model([0.7] * 3, [26.0] * 3, [0.84] * 3), CEILING: _model([0.99] * 3, [0.0] * 3, [0.85] * 3),
                          "a_s0": _model([0.9] * 3, [8.0] * 3, [0.8] * 3), "a_s1": _model([0.9] * 3, [8.0] * 3, [0.8] * 3)},
-              "sizes": {"heldout": {"share_ge100_estimated": 0.40, "share_ge100_templates": 0.30},
+              "sizes": {"heldout": {"share_ge100_rims": 0.40, "share_ge100_templates": 0.30},
                         "models": {BASE: _sizes([0.10] * 3, [0.10] * 3, [0.04] * 3, [0.12] * 3),
                                    CEILING: _sizes([0.40] * 3, [0.01] * 3, [0.30] * 3, [0.01] * 3),
-                                   # ridge: share 0.24 < 0.25 halfway, W1 0.045 <= 0.05; templates: 0.20 >= 0.17, 0.07 > 0.06
+                                   # rims: share 0.24 < 0.25 halfway, W1 0.045 <= 0.05; templates: 0.20 >= 0.17, 0.07 > 0.06
                                    "a_s0": _sizes([0.22] * 3, [0.04] * 3, [0.18] * 3, [0.06] * 3),
                                    "a_s1": _sizes([0.26] * 3, [0.05] * 3, [0.22] * 3, [0.08] * 3)}}}
     s = summarize_variants(report, {"a": ["a_s0", "a_s1"]}, {})
-    assert s["a"]["sizes/share_ge100"]["mean"] == pytest.approx(0.24) and s["a"]["sizes/share_ge100"]["n"] == 2
+    assert s["a"]["sizes/share_ge100_rims"]["mean"] == pytest.approx(0.24) and s["a"]["sizes/share_ge100_rims"]["n"] == 2
     assert s["a"]["sizes/coverage_ge100"]["mean"] == pytest.approx(0.8)
-    assert s[BASE]["sizes/w1_log10"]["n"] == 3  # one run: over sampling seeds
+    assert s[BASE]["sizes/w1_log10_rims"]["n"] == 3  # one run: over sampling seeds
     c = target_check(s, "a", report["sizes"]["heldout"])["checks"]
-    assert c["share_ge100"]["target"] == pytest.approx(0.25) and not c["share_ge100"]["met"]
-    assert c["w1_log10"]["target"] == pytest.approx(0.05) and c["w1_log10"]["met"]
+    assert c["share_ge100_rims"]["target"] == pytest.approx(0.25) and not c["share_ge100_rims"]["met"]
+    assert c["w1_log10_rims"]["target"] == pytest.approx(0.05) and c["w1_log10_rims"]["met"]
     assert c["share_ge100_templates"]["target"] == pytest.approx(0.17) and c["share_ge100_templates"]["met"]
     assert c["w1_log10_templates"]["target"] == pytest.approx(0.06) and not c["w1_log10_templates"]["met"]
-    assert "share_ge100" not in target_check(s, "a")["checks"]  # without the held-out shares: no size check
+    assert "share_ge100_rims" not in target_check(s, "a")["checks"]  # without the held-out shares: no size check
     md = summary_markdown("sizes", s, {"a": target_check(s, "a", report["sizes"]["heldout"])}, {})
-    assert "share ≥ 100 km ↑" in md and "0.240 ± 0.028" in md and "share_ge100 ≥ 0.250" in md
+    assert "share ≥ 100 km (rims) ↑" in md and "0.240 ± 0.028" in md and "share_ge100_rims ≥ 0.250" in md
 
 
 def test_ablation_variants_set_every_weight_and_load():

@@ -152,7 +152,7 @@ def test_only_weighted_and_logged_components_are_computed(built, monkeypatch):
     assert lean.computed == ("mmd", "mi", "fid")
     for name in ("ot_rewards", "knn_entropy_loo", "realism_logits"):
         monkeypatch.setattr(art, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called for an unused component"))
-    monkeypatch.setattr(lean.sizer, "log10_fraction", lambda *a: pytest.fail("sizer called for an unused component"))
+    monkeypatch.setattr(lean.sizer, "detect", lambda *a: pytest.fail("sizer called for an unused component"))
     out = lean(batch)
     assert set(out.components) == set(out.values) == {"mmd", "mi", "fid"}
     for k in out.components:

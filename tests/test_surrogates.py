@@ -1,0 +1,56 @@
+"""Craterless surrogates (data/surrogates.py): the phase scramble keeps the amplitude spectrum and the mean and
+draws uniform phases; smooth noise has the asked spread and smoothness."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kstest
+
+from data.datasets import load_mars_craters
+from data.surrogates import CRATERLESS, craterless_sets, phase_scramble, smooth_noise
+
+
+def test_phase_scramble_keeps_the_amplitude_spectrum_and_draws_uniform_phases():
+    x, _ = load_mars_craters(split="heldout", size=32)
+    s = phase_scramble(x, torch.Generator().manual_seed(0))
+    assert s.shape == x.shape and s.dtype == torch.float32
+    fx, fs = torch.fft.fft2(x.double()), torch.fft.fft2(s.double())
+    np.testing.assert_allclose(fs.abs().numpy(), fx.abs().numpy(), atol=1e-6 * float(fx.abs().max()))
+    torch.testing.assert_close(s.double().mean((2, 3)), x.double().mean((2, 3)), atol=1e-6, rtol=0)
+    # the phases: uniform on (−π, π] (Kolmogorov-Smirnov over the non-self-conjugate frequencies), independent of
+    # the tile's own phases, and a fresh draw per tile
+    k = (slice(None), 0, slice(1, 16), slice(1, 16))
+    phase = torch.angle(fs[k]).flatten().numpy()
+    assert kstest(phase, "uniform", args=(-math.pi, 2 * math.pi)).pvalue > 1e-3
+    shift = np.angle(np.exp(1j * (phase - torch.angle(fx[k]).flatten().numpy())))
+    assert kstest(shift, "uniform", args=(-math.pi, 2 * math.pi)).pvalue > 1e-3
+    assert not torch.allclose(s[0], s[1])
+    # the same generator state gives the same surrogates; the structure is gone (the tiles' pixels, each about
+    # its own mean, no longer correlate with the surrogates')
+    torch.testing.assert_close(phase_scramble(x, torch.Generator().manual_seed(0)), s)
+    centre = lambda t: (t - t.mean((2, 3), keepdim=True)).flatten().numpy()  # noqa: E731
+    r = np.corrcoef(centre(x), centre(s))[0, 1]
+    assert abs(r) < 0.1
+
+
+def test_smooth_noise_has_the_asked_spread_and_correlation_length():
+    s = smooth_noise(64, 32, torch.Generator().manual_seed(0), std=0.4)
+    assert s.shape == (64, 1, 32, 32)
+    torch.testing.assert_close(s.double().std((2, 3)), torch.full((64, 1), 0.4, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    # a Gaussian filter of σ = 1 px: neighbouring pixels correlate by exp(−1/4) ≈ 0.78, pixels 4 apart hardly
+    x = s[:, 0].double()
+    lag = lambda d: float((x * torch.roll(x, d, dims=2)).mean() / x.pow(2).mean())  # noqa: E731
+    assert lag(1) == pytest.approx(math.exp(-0.25), abs=0.05) and abs(lag(4)) < 0.05
+
+
+def test_craterless_sets_match_the_held_out_tiles_in_number_and_spread():
+    x, _ = load_mars_craters(split="heldout", size=32)
+    sets = craterless_sets(x)
+    assert list(sets) == list(CRATERLESS)
+    for v in sets.values():
+        assert v.shape == x.shape
+    assert float(sets[CRATERLESS[1]].std((2, 3)).mean()) == pytest.approx(float(x.std((2, 3)).mean()), rel=1e-3)
