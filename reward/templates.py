@@ -148,6 +148,7 @@ class TemplateMatcher:
     azimuth_deg: float = LIGHT_AZIMUTH_DEG
     elevation_deg: float = LIGHT_ELEVATION_DEG
     threshold: float = math.nan
+    gamma: float = WHITEN_GAMMA
 
     def __post_init__(self):
         self._bank: dict[int, Tensor] = {}
@@ -164,7 +165,7 @@ class TemplateMatcher:
         if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be (N, C, H, W) square tiles, got shape {tuple(images.shape)}")
         t = self.spectra(int(images.shape[-1]))
-        return torch.cat([matched_z(chunk, t) for chunk in images.split(batch_size)])
+        return torch.cat([matched_z(chunk, t, gamma=self.gamma) for chunk in images.split(batch_size)])
 
     def detect(self, images: Tensor) -> Detections:
         """Detections of (N, C, H, W) tiles: found where max z > z*, with log10 d̂ refined by a parabola."""
