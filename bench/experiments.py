@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.trpo import TRPO_32, TRPO_64
-from evaluation.run import BASE, CEILING, ModelSpec, evaluate_run
+from evaluation.run import BASE, CEILING, TEXTURE, ModelSpec, evaluate_run
 from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
@@ -144,7 +144,7 @@ COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
             ("efficientnet_lite0", "kid_mean"), ("efficientnet_lite0", "fid"), ("efficientnet_lite0", "vendi"),
             ("random_cnn", "coverage"), ("random_cnn", "precision"), ("random_cnn", "kid_mean")]
-SIZE_HEADLINE = [("share_ge100_rims", None), ("share_ge150_rims", None), ("w1_log10_rims", None),
+SIZE_HEADLINE = [("detect_rate_rims", None), ("detect_rate_templates", None), ("share_ge100_rims", None), ("share_ge150_rims", None), ("w1_log10_rims", None),
                  ("share_ge100_templates", None), ("share_ge150_templates", None), ("w1_log10_templates", None),
                  ("coverage_ge100", "efficientnet_lite0")]
 """report["sizes"]["models"][model] figures: (key, extractor or None); summary keys sizes/<key>. "_rims" is the
@@ -152,6 +152,8 @@ rim-coherence detector, the independent instrument; "_templates" the `size` rewa
 SIZE_GOALS = {"share_ge100_rims": ("share_ge100_rims", "w1_log10_rims"),
               "share_ge100_templates": ("share_ge100_templates", "w1_log10_templates")}
 """Per instrument: its share key -> (the held-out craters' own share in report["sizes"]["heldout"], its W1 key)."""
+HELDOUT = "held-out"
+"""The summary row of the held-out tiles' own figures (sizes by each detector, mean gradient)."""
 TARGET_MINUTES = 15.0
 MAX_PRECISION_DROP = 0.1
 
@@ -255,8 +257,10 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
     models = report["models"]
     realism = report.get("realism_logit", {})
     sizes = report.get("sizes", {}).get("models", {})
+    detail = report.get("detail", {}).get("models", {})
     out: dict = {}
-    for variant, names in {BASE: [BASE], **runs, CEILING: [CEILING]}.items():
+    refs = {TEXTURE: [TEXTURE]} if TEXTURE in models else {}
+    for variant, names in {BASE: [BASE], **runs, **refs, CEILING: [CEILING]}.items():
         row: dict = {}
         for ex, metric in HEADLINE:
             if ex not in models[names[0]]:
@@ -264,6 +268,9 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
             row[f"{ex}/{metric}"] = _spread([models[m][ex][metric] for m in names])
         for key, ex in SIZE_HEADLINE if all(m in sizes for m in names) else ():
             row[f"sizes/{key}"] = _spread([sizes[m][key][ex] if ex else sizes[m][key] for m in names])
+        if all(m in detail for m in names):
+            for key in ("mean_gradient", "spectrum_deviation"):
+                row[f"detail/{key}"] = _spread([detail[m][key] for m in names])
         if all(m in realism for m in names):
             row["realism_logit"] = _spread([realism[m] for m in names])
         if variant in wall:
@@ -273,6 +280,12 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
             row["update_s"] = _stat([u for _, u in iters[variant]])
         row["spread_over"] = "training seeds" if len(names) > 1 else "sampling seeds"
         out[variant] = row
+    held = report.get("sizes", {}).get("heldout", {})
+    if held or "detail" in report:
+        row = {f"sizes/{k}": _stat([v]) for k, v in held.items() if k.startswith(("share_", "detect_rate_"))}
+        if "detail" in report:
+            row["detail/mean_gradient"] = _stat([report["detail"]["heldout_mean_gradient"]])
+        out[HELDOUT] = {**row, "spread_over": "one set"}
     return out
 
 
@@ -307,24 +320,68 @@ def target_check(summary: dict, variant: str, heldout: dict | None = None) -> di
     return {"variant": variant, "checks": checks, "met": all(c["met"] for c in checks.values())}
 
 
+DEFAULT_GOALS = {"precision_vs_base": 0.0, "recall": 0.70, "coverage": 0.92, "kid_mean": 4.0, "vendi": 7.2,
+                 "share_gap": 0.05, "w1_fraction_of_base": 0.5, "detail_tolerance": 0.15}
+"""The goals of a default that keeps the sizes and closes the realism and recall gaps (in the reward's extractor): precision
+at least the base model's, recall, coverage, KID and Vendi bounds, coverage and KID better than the texture-only row's;
+by both detectors the shares called ≥ 100 and ≥ 150 km within `share_gap` of the held-out tiles' and W1(log D) at most
+half the base model's; the mean gradient and every band of the power spectrum within `detail_tolerance` of the held-out
+tiles'; at most TARGET_MINUTES."""
+
+
+def default_goals(summary: dict, variant: str) -> dict:
+    """`DEFAULT_GOALS` checked for `variant` ({"variant", "checks", "met"}, as `target_check`); the size, texture and
+    detail checks only where the summary has their rows."""
+    ex, g = "efficientnet_lite0", DEFAULT_GOALS
+    b, v = summary[BASE], summary[variant]
+    get = lambda row, m: row[f"{ex}/{m}"]["mean"]  # noqa: E731
+    checks = {"precision": _check(get(v, "precision"), get(b, "precision") + g["precision_vs_base"], "≥"),
+              "recall": _check(get(v, "recall"), g["recall"], "≥"),
+              "coverage": _check(get(v, "coverage"), g["coverage"], "≥"),
+              "kid_mean": _check(get(v, "kid_mean"), g["kid_mean"], "≤"),
+              "vendi": _check(get(v, "vendi"), g["vendi"], "≥")}
+    if TEXTURE in summary and f"{ex}/coverage" in summary[TEXTURE]:
+        checks["coverage_vs_texture"] = _check(get(v, "coverage"), get(summary[TEXTURE], "coverage"), "≥")
+        checks["kid_vs_texture"] = _check(get(v, "kid_mean"), get(summary[TEXTURE], "kid_mean"), "≤")
+    held = summary.get(HELDOUT, {})
+    for inst in ("rims", "templates"):
+        for share in ("share_ge100", "share_ge150"):
+            key = f"sizes/{share}_{inst}"
+            if key in v and key in held:
+                checks[f"{share}_{inst}_gap"] = _check(abs(v[key]["mean"] - held[key]["mean"]), g["share_gap"], "≤")
+        key = f"sizes/w1_log10_{inst}"
+        if key in v:
+            checks[f"w1_log10_{inst}"] = _check(v[key]["mean"], b[key]["mean"] * g["w1_fraction_of_base"], "≤")
+    if "detail/spectrum_deviation" in v and "detail/mean_gradient" in held:
+        checks["spectrum_deviation"] = _check(v["detail/spectrum_deviation"]["mean"], g["detail_tolerance"], "≤")
+        checks["mean_gradient_error"] = _check(abs(v["detail/mean_gradient"]["mean"] / held["detail/mean_gradient"]["mean"]
+                                                   - 1), g["detail_tolerance"], "≤")
+    if "wall_min" in v:
+        checks["wall_min"] = _check(v["wall_min"]["mean"], TARGET_MINUTES, "≤")
+    return {"variant": variant, "checks": checks, "met": all(c["met"] for c in checks.values())}
+
+
 def _fmt(stat: dict | None, digits: int) -> str:
     if stat is None:
         return "–"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settings: dict) -> str:
+def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settings: dict,
+                     goals: dict[str, dict] | None = None) -> str:
     cols = [("efficientnet_lite0/coverage", "coverage ↑", 3), ("efficientnet_lite0/recall", "recall ↑", 3),
             ("efficientnet_lite0/precision", "precision ↑", 3), ("efficientnet_lite0/kid_mean", "KID ↓", 2),
             ("efficientnet_lite0/fid", "FID ↓", 0), ("efficientnet_lite0/vendi", "Vendi ↑", 2),
             ("realism_logit", "realism ↑", 2), ("random_cnn/coverage", "coverage (rand. CNN) ↑", 3),
             ("random_cnn/precision", "precision (rand. CNN) ↑", 3), ("random_cnn/kid_mean", "KID (rand. CNN) ↓", 4),
+            ("sizes/detect_rate_rims", "detected (rims)", 3), ("sizes/detect_rate_templates", "detected (templates)", 3),
             ("sizes/share_ge100_rims", "share ≥ 100 km (rims) ↑", 3), ("sizes/share_ge150_rims", "share ≥ 150 km (rims)", 3),
             ("sizes/w1_log10_rims", "W1 log D (rims) ↓", 3),
             ("sizes/share_ge100_templates", "share ≥ 100 km (templates) ↑", 3),
             ("sizes/share_ge150_templates", "share ≥ 150 km (templates)", 3),
             ("sizes/w1_log10_templates", "W1 log D (templates) ↓", 3),
             ("sizes/coverage_ge100", "coverage of craters ≥ 100 km ↑", 3),
+            ("detail/mean_gradient", "mean gradient", 4), ("detail/spectrum_deviation", "power spectrum: worst band ↓", 2),
             ("wall_min", "wall time (min)", 1), ("iter_s", "s / iteration", 1), ("update_s", "update s / iter.", 1)]
     lines = [f"# craterdiff experiments: {which}", "",
              "| model | " + " | ".join(c[1] for c in cols) + " | spread over |",
@@ -333,7 +390,8 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
         cells = [_fmt(row.get(key), d) for key, _, d in cols]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {row['spread_over']} |")
     lines += ["", f"EfficientNet-Lite0 is the reward's own feature space; the random CNN is independent of it. "
-                  f"{CEILING} is the ceiling: real train craters against real held-out craters."]
+                  f"{CEILING} is the ceiling: real train craters against real held-out craters; {TEXTURE} the "
+                  f"texture-only reference (the held-out tiles phase-scrambled: their texture, no crater)."]
     if any("sizes/share_ge100_rims" in row for row in summary.values()):
         lines += ["", "Crater sizes (docs/design.md, \"Evaluation\"): two detectors, each validated on real and "
                       "craterless tiles in report.md; \"(rims)\" is the rim-coherence detector, independent of the "
@@ -341,23 +399,34 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
                       "(no crater found counts as no); W1 is in log10 D of the detected craters against the held-out "
                       "tiles' by the same detector; the coverage of held-out craters ≥ 100 km is in the reward's "
                       "extractor."]
-    if targets:
-        checks = {k: c for t in targets.values() for k, c in t["checks"].items()}  # in check order; the bounds are
-        keys = list(checks)  # the same for every variant (a variant without a timing has no wall_min check)
-        lines += ["", "## Target check", "",
-                  "Coverage and KID halfway from the base model to the ceiling, precision down by at most "
-                  f"{MAX_PRECISION_DROP}, recall and Vendi not below the base model's, the share of craters ≥ 100 km "
-                  "halfway to the held-out craters' and W1 halved (by each instrument, when measured), at most "
-                  f"{TARGET_MINUTES:.0f} minutes; means over the spread above.", "",
-                  "| variant | " + " | ".join(f"{k} {checks[k]['op']} {checks[k]['target']:.3f}" for k in keys)
-                  + " | target |",
-                  "|---|" + "---:|" * len(keys) + "---|"]
-        for variant, t in targets.items():
-            c = t["checks"]
-            cells = [f"{c[k]['value']:.3f} {'✓' if c[k]['met'] else '✗'}" if k in c else "–" for k in keys]
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'met' if t['met'] else 'NOT met'} |")
+    intro = ("Coverage and KID halfway from the base model to the ceiling, precision down by at most "
+             f"{MAX_PRECISION_DROP}, recall and Vendi not below the base model's, the share of craters ≥ 100 km "
+             "halfway to the held-out craters' and W1 halved (by each instrument, when measured), at most "
+             f"{TARGET_MINUTES:.0f} minutes; means over the spread above.")
+    lines += _check_table("Target check", intro, targets)
+    lines += _check_table("The default's goals", "`bench.experiments.DEFAULT_GOALS`: precision at least the base "
+                          "model's, recall, coverage, KID and Vendi bounds, coverage and KID better than the texture-only "
+                          "row's; by both detectors the shares called ≥ 100 and ≥ 150 km within 0.05 of the held-out "
+                          "tiles' (the gap is checked) and W1 halved; mean gradient and power spectrum within 15 % of "
+                          "the held-out tiles'.", goals or {})
     lines += ["", "## Settings", ""] + [f"- **{k}**: {json.dumps(v)}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+def _check_table(title: str, intro: str, targets: dict[str, dict]) -> list[str]:
+    """Markdown lines of one check table: a column per check (its bound), a row per variant."""
+    if not targets:
+        return []
+    checks = {k: c for t in targets.values() for k, c in t["checks"].items()}  # in check order; the bounds are
+    keys = list(checks)  # the same for every variant (a variant without a timing has no wall_min check)
+    lines = ["", f"## {title}", "", intro, "",
+             "| variant | " + " | ".join(f"{k} {checks[k]['op']} {checks[k]['target']:.3f}" for k in keys) + " | target |",
+             "|---|" + "---:|" * len(keys) + "---|"]
+    for variant, t in targets.items():
+        c = t["checks"]
+        cells = [f"{c[k]['value']:.3f} {'✓' if c[k]['met'] else '✗'}" if k in c else "–" for k in keys]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'met' if t['met'] else 'NOT met'} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,9 +500,10 @@ def main(argv: list[str] | None = None) -> None:
                 "reward_build_s": json.loads(build.read_text())["reward_build_s"] if build.is_file() else None,
                 "device": report["settings"]["device"]}
     targets = {v: target_check(summary, v, report.get("sizes", {}).get("heldout")) for v in runs}
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "targets": targets, "settings": settings},
-                                                 indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(args.set, summary, targets, settings))
+    goals = {v: default_goals(summary, v) for v in runs}
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "targets": targets, "goals": goals,
+                                                  "settings": settings}, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(args.set, summary, targets, settings, goals))
     print((out / "summary.md").read_text())
 
 
