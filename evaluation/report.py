@@ -4,8 +4,10 @@ The report dict (written by `evaluation.run`, read here) has the shape
 
     report["models"][model][extractor] = {metric: {"mean": float, "std": float, "values": [per seed]}}
     report["realism_logit"][model]     = {"mean", "std", "values"}          (optional)
-    report["sizes"]                    = {"estimator", "templates", "heldout", "models": {model: {figure: stat}}}
+    report["sizes"]                    = {"instruments", "validation", "heldout", "models": {model: {figure: stat}}}
                                                                              (optional)
+    report["detail"]                   = {"heldout_mean_gradient", "models": {model: {figure: stat}}}   (optional)
+    report["texture_check"]            = {model: {"behind_texture", "wins", "shared", "own", "texture_only"}}
     report["settings"]                 = {...}                               (free-form, shown as a list)
     report["caveats"]                  = [str, ...]                          (optional)
 

@@ -6,9 +6,13 @@ Two entry points:
   `cfg.eval.n` images from each model with the same seed; score each set against the held-out split
   (`load_image_set(cfg.data, "heldout")`, min(n, size) images) in every extractor of
   `cfg.eval.extractors`; add the ceiling row (the train split against the held-out split, real vs.
-  real) and, when the run's reward artifact has a realism scorer, the mean realism logit per model;
-  write sample grids, one t-SNE per extractor, training curves and report.json/.md/.html.
-* `evaluate_folders(real_dir, generated_dir, out)`: any two image folders, no model, one row.
+  real), the texture-only row (the held-out tiles phase-scrambled, scored like a model) and, when the
+  run's reward artifact has a realism scorer, the mean realism logit per model; measure crater sizes
+  with both detectors, validated on the held-out tiles and craterless surrogates (evaluation/sizes.py),
+  and fine detail; write sample grids, the largest detected craters, size-frequency figures, the power
+  spectrum, one t-SNE per extractor, training curves and report.json/.md/.html.
+* `evaluate_folders(real_dir, generated_dir, out)`: any two image folders, no model: the generated row
+  and the texture-only row (the real folder phase-scrambled).
 
 When n is smaller than a split, each seed uses its own random subset of it (the same subset for
 every model), so the spread over seeds includes the choice of real images.
@@ -32,7 +36,7 @@ from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
 from data.surrogates import craterless_sets, phase_scramble
 from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, training_curves, tsne_plot, write_report
-from evaluation.sizes import (HUGE_KM, INSTRUMENTS, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
+from evaluation.sizes import (HUGE_KM, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
                               share_large, size_figures, subset_coverage, validate_instrument)
 from evaluation.texture import mean_gradient, radial_power_spectrum, spectrum_deviation
 from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,

@@ -37,8 +37,6 @@ LARGE_KM, HUGE_KM = 100.0, 150.0
 """Diameters from which a crater counts as large (the mode the base model under-covers) and very large."""
 HIST_EDGES_LOG10 = tuple(np.linspace(math.log10(40.0), math.log10(320.0), 13).tolist())
 """Bins of log10 D for the histograms and their KL: 12 bins from 40 to 320 km (the tile's width)."""
-INSTRUMENTS = ("rims", "templates")
-"""The size instruments, in report order: the independent judge first, then the `size` reward's own."""
 VALIDATION_GOALS = {"craterless_share_ge100": 0.05, "craterless_share_ge150": 0.02, "real_share_gap": 0.05,
                     "real_spearman": 0.7}
 """On each craterless set at most these shares called ≥ 100 and ≥ 150 km; on the real held-out tiles the

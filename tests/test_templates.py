@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import spearmanr
 
 from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
