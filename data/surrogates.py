@@ -29,13 +29,14 @@ def random_phases(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     return torch.angle(torch.fft.fft2(torch.randn(shape, generator=generator, dtype=torch.float64)))
 
 
-def phase_scramble(images: Tensor, generator: torch.Generator) -> Tensor:
-    """s = F⁻¹(|F x| e^{iφ}) (N, C, H, W) float32, φ random per image and channel, the mean (f = 0) kept."""
+def phase_scramble(images: Tensor, generator: torch.Generator, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """s = F⁻¹(|F x| e^{iφ}) of tiles (…, H, W), e.g. (N, C, H, W), as `dtype`; φ random per tile, the mean (f = 0)
+    kept."""
     x = images.detach().cpu().double()
     spectrum = torch.fft.fft2(x)                                         # (N, C, H, W) complex
     phases = random_phases(tuple(x.shape), generator)
     phases[..., 0, 0] = torch.angle(spectrum[..., 0, 0])
-    return torch.fft.ifft2(spectrum.abs() * torch.exp(1j * phases)).real.float()
+    return torch.fft.ifft2(spectrum.abs() * torch.exp(1j * phases)).real.to(dtype)
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, *, channels: int = 1,

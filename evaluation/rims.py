@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.surrogates import random_phases
+from data.surrogates import phase_scramble
 from reward.templates import Detections, parabolic_offset
 
 RADII = np.geomspace(0.05, 0.45, 40)
@@ -69,14 +69,6 @@ def ring_coherence(x: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("...ij,rij->...r", 2 * g_r2 - g2, weights) / energy
 
 
-def scrambled_copies(x: Tensor, copies: int, generator: torch.Generator) -> Tensor:
-    """(n, S, H, W) phase-scrambled copies of tiles x (n, H, W) float64 (data/surrogates.py; the mean kept)."""
-    spec = torch.fft.fft2(x)[:, None]                                        # (n, 1, H, W)
-    phases = random_phases((x.shape[0], copies, *x.shape[-2:]), generator)
-    phases[..., 0, 0] = torch.angle(spec[..., 0, 0])
-    return torch.fft.ifft2(spec.abs() * torch.exp(1j * phases)).real
-
-
 @dataclass
 class RimDetector:
     """The detector of the module docstring; `kappa` from `fit_rim_detector`."""
@@ -102,7 +94,8 @@ class RimDetector:
         out_p, out_z, out_r = [], [], []
         for x in x_all.split(batch_size):
             c = ring_coherence(x, w)                                           # (n, n_R)
-            cs = ring_coherence(scrambled_copies(x, self.surrogates, g), w)    # (n, S, n_R)
+            copies = phase_scramble(x[:, None].expand(-1, self.surrogates, -1, -1), g, dtype=torch.float64)
+            cs = ring_coherence(copies, w)                                     # (n, S, n_R)
             mu, sd = cs.mean(1), cs.std(1).clamp_min(1e-12)
             z = (c - mu) / sd
             zs_max = ((cs - mu[:, None]) / sd[:, None]).amax(2)                # (n, S)

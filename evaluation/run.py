@@ -37,7 +37,7 @@ from evaluation.metrics import METRIC_KEYS, evaluate_features
 from data.surrogates import craterless_sets, phase_scramble
 from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, training_curves, tsne_plot, write_report
 from evaluation.sizes import (HUGE_KM, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
-                              share_large, size_figures, subset_coverage, validate_instrument)
+                              share_called, share_large, size_figures, subset_coverage, validate_instrument)
 from evaluation.texture import mean_gradient, radial_power_spectrum, spectrum_deviation
 from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,
                    resolve_path, save_image_grid)
@@ -202,11 +202,13 @@ def size_report(instruments: Mapping[str, SizeInstrument], measures: Mapping[str
     <figure>_<instrument>), with the coverage of the held-out craters ≥ 100 km."""
     validation, held, models = {}, {}, {}
     for name, inst in instruments.items():
-        if heldout_km is not None:
-            validation[name] = validate_instrument(inst, heldout, heldout_km, dict(craterless))
         ref_found, ref_km = measures[name]["heldout"]
-        held.update({f"{k}_{name}": v for k, v in size_figures(ref_found, ref_km, ref_found, ref_km).items()
-                     if k in ("detect_rate", "share_ge100", "share_ge150")})
+        if heldout_km is not None:
+            validation[name] = validate_instrument(inst, heldout, heldout_km, dict(craterless),
+                                                   detected=(ref_found, ref_km))
+        held.update({f"detect_rate_{name}": float(ref_found.mean()),
+                     f"share_ge100_{name}": share_called(ref_found, ref_km, LARGE_KM),
+                     f"share_ge150_{name}": share_called(ref_found, ref_km, HUGE_KM)})
         for m, per_seed in measures[name]["models"].items():
             figs = [size_figures(f, d, ref_found, ref_km) for f, d in per_seed]
             models.setdefault(m, {}).update({f"{k}_{name}": summarize([f[k] for f in figs]) for k in figs[0]})

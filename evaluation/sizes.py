@@ -88,15 +88,16 @@ def share_detected(found: np.ndarray, d_km: np.ndarray, threshold_km: float) -> 
 
 
 def validate_instrument(inst: SizeInstrument, heldout: Tensor, heldout_km: np.ndarray,
-                        craterless: dict[str, Tensor]) -> dict:
+                        craterless: dict[str, Tensor], *, detected: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The instrument's validation table and goals (`VALIDATION_GOALS`): on the real held-out tiles the
     detection rate, the shares ≥ 100 and ≥ 150 km of all tiles and of the detected craters against the
     catalogue's, and Spearman ρ of D over the detected craters; on each craterless set the detection rate and
-    the shares called ≥ 100 and ≥ 150 km."""
+    the shares called ≥ 100 and ≥ 150 km. `detected`: the instrument's (found, D km) of `heldout`, when the
+    caller has them already."""
     from scipy.stats import spearmanr
 
     g = VALIDATION_GOALS
-    found, d = inst.detect_km(heldout)
+    found, d = detected if detected is not None else inst.detect_km(heldout)
     cat = np.asarray(heldout_km, dtype=np.float64)
     rho = float(spearmanr(d[found], cat[found]).statistic) if found.sum() > 2 else math.nan
     real = {"n": int(len(cat)), "detect_rate": float(found.mean()),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reward.templates import frequency_rings
+from reward.templates import ring_means
 
 
 def radial_power_spectrum(images: Tensor) -> Tensor:
@@ -19,9 +19,7 @@ def radial_power_spectrum(images: Tensor) -> Tensor:
     x = images.detach().cpu().double().mean(1)
     x = x - x.mean(dim=(-2, -1), keepdim=True)
     power = (torch.fft.fft2(x).abs() ** 2).mean(0) / x[0].numel()           # (H, W)
-    ring = frequency_rings(x.shape[-1])
-    k_max = x.shape[-1] // 2
-    return torch.stack([power[ring == k].mean() for k in range(k_max + 1)])
+    return ring_means(power[None])[0, : x.shape[-1] // 2 + 1]
 
 
 def mean_gradient(images: Tensor) -> float:

@@ -10,8 +10,7 @@ pixel size maps to the same kilometres (the Mars tiles are a fixed 320 km window
 are invariant to the tile's 8 rotations and flips by construction.
 
 Written by hand: no library computes azimuthal ring statistics of a batch of tiles in torch. Used by
-the `radial_profile` feature extractor (reward/features.py) and the crater-size instrument
-(evaluation/sizes.py).
+the `radial_profile` feature extractor (reward/features.py).
 """
 from __future__ import annotations
 

@@ -102,13 +102,18 @@ def frequency_rings(size: int) -> Tensor:
     return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2).round().long()
 
 
-def whitening(power: Tensor, gamma: float = WHITEN_GAMMA) -> Tensor:
-    """w_f = S̄(|f|)^(−γ) (N, H, W) from the power spectra |X_f|² (N, H, W): S̄ the mean over each frequency
-    ring (`frequency_rings`); w_0 = 0, and 0 where a ring holds no power."""
+def ring_means(power: Tensor) -> Tensor:
+    """S̄ (N, R): the mean of power spectra |X_f|² (N, H, W) over each frequency ring (`frequency_rings`)."""
     ring = frequency_rings(power.shape[-1]).flatten()                       # (P,)
     onehot = torch.nn.functional.one_hot(ring).double()                    # (P, R)
-    mean = (power.flatten(1) @ onehot) / onehot.sum(0)                     # (N, R)
-    s = (mean @ onehot.T).reshape(power.shape)                             # (N, H, W)
+    return (power.flatten(1) @ onehot) / onehot.sum(0)
+
+
+def whitening(power: Tensor, gamma: float = WHITEN_GAMMA) -> Tensor:
+    """w_f = S̄(|f|)^(−γ) (N, H, W) from the power spectra |X_f|² (N, H, W), S̄ from `ring_means`; w_0 = 0, and 0
+    where a ring holds no power."""
+    ring = frequency_rings(power.shape[-1])
+    s = ring_means(power)[:, ring]                                         # (N, H, W)
     w = torch.where(s > 1e-12, s.clamp_min(1e-12) ** (-gamma), torch.zeros_like(s))
     w[:, 0, 0] = 0.0
     return w
