@@ -284,6 +284,9 @@ class RewardConfig:
     realism: RealismConfig = field(default_factory=RealismConfig, metadata={"help": "realism scorer"})
     bandwidth_scale: float = _f(1.0, "RBF bandwidth = this x the median pairwise distance of the reference",
                                 gt=0.0)
+    size_bandwidth_scale: float = _f(
+        1.0, "size reward's RBF bandwidth = this x the median pairwise distance of the reference's log10 sizes; "
+             "applied when the artifact is loaded, like the weights", gt=0.0)
     mi_noise: float = _f(1.0, "GP noise variance s² in ½ log det(I + K/s²) (larger: flatter, less saturated)",
                          gt=0.0)
     pca_dim: int = _f(16, "PCA dimension for knn_entropy and fid (k << number of reference images)", ge=1)

@@ -124,6 +124,12 @@ TUNING = {
                                  "rl.step_weighting=sigma", "rl.lr=1e-4"),
     # the last step held more loosely: faster sizes, and near-duplicate tiles in the grids
     "size3_final0.1_sigma_lr1e-4": (*_SIZE3, "rl.kl_final_coef=0.1", "rl.step_weighting=sigma", "rl.lr=1e-4"),
+    # screens of the levers toward DEFAULT_GOALS on the detector-reward default itself (configs/default.yaml):
+    # a size kernel ~3x narrower than the median heuristic's 0.32 dex, which the no-crater atom inflates, so the
+    # reward tells 70 km from 100 km craters
+    "size_bw0.35": ("reward.size_bandwidth_scale=0.35",),
+    # every step held toward the base model (precision)
+    "kl_base_0.1": ("rl.kl_base_coef=0.1",),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {

@@ -4,6 +4,8 @@ The report dict (written by `evaluation.run`, read here) has the shape
 
     report["models"][model][extractor] = {metric: {"mean": float, "std": float, "values": [per seed]}}
     report["realism_logit"][model]     = {"mean", "std", "values"}          (optional)
+    report["realism_validation"]       = {"sets": {set: {"n", "mean_logit", "called_real"}}, "goal", "met"}
+                                                                             (optional)
     report["sizes"]                    = {"instruments", "validation", "heldout", "models": {model: {figure: stat}}}
                                                                              (optional)
     report["detail"]                   = {"heldout_mean_gradient", "models": {model: {figure: stat}}}   (optional)
@@ -395,6 +397,20 @@ def _validation_table(report: Mapping) -> tuple[list[str], list[list[str]], list
     return header, rows, lines
 
 
+def _realism_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | None:
+    """(header, rows, line) of the realism scorer's validation, or None."""
+    v = report.get("realism_validation")
+    if not v:
+        return None
+    header = ["set", "tiles", "mean logit", "called real (logit > 0)"]
+    rows = [[name, str(r["n"]), f"{r['mean_logit']:.3f}", f"{r['called_real']:.3f}"] for name, r in v["sets"].items()]
+    line = (f"The realism scorer calls at most {v['goal']} of each craterless set real: it can say \"nothing here\"."
+            if v["met"] else
+            f"Goal missed: the realism scorer calls more than {v['goal']} of a craterless set real, so it cannot say "
+            f"\"nothing here\"; its logit is not evidence of craters.")
+    return header, rows, line
+
+
 def _detail_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | None:
     """(header, rows, line) of the fine-detail table, or None."""
     detail = report.get("detail")
@@ -435,6 +451,9 @@ def _sections(report: Mapping) -> list[tuple[str, list[str], list[str], list[lis
     size_table = _size_table(report)
     if size_table:
         out.append(("Crater sizes", [size_table[2]], size_table[0], size_table[1]))
+    r = _realism_table(report)
+    if r:
+        out.append(("Realism scorer: validation", [r[2]], r[0], r[1]))
     d = _detail_table(report)
     if d:
         out.append(("Fine detail", [d[2]], d[0], d[1]))

@@ -7,7 +7,8 @@ Two entry points:
   (`load_image_set(cfg.data, "heldout")`, min(n, size) images) in every extractor of
   `cfg.eval.extractors`; add the ceiling row (the train split against the held-out split, real vs.
   real), the texture-only row (the held-out tiles phase-scrambled, scored like a model) and, when the
-  run's reward artifact has a realism scorer, the mean realism logit per model; measure crater sizes
+  run's reward artifact has a realism scorer, the mean realism logit per model and the scorer's validation on the
+  held-out tiles and craterless surrogates (`realism_validation`); measure crater sizes
   with both detectors, validated on the held-out tiles and craterless surrogates (evaluation/sizes.py),
   and fine detail; write sample grids, the largest detected craters, size-frequency figures, the power
   spectrum, one t-SNE per extractor, training curves and report.json/.md/.html.
@@ -43,7 +44,7 @@ from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig
                    resolve_path, save_image_grid)
 
 __all__ = ["CEILING", "TEXTURE", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
-           "pool_sizes", "texture_check", "evaluate_run", "evaluate_folders", "default_run_dir"]
+           "pool_sizes", "texture_check", "realism_validation", "REALISM_GOAL", "evaluate_run", "evaluate_folders", "default_run_dir"]
 
 BASE, FINETUNED = "base", "finetuned"
 CEILING = "train_split"
@@ -423,6 +424,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
                      for m, s in samples.items()}
         rl_logits["heldout_real"] = summarize([float(realism.realism_logits(heldout.images).mean())])
         report["realism_logit"] = rl_logits
+        report["realism_validation"] = realism_validation(realism.realism_logits, heldout.images,
+                                                          craterless_sets(heldout.images))
 
     # 5. figures
     t0 = time.perf_counter()
@@ -481,10 +484,30 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
                          f"be the reward being gamed; check the other extractors."]
     if realism is not None:
         report["caveats"].append("realism logit: the reward artifact's scorer (trained on train-split craters vs. base "
-                                 "samples); heldout_real is its mean on the real held-out craters.")
+                                 "samples); heldout_real is its mean on the real held-out craters."
+                                 + ("" if report["realism_validation"]["met"] else
+                                    " It calls craterless tiles real (validation table), so it is no judge of "
+                                    "craters, and a realism reward built on it would pay for texture."))
     report["config"] = config_to_dict(cfg)
     write_report(out, report, images)
     return report
+
+
+REALISM_GOAL = 0.05
+"""A realism judge calls at most this share of each craterless set real (logit > 0)."""
+
+
+def realism_validation(logits, heldout: Tensor, craterless: Mapping[str, Tensor]) -> dict:
+    """Can the realism scorer say "nothing here"? `logits`: images (N, C, H, W) -> (N,) logits. Per set (the
+    real held-out tiles and each craterless set) the mean logit and the share called real (logit > 0, the
+    scorer's decision rule); `met` when every craterless set has at most `REALISM_GOAL` called real."""
+    sets = {"real held-out": heldout, **craterless}
+    rows = {}
+    for name, x in sets.items():
+        s = logits(x).double()  # (N,)
+        rows[name] = {"n": int(s.numel()), "mean_logit": float(s.mean()), "called_real": float((s > 0).double().mean())}
+    met = all(rows[name]["called_real"] <= REALISM_GOAL for name in craterless)
+    return {"sets": rows, "goal": REALISM_GOAL, "met": met}
 
 
 # ----------------------------------------------------------------------------------------------

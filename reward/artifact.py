@@ -291,12 +291,13 @@ def artifact_dir(path: str | Path) -> Path:
 
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
                   weights: Mapping[str, float] | None = None, ot_match: str | None = None,
-                  log: Iterable[str] | None = None) -> RewardModel:
+                  log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
-    `weights` replaces the component weights saved in the artifact, and `ot_match` its OT matching:
-    every component is computed from the same frozen features, reference and scorer, so neither
-    needs a rebuild (the reward ablation reuses one artifact). None keeps the saved value. `log`:
+    `weights` replaces the component weights saved in the artifact, `ot_match` its OT matching, and
+    `size_bandwidth_scale` multiplies the size reward's saved bandwidth: every component is computed
+    from the same frozen features, reference and scorer, so none needs a rebuild (the reward ablation
+    reuses one artifact). None keeps the saved value. `log`:
     the unweighted components to compute as well (None: all of them; see RewardModel).
 
     Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum
@@ -350,5 +351,5 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
-                       size_reference=size_reference, size_bandwidth=float(size["bandwidth"]),
+                       size_reference=size_reference, size_bandwidth=size_bandwidth_scale * float(size["bandwidth"]),
                        ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log)

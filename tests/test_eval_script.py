@@ -140,6 +140,9 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     s = report["settings"]
     assert (s["n_generated"], s["n_real"], s["seeds"]) == (16, 16, [0])
     assert set(report["realism_logit"]) == {"base", "finetuned", "texture_only", "heldout_real"}
+    rv = report["realism_validation"]
+    assert set(rv["sets"]) == {"real held-out", "phase-scrambled held-out", "smooth noise"}
+    assert rv["sets"]["real held-out"]["n"] == 131 and 0.0 <= rv["sets"]["smooth noise"]["called_real"] <= 1.0
     # the same weights and the same seed give the same samples: identical rows
     assert report["models"]["base"]["pixels"] == report["models"]["finetuned"]["pixels"]
     # the ceiling (real vs real) beats a model on coverage in pixel space
@@ -176,6 +179,7 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     md = (out / "report.md").read_text()
     assert "## Features: random_cnn" in md and "| train_split |" in md and "realism logit" in md
     assert "## Crater-size instruments: validation" in md and "| rims | smooth noise |" in md
+    assert "## Realism scorer: validation" in md and "| phase-scrambled held-out | 131 |" in md
     assert "## Crater sizes" in md and "W1(log10 D)" in md and "held-out (catalogue)" in md
     assert "share ≥ 150 km (templates)" in md and "| texture_only |" in md and "## Fine detail" in md
     assert "finetuned beats the base model on no compared metric" in md

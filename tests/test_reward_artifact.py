@@ -138,6 +138,23 @@ def test_load_with_other_weights_reweights_the_same_components(built):
     assert saved.weights["mmd"] == 0.7 and ot_only.weights["mmd"] == 0.0
 
 
+def test_size_bandwidth_scale_narrows_the_size_kernel_on_load(built):
+    """reward.size_bandwidth_scale multiplies the saved size bandwidth when the artifact is loaded: the size credit
+    changes, the saved file does not."""
+    from reward.artifact import load_artifact
+    from reward.metrics import mmd2_unbiased_loo
+
+    _, path = built
+    saved, narrow = load_artifact(path), load_artifact(path, size_bandwidth_scale=0.25)
+    assert narrow.size_bandwidth == pytest.approx(0.25 * saved.size_bandwidth)
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    sizes = narrow.sizes(batch)  # (16,)
+    want = mmd2_unbiased_loo(sizes[:, None], narrow.size_reference[:, None], bandwidth=0.25 * saved.size_bandwidth)
+    torch.testing.assert_close(narrow(batch).components["size"], want.rewards.double())
+    assert not torch.allclose(saved(batch).components["size"], want.rewards.double())
+    assert load_artifact(path).size_bandwidth == saved.size_bandwidth
+
+
 def test_only_weighted_and_logged_components_are_computed(built, monkeypatch):
     """With `log`, a model computes its weighted components and the logged ones, equal to what the
     all-component model gives, and never calls the others' metrics (nor the sizer or realism CNN)."""

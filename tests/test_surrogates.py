@@ -54,3 +54,23 @@ def test_craterless_sets_match_the_held_out_tiles_in_number_and_spread():
     for v in sets.values():
         assert v.shape == x.shape
     assert float(sets[CRATERLESS[1]].std((2, 3)).mean()) == pytest.approx(float(x.std((2, 3)).mean()), rel=1e-3)
+
+
+def test_realism_validation_fails_a_texture_scorer_and_passes_a_crater_detector():
+    """A scorer that reads only texture (the tile's contrast) calls the phase-scrambled tiles real, as it does the
+    real ones, so it fails; one that calls a tile real where the template detector finds a crater passes."""
+    from evaluation.run import REALISM_GOAL, realism_validation
+    from reward.templates import calibrated_matcher
+
+    ho, _ = load_mars_craters(split="heldout", size=32)  # (131, 1, 32, 32)
+    sets = craterless_sets(ho)
+    contrast = ho.std(dim=(-2, -1)).median()
+    texture = realism_validation(lambda x: x.std(dim=(-3, -2, -1)) - 0.8 * contrast, ho, sets)
+    assert texture["sets"]["real held-out"]["called_real"] > 0.8
+    assert texture["sets"]["phase-scrambled held-out"]["called_real"] > 0.8 and not texture["met"]
+
+    train, _ = load_mars_craters(split="train", size=32)
+    matcher, _ = calibrated_matcher(train)
+    detector = realism_validation(lambda x: matcher.detect(x).found.double() * 2 - 1, ho, sets)
+    assert detector["met"] and detector["goal"] == REALISM_GOAL
+    assert detector["sets"]["real held-out"]["called_real"] > 0.6
