@@ -253,6 +253,8 @@ class RewardWeights:
     fid: float = _f(0.0, "Fréchet distance to the reference on PCA features, leave-one-out credit", ge=0.0)
     ot: float = _f(1.0, "optimal transport of the batch onto the reference: minus each sample's carried cost",
                    ge=0.0)
+    coverage: float = _f(0.0, "soft coverage of the reference (each point's 5-NN ball, edge softened), leave-one-out "
+                              "credit: rewards the samples near reference craters no other sample covers", ge=0.0)
     size: float = _f(0.0, "MMD of the log crater diameters (template matching) to the reference's, leave-one-out "
                           "credit: rewards the crater sizes the batch lacks", ge=0.0)
     realism: float = _f(0.0, "logit of the learned realism scorer", ge=0.0)
@@ -278,7 +280,7 @@ class RewardConfig:
     artifact: Optional[str] = _f(None, "reward artifact directory; null: <run dir>/reward (built if missing)")
     features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "feature extractor"})
     weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "composite weights"})
-    log: tuple[Literal["mmd", "mi", "knn_entropy", "fid", "ot", "size", "realism"], ...] = _f(
+    log: tuple[Literal["mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size", "realism"], ...] = _f(
         (), "components computed and logged (reward_<c>, value_<c>) though their weight is 0, e.g. [ot, fid]; the "
             "weighted ones always are, and no other is computed")
     realism: RealismConfig = field(default_factory=RealismConfig, metadata={"help": "realism scorer"})

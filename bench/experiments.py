@@ -130,6 +130,8 @@ TUNING = {
     "size_bw0.35": ("reward.size_bandwidth_scale=0.35",),
     # every step held toward the base model (precision)
     "kl_base_0.1": ("rl.kl_base_coef=0.1",),
+    # credit for the reference craters no other sample covers (recall, coverage)
+    "coverage1": ("reward.weights.coverage=1.0",),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {

@@ -27,14 +27,16 @@ from torch import Tensor
 
 from reward.composite import composite_reward
 from reward.features import FeatureExtractor, build_extractor, extract_features
-from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, median_bandwidth, mmd2_unbiased_loo, \
-    ot_rewards
+from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, knn_radii, median_bandwidth, \
+    mmd2_unbiased_loo, ot_rewards, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
 from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 3
-DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "size")
+DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size")
+COVERAGE_K = 5
+"""k of the reference points' k-NN radii in the `coverage` component (as in the density/coverage metrics)."""
 COMPONENTS = DIVERSITY_COMPONENTS + ("realism",)
 FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors")
 
@@ -43,7 +45,7 @@ FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.sa
 class RewardOutput:
     """rewards: (n,) composite reward; components: per-sample reward of each component (n,),
     higher = better; values: each component's set-level statistic (MMD², MI, entropy, FID, OT cost,
-    MMD² of the log sizes, mean realism logit) for logging."""
+    soft coverage, MMD² of the log sizes, mean realism logit) for logging."""
     rewards: Tensor
     components: dict[str, Tensor]
     values: dict[str, float] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class RewardModel:
         self.size_bandwidth = float(size_bandwidth)
         self.pca = pca
         self.reference_pca = pca.project(self.reference)  # (m, k)
+        self.coverage_radii = knn_radii(self.reference, k=min(COVERAGE_K, self.reference.shape[0] - 1))  # (m,)
         self.weights = dict(weights)
         self.mi_noise, self.knn_k = float(mi_noise), int(knn_k)
         self.ot_method, self.ot_reg = ot_method, float(ot_reg)
@@ -161,6 +164,7 @@ class RewardModel:
             "fid": lambda: fid_loo(z, self.reference_pca),
             "ot": lambda: ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
                                      reg=self.ot_reg),
+            "coverage": lambda: soft_coverage_loo(x, self.reference, radii=self.coverage_radii),
             "size": lambda: mmd2_unbiased_loo(sizes.double()[:, None], self.size_reference[:, None],
                                               bandwidth=self.size_bandwidth),
         }

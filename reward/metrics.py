@@ -59,7 +59,8 @@ from torch import Tensor
 __all__ = [
     "SetMetric", "PCA", "pairwise_sq_dists", "rbf_kernel", "median_bandwidth",
     "mmd2_unbiased", "mmd2_unbiased_loo", "gp_mi", "gp_mi_loo", "fit_pca", "knn_entropy",
-    "knn_entropy_loo", "trace_sqrt_product", "frechet_distance", "fid_loo", "ot_rewards", "METRICS", "set_metric",
+    "knn_entropy_loo", "trace_sqrt_product", "frechet_distance", "fid_loo", "ot_rewards", "knn_radii",
+    "soft_coverage_loo", "METRICS", "set_metric",
 ]
 
 
@@ -560,6 +561,50 @@ def _ot_plan(cost: np.ndarray, *, method: str, reg: float) -> np.ndarray:
         algo = "sinkhorn" if float(cost.max()) / reg < 600 else "sinkhorn_log"
         return ot.sinkhorn(a, b, cost, reg, method=algo, numItermax=20_000, stopThr=1e-9)
     raise ValueError(f"OT method must be 'emd' or 'sinkhorn', got {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft coverage of the reference
+# ----------------------------------------------------------------------------------------------
+
+def knn_radii(y: Tensor, *, k: int) -> Tensor:
+    """r_j: (m,) float64, the distance from y_j to its k-th nearest other reference point (the balls of
+    density/coverage, Naeem et al. 2020). y: (m, d), m > k."""
+    y = as_feature_matrix(y, "y", min_rows=k + 1)
+    d2 = pairwise_sq_dists(y, y)  # (m, m)
+    d2.fill_diagonal_(float("inf"))
+    return d2.kthvalue(k, dim=1).values.clamp_min(0).sqrt()
+
+
+def soft_coverage_loo(x: Tensor, y: Tensor, *, radii: Tensor, softness: float = 0.1) -> SetMetric:
+    """Soft coverage of the reference and its n leave-one-out values in O(n m):
+
+        C(X) = (1/m) sum_j [1 - prod_i (1 - kappa_ij)],  kappa_ij = sigmoid((r_j - |x_i - y_j|) / (softness r_j)),
+        C(X) - C(X \\ i) = (1/m) sum_j kappa_ij prod_{l != i} (1 - kappa_lj),
+
+    the share of reference points y_j with a sample inside their ball of radius r_j (`knn_radii`: coverage's balls,
+    Naeem et al. 2020), the ball's edge softened over ~softness r_j so that a sample just outside still gets credit.
+    Sample i is credited the reference points it covers that no other sample does: the product over l != i is the
+    chance that the rest of the batch misses y_j. x: (n, d), n >= 2; y: (m, d); radii: (m,) > 0.
+    value = score = C(X); loo: (n,) C(X \\ i); rewards: (n,) value - loo.
+    """
+    x, y = as_feature_matrix(x, "x", min_rows=2), as_feature_matrix(y, "y", min_rows=1)
+    _check_same_dim(x, y)
+    _check_positive(softness=softness)
+    r = radii.to(device=y.device, dtype=torch.float64)  # (m,)
+    if r.shape != (y.shape[0],) or not bool((r > 0).all()):
+        raise ValueError(f"radii must be ({y.shape[0]},) positive, got shape {tuple(r.shape)}")
+    dist = pairwise_sq_dists(x, y).clamp_min(0).sqrt()  # (n, m)
+    miss = torch.sigmoid((dist - r) / (softness * r))  # 1 - kappa: (n, m)
+    ones = torch.ones_like(miss[:1])  # (1, m)
+    # exclusive products over the samples by prefix and suffix products: no division by 1 - kappa, which may be 0
+    before = torch.cumprod(torch.cat([ones, miss[:-1]]), dim=0)  # prod_{l < i}: (n, m)
+    after = torch.cumprod(torch.cat([ones, miss.flip(0)[:-1]]), dim=0).flip(0)  # prod_{l > i}: (n, m)
+    others = before * after  # prod_{l != i} (1 - kappa_lj): (n, m)
+    m = y.shape[0]
+    value = float((1.0 - others[0] * miss[0]).sum() / m)
+    loo = (1.0 - others).sum(1) / m  # (n,)
+    return SetMetric(value=value, score=value, loo=loo, rewards=value - loo)
 
 
 # ----------------------------------------------------------------------------------------------

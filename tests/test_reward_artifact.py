@@ -52,7 +52,7 @@ def test_save_load_gives_identical_rewards(built):
     loaded = reward.load(path, expect_extractor="pixels")
     rewards2, components2 = loaded(batch)
     assert torch.equal(rewards, rewards2)
-    assert set(components) == {"mmd", "mi", "knn_entropy", "fid", "ot", "size", "realism"}
+    assert set(components) == {"mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size", "realism"}
     for k in components:
         assert torch.equal(components[k], components2[k]), k
     assert rewards.shape == (16,) and torch.isfinite(rewards).all()
