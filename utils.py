@@ -255,8 +255,8 @@ class RewardWeights:
                    ge=0.0)
     coverage: float = _f(0.0, "soft coverage of the reference (each point's 5-NN ball, edge softened), leave-one-out "
                               "credit: rewards the samples near reference craters no other sample covers", ge=0.0)
-    size: float = _f(0.0, "MMD of the log crater diameters (template matching) to the reference's, leave-one-out "
-                          "credit: rewards the crater sizes the batch lacks", ge=0.0)
+    size: float = _f(0.0, "MMD of the log crater diameters (template detector; a no-crater atom where it finds none) to "
+                          "the reference's, leave-one-out credit: rewards the crater sizes the batch lacks", ge=0.0)
     realism: float = _f(0.0, "logit of the learned realism scorer", ge=0.0)
 
 

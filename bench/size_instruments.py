@@ -83,10 +83,10 @@ def main(argv=None) -> None:
             for gamma in args.gammas:
                 m = TemplateMatcher(azimuth_deg=light[0], elevation_deg=light[1], gamma=gamma)
                 m.threshold = null_threshold(m, tr)
-                v = validate_instrument(SizeInstrument("templates", m), ho, d_ho, craterless)
-                big = d_ho >= LARGE_KM
-                found, _ = SizeInstrument("templates", m).detect_km(ho)
-                v["detect_rate_large"] = float(found[big].mean())
+                inst = SizeInstrument("templates", m)
+                detected = inst.detect_km(ho)
+                v = validate_instrument(inst, ho, d_ho, craterless, detected=detected)
+                v["detect_rate_large"] = float(detected[0][d_ho >= LARGE_KM].mean())
                 result["whitening_32px"][gamma] = v
                 print(f" 32 px  templates γ = {gamma:<4}  large craters detected {v['detect_rate_large']:.3f};  "
                       f"{_row(v)}")

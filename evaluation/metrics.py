@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reward.metrics import as_feature_matrix, frechet_distance, median_bandwidth, mmd2_unbiased, rbf_kernel
+from reward.metrics import as_feature_matrix, frechet_distance, knn_radii, median_bandwidth, mmd2_unbiased, rbf_kernel
 
 __all__ = ["kid", "mmd", "prdc", "vendi", "mode_coverage", "evaluate_features", "METRIC_KEYS"]
 
@@ -142,16 +142,6 @@ def _distances(real: Tensor, gen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = torch.cdist(both, both, compute_mode="donot_use_mm_for_euclid_dist")
     m = real.shape[0]
     return d[:m, :m], d[m:, m:], d[:m, m:]
-
-
-def knn_radii(d_self: Tensor, k: int) -> Tensor:
-    """NND_k of each point: the k-th smallest distance to the *other* points of its set.
-
-    d_self: (N, N) distances within one set (zero diagonal), N > k  ->  (N,). The (k+1)-th smallest
-    value of each row, the point itself being the first (duplicates of a point count as neighbours
-    at distance 0, as in the `prdc` package).
-    """
-    return d_self.kthvalue(k + 1, dim=1).values
 
 
 def prdc(real: Tensor, gen: Tensor, *, k_pr: int = 3, k_dc: int = 5) -> dict[str, float]:

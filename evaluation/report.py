@@ -143,7 +143,7 @@ def size_plots(measures: Mapping[str, Mapping[str, list]], heldout: Mapping[str,
         if catalogue_km is not None:
             refs.insert(0, ("held-out, catalogue", (np.ones(len(catalogue_km), bool), catalogue_km),
                             dict(color="black", lw=2)))
-        lines = [(n, fd, style) for n, fd, style in refs]
+        lines = list(refs)
         for i, (model, per) in enumerate(measures[inst].items()):
             for j, fd in enumerate(per):
                 lines.append((model if j == 0 else None, fd, dict(color=colours[i % len(colours)], lw=1, alpha=0.85)))

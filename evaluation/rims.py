@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from data.surrogates import phase_scramble
-from reward.templates import Detections, parabolic_offset
+from reward.templates import Detections, refined_argmax
 
 RADII = np.geomspace(0.05, 0.45, 40)
 """R: ring radii as fractions of the tile width (d = 2κR covers about 0.1-0.9 of the tile)."""
@@ -99,12 +99,10 @@ class RimDetector:
             mu, sd = cs.mean(1), cs.std(1).clamp_min(1e-12)
             z = (c - mu) / sd
             zs_max = ((cs - mu[:, None]) / sd[:, None]).amax(2)                # (n, S)
-            z_max, k = z.max(1)
+            z_max = z.amax(1)
             out_p.append((1 + (zs_max >= z_max[:, None]).sum(1)) / (self.surrogates + 1))
-            inner = k.clamp(1, z.shape[1] - 2)
-            rows = torch.arange(len(k))
-            delta = parabolic_offset(z[rows, inner - 1], z[rows, inner], z[rows, inner + 1])
-            out_r.append(log_r[k] + step * torch.where(k == inner, delta, torch.zeros_like(delta)))
+            k, delta = refined_argmax(z)
+            out_r.append(log_r[k] + step * delta)
             out_z.append(z_max)
         return torch.cat(out_p).double(), torch.cat(out_z), torch.cat(out_r)
 

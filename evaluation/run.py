@@ -409,10 +409,10 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
     sets[CEILING] = [train.images[_subset(len(train), n_train, seed)] for seed in ev.seeds]
     measures = None
+    craterless = craterless_sets(heldout.images)  # the validation sets of the size instruments and the realism scorer
     if instruments is not None:
         measures = measure_sizes(instruments, sets, heldout.images)
-        report["sizes"] = size_report(instruments, measures, heldout.images, heldout_km,
-                                      craterless_sets(heldout.images), coverage_large)
+        report["sizes"] = size_report(instruments, measures, heldout.images, heldout_km, craterless, coverage_large)
     report["detail"] = detail_report(sets, heldout.images)
     report["texture_check"] = texture_check(report)
     timings["sizes_s"] = time.perf_counter() - t0
@@ -420,12 +420,12 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     # 4. realism logits (the run's reward artifact)
     realism, artifact = _realism_model(cfg, run_dir, device)
     if realism is not None:
+        validation = realism_validation(realism.realism_logits, heldout.images, craterless)
         rl_logits = {m: summarize([float(realism.realism_logits(s[seed]).mean()) for seed in ev.seeds])
                      for m, s in samples.items()}
-        rl_logits["heldout_real"] = summarize([float(realism.realism_logits(heldout.images).mean())])
+        rl_logits["heldout_real"] = summarize([validation["sets"]["real held-out"]["mean_logit"]])
         report["realism_logit"] = rl_logits
-        report["realism_validation"] = realism_validation(realism.realism_logits, heldout.images,
-                                                          craterless_sets(heldout.images))
+        report["realism_validation"] = validation
 
     # 5. figures
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluation.metrics import knn_radii
+from reward.metrics import knn_radii
 from evaluation.rims import RimDetector, fit_rim_detector
 from reward.templates import TemplateMatcher, calibrated_matcher
 from utils import first_line
@@ -84,7 +84,7 @@ def share_called(found: np.ndarray, d_km: np.ndarray, threshold_km: float) -> fl
 def share_detected(found: np.ndarray, d_km: np.ndarray, threshold_km: float) -> float:
     """The share of the detected craters with D ≥ threshold (NaN when none was detected)."""
     d = np.asarray(d_km)[np.asarray(found)]
-    return float((d >= threshold_km).mean()) if d.size else math.nan
+    return share_large(d, threshold_km=threshold_km) if d.size else math.nan
 
 
 def validate_instrument(inst: SizeInstrument, heldout: Tensor, heldout_km: np.ndarray,

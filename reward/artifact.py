@@ -28,7 +28,7 @@ from torch import Tensor
 from reward.composite import composite_reward
 from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, knn_radii, median_bandwidth, \
-    mmd2_unbiased_loo, ot_rewards, soft_coverage_loo
+    mmd2_unbiased_loo, ot_rewards, pairwise_sq_dists, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
 from utils import CraterdiffError, atomic_directory
@@ -80,7 +80,8 @@ class RewardModel:
         self.size_bandwidth = float(size_bandwidth)
         self.pca = pca
         self.reference_pca = pca.project(self.reference)  # (m, k)
-        self.coverage_radii = knn_radii(self.reference, k=min(COVERAGE_K, self.reference.shape[0] - 1))  # (m,)
+        ref_dists = pairwise_sq_dists(self.reference, self.reference).clamp_min(0).sqrt()  # (m, m)
+        self.coverage_radii = knn_radii(ref_dists, min(COVERAGE_K, self.reference.shape[0] - 1))  # (m,)
         self.weights = dict(weights)
         self.mi_noise, self.knn_k = float(mi_noise), int(knn_k)
         self.ot_method, self.ot_reg = ot_method, float(ot_reg)
@@ -276,7 +277,8 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
             "knn_k": model.knn_k,
             "ot": {"method": model.ot_method, "reg": model.ot_reg, "match": model.ot_match},
             "size": {"light_azimuth_deg": model.sizer.azimuth_deg, "light_elevation_deg": model.sizer.elevation_deg,
-                     "z_threshold": model.sizer.threshold, "light_peak_ncc": model.info.get("size_light_peak_ncc"), "bandwidth": model.size_bandwidth},
+                     "z_threshold": model.sizer.threshold, "light_peak_ncc": model.info.get("size_light_peak_ncc"),
+                     "bandwidth": model.size_bandwidth},
             "reference": model.info.get("reference", {}),
             "realism": model.info.get("realism", {"enabled": False}),
             "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},

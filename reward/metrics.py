@@ -567,13 +567,15 @@ def _ot_plan(cost: np.ndarray, *, method: str, reg: float) -> np.ndarray:
 # Soft coverage of the reference
 # ----------------------------------------------------------------------------------------------
 
-def knn_radii(y: Tensor, *, k: int) -> Tensor:
-    """r_j: (m,) float64, the distance from y_j to its k-th nearest other reference point (the balls of
-    density/coverage, Naeem et al. 2020). y: (m, d), m > k."""
-    y = as_feature_matrix(y, "y", min_rows=k + 1)
-    d2 = pairwise_sq_dists(y, y)  # (m, m)
-    d2.fill_diagonal_(float("inf"))
-    return d2.kthvalue(k, dim=1).values.clamp_min(0).sqrt()
+def knn_radii(d_self: Tensor, k: int) -> Tensor:
+    """NND_k of each point: the k-th smallest distance to the *other* points of its set (the balls of
+    density/coverage, Naeem et al. 2020).
+
+    d_self: (N, N) distances within one set (zero diagonal), N > k  ->  (N,). The (k+1)-th smallest
+    value of each row, the point itself being the first (duplicates of a point count as neighbours
+    at distance 0, as in the `prdc` package).
+    """
+    return d_self.kthvalue(k + 1, dim=1).values
 
 
 def soft_coverage_loo(x: Tensor, y: Tensor, *, radii: Tensor, softness: float = 0.1) -> SetMetric:

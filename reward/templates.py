@@ -138,6 +138,16 @@ def parabolic_offset(left: Tensor, mid: Tensor, right: Tensor) -> Tensor:
     return torch.where(curv.abs() > 1e-12, (left - right) / (2 * safe), torch.zeros_like(curv)).clamp(-0.5, 0.5)
 
 
+def refined_argmax(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(k (N,), δ (N,)) of values (N, K) on an even grid: k = argmax_k values, δ its `parabolic_offset` in grid
+    steps (0 at the grid's ends, where there is no neighbour on one side)."""
+    k = values.argmax(1)
+    inner = k.clamp(1, values.shape[1] - 2)
+    rows = torch.arange(len(k))
+    delta = parabolic_offset(values[rows, inner - 1], values[rows, inner], values[rows, inner + 1])
+    return k, torch.where(k == inner, delta, torch.zeros_like(delta))
+
+
 @dataclass
 class Detections:
     """What a detector says of N tiles: found (N,) bool, log10 d̂ (N,) float64 (NaN where nothing was found),
@@ -177,11 +187,7 @@ class TemplateMatcher:
         if not math.isfinite(self.threshold):
             raise ValueError("the template detector has no threshold: calibrate it with null_threshold first")
         zk = self.z(images).amax(1)                                            # (N, K): best morphology
-        k = zk.argmax(1)
-        inner = k.clamp(1, zk.shape[1] - 2)
-        rows = torch.arange(len(k))
-        delta = parabolic_offset(zk[rows, inner - 1], zk[rows, inner], zk[rows, inner + 1])
-        delta = torch.where(k == inner, delta, torch.zeros_like(delta))       # no refinement at the grid's ends
+        k, delta = refined_argmax(zk)
         log_d = torch.from_numpy(np.log10(template_diameters()))[k] + LOG10_STEP * delta
         score = zk.amax(1)
         found = score > self.threshold
