@@ -132,6 +132,8 @@ TUNING = {
     "kl_base_0.1": ("rl.kl_base_coef=0.1",),
     # credit for the reference craters no other sample covers (recall, coverage)
     "coverage1": ("reward.weights.coverage=1.0",),
+    # twice the size weight: the 100-150 km band the default leaves short
+    "size6": ("reward.weights.size=6.0",),
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 MODES = {

@@ -231,7 +231,8 @@ _BETTER = {"coverage": 1, "recall": 1, "precision": 1, "density": 1, "vendi": 1,
 
 def texture_check(report: Mapping, *, base: str = BASE) -> dict[str, dict]:
     """Per model (not the base or a reference row), against the texture-only row: `behind_texture`, the metrics
-    (every extractor's, and each size instrument's W1) on which the texture row's mean is better than the
+    (every extractor's, each size instrument's W1, and the coverage of held-out craters ≥ 100 km in each
+    extractor) on which the texture row's mean is better than the
     model's; with a base model, `wins`, those on which the model beats the base, split into `shared` (the
     texture row beats the base there too) and `own`, and `texture_only`: it has wins and all are shared, i.e.
     it gained texture, not craters."""
@@ -247,6 +248,8 @@ def texture_check(report: Mapping, *, base: str = BASE) -> dict[str, dict]:
                if k in per and k in models[ref].get(ex, {}) and sign * (per[k]["mean"] - models[ref][ex][k]["mean"]) > 0}
         if m in sizes and ref in sizes:
             out |= {f"sizes/{k}" for k in w1_keys if sizes[m][k]["mean"] < sizes[ref][k]["mean"]}
+            cov, cov_ref = sizes[m].get("coverage_ge100", {}), sizes[ref].get("coverage_ge100", {})
+            out |= {f"{ex}/coverage_ge100" for ex in cov if ex in cov_ref and cov[ex]["mean"] > cov_ref[ex]["mean"]}
         return out
 
     has_base = base in models

@@ -74,3 +74,27 @@ def test_realism_validation_fails_a_texture_scorer_and_passes_a_crater_detector(
     detector = realism_validation(lambda x: matcher.detect(x).found.double() * 2 - 1, ho, sets)
     assert detector["met"] and detector["goal"] == REALISM_GOAL
     assert detector["sets"]["real held-out"]["called_real"] > 0.6
+
+
+def test_texture_check_calls_a_gain_shared_with_the_texture_row_texture():
+    from evaluation.run import BASE, TEXTURE, texture_check
+
+    def stat(v: float) -> dict:
+        return {"mean": v, "std": 0.0, "values": [v]}
+
+    def row(cov: float, kid: float) -> dict:
+        return {"random_cnn": {"coverage": stat(cov), "kid_mean": stat(kid)}}
+
+    # the texture row beats the base on random-CNN coverage and on the coverage of large craters there
+    report = {"models": {BASE: row(0.7, 1.0), TEXTURE: row(0.8, 2.0), "tex": row(0.75, 1.5), "crater": row(0.75, 0.5)},
+              "sizes": {"instruments": [], "models": {
+                  BASE: {"coverage_ge100": {"random_cnn": stat(0.70)}},
+                  TEXTURE: {"coverage_ge100": {"random_cnn": stat(0.78)}},
+                  "tex": {"coverage_ge100": {"random_cnn": stat(0.74)}},
+                  "crater": {"coverage_ge100": {"random_cnn": stat(0.65)}}}}}
+    check = texture_check(report)
+    assert check["tex"]["wins"] == ["random_cnn/coverage", "random_cnn/coverage_ge100"]
+    assert check["tex"]["own"] == [] and check["tex"]["texture_only"]
+    assert check["tex"]["behind_texture"] == ["random_cnn/coverage", "random_cnn/coverage_ge100"]
+    # a KID gain the texture row does not have is the model's own
+    assert check["crater"]["own"] == ["random_cnn/kid_mean"] and not check["crater"]["texture_only"]
