@@ -5,12 +5,17 @@
     python -m bench.experiments tune     [--variants ot_minibatch ot_b128]
     python -m bench.experiments modes    [--train-seeds 0 1 2]
     python -m bench.experiments sizes    [--train-seeds 0 1 2]
+    python -m bench.experiments levers   [--variants default --train-seeds 0 1 2]
 
 Sets:
 
 * `sizes`: the crater-size levers that make `configs/default.yaml`, one added at a time (`SIZE_LEVERS`): the
   MMD + GP-MI reward of the pre-size default (`PRE_SIZE`), + the `size` reward at lr 1e-4, + the last step held at
   the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the default), + 100 iterations.
+* `levers`: the detector-reward default (`configs/default.yaml`) and single-lever screens toward its goals
+  (`LEVERS`, checked against `DEFAULT_GOALS`): a narrower size kernel, KL to the base model at every step, the
+  soft-coverage reward, twice the size weight. Variants without a finished run at a seed are left out of the
+  evaluation, so `--no-train --train-seeds 0 1 2` evaluates the default's 3 seeds beside single-seed screens.
 * `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 or 32
   uniformly drawn states and 10 or 8 CG iterations, `bench.trpo.TRPO_64`, `TRPO_32`; `trpo_size` with the default's
   crater-size reward for 50 iterations, `TRPO_SIZE`) and the SAC-style actor-critic (`configs/sac.yaml`,
@@ -24,7 +29,8 @@ Sets:
   net, the sampler-schedule policy (`MODES`; each with its own learning rate).
 * `tune`: the levers tried to meet the target (docs/design.md, "Measured warning": the step size and the
   reward decide): KL to the base model, the realism term, one-to-one (minibatch) OT matching, and single-seed
-  screens of the crater-size levers, each a set of --set overrides on `configs/default.yaml` (`TUNING`).
+  screens of the crater-size levers before the size reward moved to the detector, each a set of --set overrides
+  on `configs/default.yaml` (`TUNING`).
 
 Every variant is fine-tuned once per training seed into RUNS/<set>/<variant>/seed_<s>; a finished
 run (model/ saved) is reused, an interrupted one resumed from its last checkpoint, so the command
@@ -124,7 +130,10 @@ TUNING = {
                                  "rl.step_weighting=sigma", "rl.lr=1e-4"),
     # the last step held more loosely: faster sizes, and near-duplicate tiles in the grids
     "size3_final0.1_sigma_lr1e-4": (*_SIZE3, "rl.kl_final_coef=0.1", "rl.step_weighting=sigma", "rl.lr=1e-4"),
-    # screens of the levers toward DEFAULT_GOALS on the detector-reward default itself (configs/default.yaml):
+}
+"""The tuning set: --set overrides on configs/default.yaml."""
+LEVERS = {
+    "default": (),  # configs/default.yaml itself (3 training seeds)
     # a size kernel ~3x narrower than the median heuristic's 0.32 dex, which the no-crater atom inflates, so the
     # reward tells 70 km from 100 km craters
     "size_bw0.35": ("reward.size_bandwidth_scale=0.35",),
@@ -135,7 +144,8 @@ TUNING = {
     # twice the size weight: the 100-150 km band the default leaves short
     "size6": ("reward.weights.size=6.0",),
 }
-"""The tuning set: --set overrides on configs/default.yaml."""
+"""The levers toward `DEFAULT_GOALS`, each a set of --set overrides on configs/default.yaml (the detector-reward
+default), screened one at a time beside the default."""
 MODES = {
     "full": PRE_SIZE,
     # Learning rates from 4-iteration calibration runs, so that the per-update KL(π_old ‖ π_θ) is of the
@@ -148,7 +158,7 @@ MODES = {
     "schedule": (*PRE_SIZE, "rl.policy_mode=schedule", "rl.lr=1e-2"),
 }
 """The policy-mode set: --set overrides on configs/default.yaml."""
-SETS = {"tune": TUNING, "modes": MODES, "sizes": SIZE_LEVERS}
+SETS = {"tune": TUNING, "modes": MODES, "sizes": SIZE_LEVERS, "levers": LEVERS}
 """The sets that are --set overrides on configs/default.yaml."""
 COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
@@ -447,7 +457,7 @@ def _check_table(title: str, intro: str, targets: dict[str, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("set", choices=["main", "ablation", "tune", "modes", "sizes"])
+    p.add_argument("set", choices=["main", "ablation", "tune", "modes", "sizes", "levers"])
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
                    help="training seeds per variant (default: main and sizes 0 1 2, the others 0)")
     p.add_argument("--variants", nargs="+", default=None, help="run only these variants")

@@ -176,3 +176,14 @@ def test_tune_variants_are_valid_overrides_of_the_default():
         assert cfg != default, v.name  # every lever changes something
     mini = load_config(vs[0].cfg, list(TUNING["ot_minibatch"]))
     assert mini.reward.ot_match == "minibatch" and default.reward.ot_match == "full"
+
+
+def test_lever_variants_change_one_thing_each_on_the_default():
+    from bench.experiments import LEVERS
+
+    vs = variants("levers", realism_weight=0.5)
+    assert [v.name for v in vs] == list(LEVERS) and vs[0].name == "default" and vs[0].overrides == ()
+    default = load_config(DEFAULT_CFG)
+    for v in vs[1:]:
+        assert len(v.overrides) == 1, v.name  # one lever per screen
+        assert load_config(v.cfg, list(v.overrides)) != default, v.name
