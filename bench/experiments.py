@@ -143,6 +143,8 @@ LEVERS = {
     "coverage1": ("reward.weights.coverage=1.0",),
     # twice the size weight: the 100-150 km band the default leaves short
     "size6": ("reward.weights.size=6.0",),
+    # the two screens that helped (size6: precision; coverage1: coverage and KID) together
+    "size6_coverage1": ("reward.weights.size=6.0", "reward.weights.coverage=1.0"),
 }
 """The levers toward `DEFAULT_GOALS`, each a set of --set overrides on configs/default.yaml (the detector-reward
 default), screened one at a time beside the default."""

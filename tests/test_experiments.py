@@ -185,5 +185,5 @@ def test_lever_variants_change_one_thing_each_on_the_default():
     assert [v.name for v in vs] == list(LEVERS) and vs[0].name == "default" and vs[0].overrides == ()
     default = load_config(DEFAULT_CFG)
     for v in vs[1:]:
-        assert len(v.overrides) == 1, v.name  # one lever per screen
+        assert 1 <= len(v.overrides) <= 2, v.name  # one lever per screen, or two that each helped
         assert load_config(v.cfg, list(v.overrides)) != default, v.name
