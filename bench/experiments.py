@@ -100,7 +100,7 @@ SIZE_LEVERS = {
         ("size3_final_sigma_lr1e-4_it50", ("rl.iterations=50",)),  # + twice the iterations
     ),
     "default": (),  # + three times the iterations: configs/default.yaml itself
-    "default_it100": ("rl.iterations=100",),  # + four, beyond the 15-minute budget (about 16 minutes)
+    "default_it100": ("rl.iterations=100",),  # + four, beyond the 15-minute budget
 }
 """The size set, a ladder: each variant adds one lever to the one before (--set overrides on configs/default.yaml)."""
 _SIZE3 = (*PRE_SIZE, "reward.weights.size=3.0")
