@@ -300,10 +300,10 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
                   log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
-    `weights` replaces the component weights saved in the artifact, `ot_match` its OT matching, and
-    `size_bandwidth_scale` multiplies the size reward's saved bandwidth: every component is computed
-    from the same frozen features, reference and scorer, so none needs a rebuild (the reward ablation
-    reuses one artifact). None keeps the saved value. `log`:
+    `weights` replaces the component weights saved in the artifact and `ot_match` its OT matching (None
+    keeps the saved value); `size_bandwidth_scale` multiplies the size reward's saved bandwidth. Every
+    component is computed from the same frozen features, reference and scorer, so none of them needs a
+    rebuild (the reward ablation reuses one artifact). `log`:
     the unweighted components to compute as well (None: all of them; see RewardModel).
 
     Raises CraterdiffError (one line) for a missing directory or file, a corrupted file (checksum

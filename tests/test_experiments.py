@@ -178,7 +178,7 @@ def test_tune_variants_are_valid_overrides_of_the_default():
     assert mini.reward.ot_match == "minibatch" and default.reward.ot_match == "full"
 
 
-def test_lever_variants_change_one_thing_each_on_the_default():
+def test_lever_variants_are_one_or_two_overrides_of_the_default():
     from bench.experiments import LEVERS
 
     vs = variants("levers", realism_weight=0.5)
