@@ -289,6 +289,10 @@ class RewardConfig:
     size_bandwidth_scale: float = _f(
         1.0, "size reward's RBF bandwidth = this x the median pairwise distance of the reference's log10 sizes; "
              "applied when the artifact is loaded, like the weights", gt=0.0)
+    coverage_softness: float = _f(
+        0.1, "edge width of the coverage reward's balls, as a fraction of each radius (0.1 saturates on craterless "
+             "tiles, 0.01 is nearly hard coverage: docs/results/README.md); applied when the artifact is loaded",
+        gt=0.0)
     mi_noise: float = _f(1.0, "GP noise variance s² in ½ log det(I + K/s²) (larger: flatter, less saturated)",
                          gt=0.0)
     pca_dim: int = _f(16, "PCA dimension for knn_entropy and fid (k << number of reference images)", ge=1)

@@ -143,6 +143,9 @@ LEVERS = {
     "kl_base_0.02": ("rl.kl_base_coef=0.02",),
     # credit for the reference craters no other sample covers (recall, coverage)
     "coverage1": ("reward.weights.coverage=1.0",),
+    # the same with a nearly hard ball edge: at 0.1 craterless tiles already cover 0.95 of the reference
+    # (bench.coverage_craterless), so the credit barely tells real craters from texture
+    "coverage1_soft0.01": ("reward.weights.coverage=1.0", "reward.coverage_softness=0.01"),
     # twice the size weight: the 100-150 km band the default leaves short
     "size6": ("reward.weights.size=6.0",),
     # the two screens that helped (size6: precision; coverage1: coverage and KID) together

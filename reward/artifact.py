@@ -31,7 +31,7 @@ from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, kn
     mmd2_unbiased_loo, ot_rewards, pairwise_sq_dists, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
-from utils import CraterdiffError, atomic_directory
+from utils import CraterdiffError, RewardConfig, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 3
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size")
@@ -71,7 +71,7 @@ class RewardModel:
                  weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
                  sizer: TemplateMatcher, size_reference: Tensor, size_bandwidth: float,
                  ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None,
-                 log: Iterable[str] | None = None):
+                 log: Iterable[str] | None = None, coverage_softness: float = RewardConfig.coverage_softness):
         self.extractor = extractor
         self.reference = reference.double()  # φ(Y): (m, D)
         self.bandwidth = float(bandwidth)
@@ -82,6 +82,7 @@ class RewardModel:
         self.reference_pca = pca.project(self.reference)  # (m, k)
         ref_dists = pairwise_sq_dists(self.reference, self.reference).clamp_min(0).sqrt()  # (m, m)
         self.coverage_radii = knn_radii(ref_dists, min(COVERAGE_K, self.reference.shape[0] - 1))  # (m,)
+        self.coverage_softness = float(coverage_softness)
         self.weights = dict(weights)
         self.mi_noise, self.knn_k = float(mi_noise), int(knn_k)
         self.ot_method, self.ot_reg = ot_method, float(ot_reg)
@@ -165,7 +166,8 @@ class RewardModel:
             "fid": lambda: fid_loo(z, self.reference_pca),
             "ot": lambda: ot_rewards(x, self.ot_reference(x.shape[0], generator=generator), method=self.ot_method,
                                      reg=self.ot_reg),
-            "coverage": lambda: soft_coverage_loo(x, self.reference, radii=self.coverage_radii),
+            "coverage": lambda: soft_coverage_loo(x, self.reference, radii=self.coverage_radii,
+                                                  softness=self.coverage_softness),
             "size": lambda: mmd2_unbiased_loo(sizes.double()[:, None], self.size_reference[:, None],
                                               bandwidth=self.size_bandwidth),
         }
@@ -234,7 +236,8 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
     return RewardModel(extractor=extractor, reference=ref, bandwidth=bandwidth, pca=pca,
                        weights=vars(r.weights).copy(), mi_noise=r.mi_noise, knn_k=r.knn_k,
                        ot_method=r.ot_method, ot_reg=r.ot_reg, sizer=sizer, size_reference=size_ref,
-                       size_bandwidth=size_bandwidth, ot_match=r.ot_match, realism=realism, info=info)
+                       size_bandwidth=size_bandwidth, ot_match=r.ot_match, realism=realism, info=info,
+                       coverage_softness=r.coverage_softness)
 
 
 def _plain(v):
@@ -297,11 +300,13 @@ def artifact_dir(path: str | Path) -> Path:
 
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
                   weights: Mapping[str, float] | None = None, ot_match: str | None = None,
-                  log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0) -> RewardModel:
+                  log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0,
+                  coverage_softness: float = RewardConfig.coverage_softness) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
     `weights` replaces the component weights saved in the artifact and `ot_match` its OT matching (None
-    keeps the saved value); `size_bandwidth_scale` multiplies the size reward's saved bandwidth. Every
+    keeps the saved value); `size_bandwidth_scale` multiplies the size reward's saved bandwidth and
+    `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`). Every
     component is computed from the same frozen features, reference and scorer, so none of them needs a
     rebuild (the reward ablation reuses one artifact). `log`:
     the unweighted components to compute as well (None: all of them; see RewardModel).
@@ -358,4 +363,5 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
                        size_reference=size_reference, size_bandwidth=size_bandwidth_scale * float(size["bandwidth"]),
-                       ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log)
+                       ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log,
+                       coverage_softness=coverage_softness)

@@ -578,7 +578,7 @@ def knn_radii(d_self: Tensor, k: int) -> Tensor:
     return d_self.kthvalue(k + 1, dim=1).values
 
 
-def soft_coverage_loo(x: Tensor, y: Tensor, *, radii: Tensor, softness: float = 0.1) -> SetMetric:
+def soft_coverage_loo(x: Tensor, y: Tensor, *, radii: Tensor, softness: float) -> SetMetric:
     """Soft coverage of the reference and its n leave-one-out values in O(n m):
 
         C(X) = (1/m) sum_j [1 - prod_i (1 - kappa_ij)],  kappa_ij = sigmoid((r_j - |x_i - y_j|) / (softness r_j)),

@@ -222,13 +222,14 @@ def test_ot_crowded_samples_lose_to_sample_filling_uncovered_region():
     torch.testing.assert_close(r[0], r[1])
 
 
-def _soft_coverage_brute(x, y, radii):
-    """C(X) = (1/m) sum_j [1 - prod_i (1 - sigmoid((r_j - |x_i - y_j|) / (0.1 r_j)))] by explicit loops."""
+def _soft_coverage_brute(x, y, radii, softness):
+    """C(X) = (1/m) sum_j [1 - prod_i (1 - sigmoid((r_j - |x_i - y_j|) / (softness r_j)))] by explicit loops."""
     total = 0.0
     for j in range(y.shape[0]):
         miss = 1.0
         for i in range(x.shape[0]):
-            kappa = 1.0 / (1.0 + math.exp((float((x[i] - y[j]).norm()) - float(radii[j])) / (0.1 * float(radii[j]))))
+            z = (float((x[i] - y[j]).norm()) - float(radii[j])) / (softness * float(radii[j]))
+            kappa = 1.0 / (1.0 + math.exp(z)) if z < 700 else 0.0
             miss *= 1.0 - kappa
         total += 1.0 - miss
     return total / y.shape[0]
@@ -242,13 +243,13 @@ def test_knn_radii_are_the_kth_nearest_other_point():
         assert float(r[j]) == pytest.approx(d[2], rel=1e-12)
 
 
-@pytest.mark.parametrize("n", [2, 5, 9])
-def test_soft_coverage_loo_matches_recomputation(n):
+@pytest.mark.parametrize("n,softness", [(2, 0.1), (5, 0.1), (9, 0.1), (9, 0.01)])
+def test_soft_coverage_loo_matches_recomputation(n, softness):
     x, y = randn(n, 4, seed=n), randn(11, 4, seed=n + 50)
     radii = M.knn_radii(torch.cdist(y, y), 3)
-    res = M.soft_coverage_loo(x, y, radii=radii)
-    assert res.value == pytest.approx(_soft_coverage_brute(x, y, radii), rel=1e-12)
-    want = torch.tensor([_soft_coverage_brute(drop(x, i), y, radii) for i in range(n)], dtype=F64)
+    res = M.soft_coverage_loo(x, y, radii=radii, softness=softness)
+    assert res.value == pytest.approx(_soft_coverage_brute(x, y, radii, softness), rel=1e-12)
+    want = torch.tensor([_soft_coverage_brute(drop(x, i), y, radii, softness) for i in range(n)], dtype=F64)
     torch.testing.assert_close(res.loo, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(res.rewards, res.value - want, rtol=1e-10, atol=1e-14)
 
@@ -257,10 +258,10 @@ def test_soft_coverage_credits_the_sample_on_an_uncovered_reference():
     # references A, B; two samples on A, one on B: the lone sample on B is the one whose loss uncovers a reference
     y = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64)
     x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [10.0, 0.0]], dtype=F64)
-    r = M.soft_coverage_loo(x, y, radii=torch.tensor([1.0, 1.0], dtype=F64)).rewards
+    r = M.soft_coverage_loo(x, y, radii=torch.tensor([1.0, 1.0], dtype=F64), softness=0.1).rewards
     assert float(r[2]) > 0.49 and float(r[:2].max()) < 1e-4
     with pytest.raises(ValueError, match="radii must be"):
-        M.soft_coverage_loo(x, y, radii=torch.tensor([1.0, 0.0], dtype=F64))
+        M.soft_coverage_loo(x, y, radii=torch.tensor([1.0, 0.0], dtype=F64), softness=0.1)
 
 
 def test_ot_sinkhorn_small_reg_close_to_emd():

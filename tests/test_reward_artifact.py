@@ -155,6 +155,25 @@ def test_size_bandwidth_scale_narrows_the_size_kernel_on_load(built):
     assert load_artifact(path).size_bandwidth == saved.size_bandwidth
 
 
+def test_coverage_softness_sets_the_coverage_edge_on_load(built):
+    """reward.coverage_softness is the coverage reward's ball edge when the artifact is loaded (default: the
+    config's), and a sharper edge changes the credit."""
+    from reward.artifact import load_artifact
+    from reward.metrics import soft_coverage_loo
+    from utils import RewardConfig
+
+    _, path = built
+    weights = {"coverage": 1.0}
+    saved, sharp = load_artifact(path, weights=weights), load_artifact(path, weights=weights, coverage_softness=0.01)
+    assert saved.coverage_softness == RewardConfig.coverage_softness and sharp.coverage_softness == 0.01
+    batch = procedural_set(16, size=32, channels=1, seed=7)
+    feats = sharp.features(batch).double()  # (16, D)
+    want = soft_coverage_loo(feats, sharp.reference, radii=sharp.coverage_radii, softness=0.01)
+    torch.testing.assert_close(sharp(batch).components["coverage"], want.rewards)
+    assert sharp(batch).values["coverage"] == pytest.approx(want.value)
+    assert not torch.allclose(saved(batch).components["coverage"], want.rewards)
+
+
 def test_only_weighted_and_logged_components_are_computed(built, monkeypatch):
     """With `log`, a model computes its weighted components and the logged ones, equal to what the
     all-component model gives, and never calls the others' metrics (nor the sizer or realism CNN)."""
