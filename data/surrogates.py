@@ -5,6 +5,9 @@ can say "nothing here".
                      φ_0 = arg (F x)_0, so s keeps x's amplitude spectrum (its texture, contrast and mean)
                      and loses every coherent structure (a crater rim is phase alignment across frequencies)
     smooth noise:    s = G_σ * w,  w white Gaussian noise, G_σ a Gaussian of σ px (periodic), scaled to std
+    quadrant shuffle: the tile's four (H/2, W/2) quadrants, each turned by r_q · 90° (r_q uniform on {0..3}),
+                     placed in a random order: texture and local rim arcs kept, the tile's centred crater cut
+                     into four quarter arcs and moved (broken rims: not one of the craterless sets above)
 
 A stationary Gaussian field has uniform independent phases, so both are draws of the same null: texture
 without form. Written by hand: no library makes phase-randomised surrogates of a batch of images in torch.
@@ -49,6 +52,22 @@ def smooth_noise(n: int, size: int, generator: torch.Generator, *, channels: int
     s = torch.fft.ifft2(torch.fft.fft2(w) * gain).real
     s = s - s.mean(dim=(-2, -1), keepdim=True)
     return (s / s.std(dim=(-2, -1), keepdim=True) * std).float()
+
+
+def quadrant_shuffle(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Tiles (N, C, S, S), S even, with their quadrants turned and reordered at random per tile (module
+    docstring): the same pixels, the centred crater in pieces."""
+    n, c, s, w = images.shape
+    if s != w or s % 2:
+        raise ValueError(f"quadrant_shuffle needs square tiles of even size, got {s}x{w}")
+    h = s // 2
+    q = images.reshape(n, c, 2, h, 2, h).permute(0, 2, 4, 1, 3, 5).reshape(n, 4, c, h, h)  # (N, 4, C, h, h)
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)                     # (N, 4)
+    turns = torch.randint(4, (n, 4), generator=generator)                                   # (N, 4)
+    q = q[torch.arange(n)[:, None], order].clone()
+    for r in (1, 2, 3):
+        q[turns == r] = torch.rot90(q[turns == r], r, dims=(-2, -1))
+    return q.reshape(n, 2, 2, c, h, h).permute(0, 3, 1, 4, 2, 5).reshape(n, c, s, s)
 
 
 CRATERLESS = ("phase-scrambled held-out", "smooth noise")

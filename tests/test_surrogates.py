@@ -98,3 +98,21 @@ def test_texture_check_calls_a_gain_shared_with_the_texture_row_texture():
     assert check["tex"]["behind_texture"] == ["random_cnn/coverage", "random_cnn/coverage_ge100"]
     # a KID gain the texture row does not have is the model's own
     assert check["crater"]["own"] == ["random_cnn/kid_mean"] and not check["crater"]["texture_only"]
+
+
+def test_quadrant_shuffle_moves_whole_quadrants_and_breaks_centred_craters():
+    from data.surrogates import quadrant_shuffle
+
+    x, _ = load_mars_craters(split="heldout", size=32)
+    s = quadrant_shuffle(x, torch.Generator().manual_seed(0))
+    assert s.shape == x.shape and s.dtype == x.dtype
+    # every output quadrant is one input quadrant of the same tile, turned by a multiple of 90°
+    quads = lambda t: [t[:, :16, :16], t[:, :16, 16:], t[:, 16:, :16], t[:, 16:, 16:]]
+    for i in range(0, len(x), 13):
+        src = [torch.rot90(q, r, dims=(-2, -1)) for q in quads(x[i]) for r in range(4)]
+        used = [next(k // 4 for k, c in enumerate(src) if torch.equal(c, q)) for q in quads(s[i])]
+        assert sorted(used) == [0, 1, 2, 3]
+    # not the identity: most tiles change
+    assert (s != x).flatten(1).any(1).float().mean() > 0.9
+    with pytest.raises(ValueError, match="even size"):
+        quadrant_shuffle(torch.zeros(2, 1, 31, 31), torch.Generator())
