@@ -291,7 +291,8 @@ class RewardConfig:
              "applied when the artifact is loaded, like the weights", gt=0.0)
     coverage_softness: float = _f(
         0.1, "edge width of the coverage reward's balls, as a fraction of each radius (0.1 saturates on craterless "
-             "tiles, 0.01 is nearly hard coverage: docs/results/README.md); applied when the artifact is loaded",
+             "tiles, 0.01 is nearly hard coverage: docs/results/README.md); saved in the artifact, and a run's "
+             "value applied when it is loaded",
         gt=0.0)
     mi_noise: float = _f(1.0, "GP noise variance s² in ½ log det(I + K/s²) (larger: flatter, less saturated)",
                          gt=0.0)

@@ -67,7 +67,9 @@ SAC_CFG = PROJECT_ROOT / "configs" / "sac.yaml"
 REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 1.0}, "fid": {"fid": 1.0},
            "ot": {"ot": 1.0}}
 """The ablation's rewards: component weights (every other component 0)."""
-PRE_SIZE = ("reward.weights.size=0.0", "rl.kl_final_coef=0.0", "rl.step_weighting=uniform", "rl.lr=3e-5",
+PRE_COVERAGE = ("reward.weights.coverage=0.0", "reward.coverage_softness=0.1")
+"""The default before the sharp coverage credit (the detector-reward default of the `sizes` and `levers` sets)."""
+PRE_SIZE = (*PRE_COVERAGE, "reward.weights.size=0.0", "rl.kl_final_coef=0.0", "rl.step_weighting=uniform", "rl.lr=3e-5",
             "rl.iterations=25")
 """The default before the crater-size levers (MMD + GP-MI, every step alike, 25 iterations at lr 3e-5): the
 `main`, `ablation`, `tune` and `modes` sets were measured with it and stay reproducible."""
@@ -90,7 +92,7 @@ def _ladder(*rungs: tuple[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
 
 SIZE_LEVERS = {
     **_ladder(
-        ("mmd_mi", PRE_SIZE),  # the default before the size levers
+        ("mmd_mi", PRE_SIZE),  # the default before the size levers (and before the coverage credit)
         # + the crater-size reward (reward.weights.size 3) at a larger step size
         ("size3_lr1e-4", ("reward.weights.size=3.0", "rl.lr=1e-4")),
         # + the deterministic last step held at the base model (which removed the gamed bright tiles and dark edge)
@@ -98,9 +100,10 @@ SIZE_LEVERS = {
         # + σ-weighted steps (rl.update.w_k: the early steps, which set the size, get the late ones' gradient scale)
         ("size3_final_sigma_lr1e-4", ("rl.step_weighting=sigma",)),
         ("size3_final_sigma_lr1e-4_it50", ("rl.iterations=50",)),  # + twice the iterations
+        ("size3_final_sigma_lr1e-4_it75", ("rl.iterations=75",)),  # + three times: the detector-reward default
     ),
-    "default": (),  # + three times the iterations: configs/default.yaml itself
-    "default_it100": ("rl.iterations=100",),  # + four, beyond the 15-minute budget
+    "size3_final_sigma_lr1e-4_it100": (*PRE_COVERAGE, "rl.iterations=100"),  # + four, beyond the 15-minute budget
+    "default": (),  # the it75 rung + the sharp coverage credit: configs/default.yaml itself
 }
 """The size set, a ladder: each variant adds one lever to the one before (--set overrides on configs/default.yaml)."""
 _SIZE3 = (*PRE_SIZE, "reward.weights.size=3.0")
@@ -133,26 +136,29 @@ TUNING = {
 }
 """The tuning set: --set overrides on configs/default.yaml."""
 LEVERS = {
-    "default": (),  # configs/default.yaml itself (3 training seeds)
+    "default": (),  # configs/default.yaml itself: detector_default + the sharp coverage credit (3 training seeds)
+    # PPO's epochs per batch: two passes over each sampled batch (the same samples, twice the updates)
+    "ppo_epochs2": ("rl.ppo.epochs=2",),
+    # the screens below were run on the default before the coverage credit, which they pin
+    "detector_default": PRE_COVERAGE,  # 3 training seeds
     # a size kernel ~3x narrower than the median heuristic's 0.32 dex, which the no-crater atom inflates, so the
     # reward tells 70 km from 100 km craters
-    "size_bw0.35": ("reward.size_bandwidth_scale=0.35",),
+    "size_bw0.35": (*PRE_COVERAGE, "reward.size_bandwidth_scale=0.35"),
     # every step held toward the base model (precision)
-    "kl_base_0.1": ("rl.kl_base_coef=0.1",),
+    "kl_base_0.1": (*PRE_COVERAGE, "rl.kl_base_coef=0.1"),
     # a fifth of it: kl_base_0.1 gained spread (Vendi, recall) but held the sizes and the detail near the base's
-    "kl_base_0.02": ("rl.kl_base_coef=0.02",),
-    # credit for the reference craters no other sample covers (recall, coverage)
-    "coverage1": ("reward.weights.coverage=1.0",),
-    # the same with a nearly hard ball edge: at 0.1 craterless tiles already cover 0.95 of the reference
-    # (bench.coverage_craterless), so the credit barely tells real craters from texture
-    "coverage1_soft0.01": ("reward.weights.coverage=1.0", "reward.coverage_softness=0.01"),
+    "kl_base_0.02": (*PRE_COVERAGE, "rl.kl_base_coef=0.02"),
+    # credit for the reference craters no other sample covers (recall, coverage), with the soft ball edge 0.1 at
+    # which craterless tiles already cover 0.95 of the reference (bench.coverage_craterless); the default takes it
+    # with a nearly hard edge, 0.01, so the credit tells real craters from texture
+    "coverage1": (*PRE_COVERAGE, "reward.weights.coverage=1.0"),
     # twice the size weight: the 100-150 km band the default leaves short
-    "size6": ("reward.weights.size=6.0",),
+    "size6": (*PRE_COVERAGE, "reward.weights.size=6.0"),
     # the two screens that helped (size6: precision; coverage1: coverage and KID) together
-    "size6_coverage1": ("reward.weights.size=6.0", "reward.weights.coverage=1.0"),
+    "size6_coverage1": (*PRE_COVERAGE, "reward.weights.size=6.0", "reward.weights.coverage=1.0"),
 }
-"""The levers toward `DEFAULT_GOALS`, each a set of --set overrides on configs/default.yaml (the detector-reward
-default), screened beside the default: one lever each, or two that each helped alone."""
+"""The levers toward `DEFAULT_GOALS`, each a set of --set overrides on configs/default.yaml, screened beside the
+default they were added to: one lever each, or two that each helped alone."""
 MODES = {
     "full": PRE_SIZE,
     # Learning rates from 4-iteration calibration runs, so that the per-update KL(π_old ‖ π_θ) is of the

@@ -4,7 +4,7 @@ Artifact directory:
 
 | file | holds |
 |---|---|
-| `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, reference description, realism metrics, SHA-256 of every file below |
+| `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, the coverage reward's ball edge, reference description, realism metrics, SHA-256 of every file below |
 | `reference_features.npy` | φ(Y), (m, D) float64, loaded with allow_pickle=False |
 | `reference_sizes.npy` | s(Y), (m,) float64: the reference craters' log10 sizes by the template detector (reward/templates.py), `NO_CRATER_LOG10` where it finds none |
 | `pca.npz` | the PCA fitted on φ(Y) (mean, components, explained variance), allow_pickle=False |
@@ -279,6 +279,7 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
                     "explained_variance_ratio": float(model.pca.explained_variance_ratio)},
             "knn_k": model.knn_k,
             "ot": {"method": model.ot_method, "reg": model.ot_reg, "match": model.ot_match},
+            "coverage": {"softness": model.coverage_softness},
             "size": {"light_azimuth_deg": model.sizer.azimuth_deg, "light_elevation_deg": model.sizer.elevation_deg,
                      "z_threshold": model.sizer.threshold, "light_peak_ncc": model.info.get("size_light_peak_ncc"),
                      "bandwidth": model.size_bandwidth},
@@ -301,12 +302,13 @@ def artifact_dir(path: str | Path) -> Path:
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
                   weights: Mapping[str, float] | None = None, ot_match: str | None = None,
                   log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0,
-                  coverage_softness: float = RewardConfig.coverage_softness) -> RewardModel:
+                  coverage_softness: float | None = None) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
     `weights` replaces the component weights saved in the artifact and `ot_match` its OT matching (None
     keeps the saved value); `size_bandwidth_scale` multiplies the size reward's saved bandwidth and
-    `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`). Every
+    `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`; None keeps the saved one, or the
+    config's fallback for an artifact that saved none). Every
     component is computed from the same frozen features, reference and scorer, so none of them needs a
     rebuild (the reward ablation reuses one artifact). `log`:
     the unweighted components to compute as well (None: all of them; see RewardModel).
@@ -364,4 +366,5 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
                        size_reference=size_reference, size_bandwidth=size_bandwidth_scale * float(size["bandwidth"]),
                        ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log,
-                       coverage_softness=coverage_softness)
+                       coverage_softness=coverage_softness if coverage_softness is not None else
+                       float(meta.get("coverage", {}).get("softness", RewardConfig.coverage_softness)))

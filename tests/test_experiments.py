@@ -137,20 +137,26 @@ def test_ablation_variants_set_every_weight_and_load():
     assert cfgs["trpo_size"].rl.trpo == cfgs["trpo"].rl.trpo and cfgs["trpo_size"].rl.algorithm == "trpo"
 
 
-def test_size_ladder_adds_one_lever_at_a_time_through_the_default():
-    from bench.experiments import PRE_SIZE, SIZE_LEVERS
+def test_size_ladder_adds_one_lever_at_a_time_up_to_the_default():
+    from bench.experiments import PRE_COVERAGE, PRE_SIZE, SIZE_LEVERS
 
     vs = variants("sizes", realism_weight=0.5)
     assert [v.name for v in vs] == list(SIZE_LEVERS) and SIZE_LEVERS["default"] == ()
-    cfgs = [load_config(v.cfg, list(v.overrides)) for v in vs]
-    assert cfgs[0] == load_config(DEFAULT_CFG, list(PRE_SIZE))
-    assert cfgs[0].reward.weights.size == 0 and cfgs[-1].reward.weights.size > 0
-    for before, after in zip(cfgs, cfgs[1:]):
+    cfgs = {v.name: load_config(v.cfg, list(v.overrides)) for v in vs}
+    *ladder, it100, default = cfgs.values()
+    assert ladder[0] == load_config(DEFAULT_CFG, list(PRE_SIZE))
+    assert ladder[0].reward.weights.size == 0 and ladder[-1].reward.weights.size > 0
+    for before, after in zip(ladder, ladder[1:]):
         changed = {k for k, v in vars(after.rl).items() if vars(before.rl)[k] != v}
         if before.reward.weights.size != after.reward.weights.size:
             changed.add("size")
         assert changed in ({"size", "lr"}, {"kl_final_coef"}, {"step_weighting"}, {"iterations"}), changed
-    assert [c.rl.iterations for c in cfgs[-4:]] == [25, 50, 75, 100]
+        assert after.reward.weights.coverage == 0
+    assert [c.rl.iterations for c in (*ladder[-3:], it100)] == [25, 50, 75, 100]
+    assert it100 == load_config(DEFAULT_CFG, [*PRE_COVERAGE, "rl.iterations=100"])
+    # the last rung, the detector-reward default, plus the sharp coverage credit is configs/default.yaml
+    assert ladder[-1] == load_config(DEFAULT_CFG, list(PRE_COVERAGE)) != default
+    assert default.reward.weights.coverage > 0 and default.reward.coverage_softness < ladder[-1].reward.coverage_softness
 
 
 def test_main_set_compares_the_algorithms_at_the_pre_size_default():
@@ -178,12 +184,15 @@ def test_tune_variants_are_valid_overrides_of_the_default():
     assert mini.reward.ot_match == "minibatch" and default.reward.ot_match == "full"
 
 
-def test_lever_variants_are_one_or_two_overrides_of_the_default():
-    from bench.experiments import LEVERS
+def test_lever_variants_are_one_or_two_overrides_of_the_default_they_screen():
+    from bench.experiments import LEVERS, PRE_COVERAGE
 
     vs = variants("levers", realism_weight=0.5)
     assert [v.name for v in vs] == list(LEVERS) and vs[0].name == "default" and vs[0].overrides == ()
-    default = load_config(DEFAULT_CFG)
+    assert LEVERS["detector_default"] == PRE_COVERAGE
     for v in vs[1:]:
-        assert 1 <= len(v.overrides) <= 2, v.name  # one lever per screen, or two that each helped
-        assert load_config(v.cfg, list(v.overrides)) != default, v.name
+        pinned = v.overrides[:len(PRE_COVERAGE)] == PRE_COVERAGE  # screened on the default before the coverage credit
+        lever = v.overrides[len(PRE_COVERAGE):] if pinned else v.overrides
+        before = load_config(DEFAULT_CFG, list(PRE_COVERAGE) if pinned else [])
+        assert v.name == "detector_default" or 1 <= len(lever) <= 2, v.name  # one lever, or two that each helped
+        assert v.name == "detector_default" or load_config(v.cfg, list(v.overrides)) != before, v.name

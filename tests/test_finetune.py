@@ -96,7 +96,7 @@ REQUIRED_COLUMNS = {"step", "reward_mean", "reward_std", "reward_mmd", "reward_m
 @pytest.mark.parametrize("algo, mode", [("ppo", "full"), ("trpo", "full"), ("reinforce", "full"), ("ppo", "lora"),
                                         ("trpo", "lora")])
 def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
-    # the weighted components (mmd, mi, size) are logged; of the others only those in reward.log are computed
+    # the weighted components (mmd, mi, size, coverage) are logged; of the others only those in reward.log are computed
     logged = ["ot", "realism"] if (algo, mode) == ("ppo", "full") else []
     proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path,
                       *(a for o in algorithm_overrides(algo) for a in ("--set", o)), "--set", f"rl.policy_mode={mode}",
@@ -106,7 +106,7 @@ def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and REQUIRED_COLUMNS <= set(rows[0])
     components = {c.removeprefix("reward_") for c in rows[0] if c.startswith("reward_")} - {"mean", "std"}
-    assert components == {"mmd", "mi", "size", *logged}
+    assert components == {"mmd", "mi", "size", "coverage", *logged}
     assert all(float(r["skipped"]) == 0 for r in rows)
     assert "iter 2/2" in proc.stderr + proc.stdout
     for f in ("config.yaml", "samples/iter_2.png", "checkpoints/step_2/COMPLETE", "checkpoints/step_2/policy.safetensors",

@@ -155,23 +155,24 @@ def test_size_bandwidth_scale_narrows_the_size_kernel_on_load(built):
     assert load_artifact(path).size_bandwidth == saved.size_bandwidth
 
 
-def test_coverage_softness_sets_the_coverage_edge_on_load(built):
-    """reward.coverage_softness is the coverage reward's ball edge when the artifact is loaded (default: the
-    config's), and a sharper edge changes the credit."""
+def test_coverage_softness_is_saved_and_can_be_set_on_load(built):
+    """The artifact keeps the coverage reward's ball edge it was built with (reward.coverage_softness); a value given
+    on load replaces it, and a softer edge changes the credit."""
     from reward.artifact import load_artifact
     from reward.metrics import soft_coverage_loo
-    from utils import RewardConfig
 
-    _, path = built
+    model, path = built
     weights = {"coverage": 1.0}
-    saved, sharp = load_artifact(path, weights=weights), load_artifact(path, weights=weights, coverage_softness=0.01)
-    assert saved.coverage_softness == RewardConfig.coverage_softness and sharp.coverage_softness == 0.01
+    edge = _cfg().reward.coverage_softness
+    saved, soft = load_artifact(path, weights=weights), load_artifact(path, weights=weights, coverage_softness=0.1)
+    assert saved.coverage_softness == model.coverage_softness == edge != 0.1 and soft.coverage_softness == 0.1
     batch = procedural_set(16, size=32, channels=1, seed=7)
-    feats = sharp.features(batch).double()  # (16, D)
-    want = soft_coverage_loo(feats, sharp.reference, radii=sharp.coverage_radii, softness=0.01)
-    torch.testing.assert_close(sharp(batch).components["coverage"], want.rewards)
-    assert sharp(batch).values["coverage"] == pytest.approx(want.value)
-    assert not torch.allclose(saved(batch).components["coverage"], want.rewards)
+    feats = saved.features(batch).double()  # (16, D)
+    for m, s in ((saved, edge), (soft, 0.1)):
+        want = soft_coverage_loo(feats, m.reference, radii=m.coverage_radii, softness=s)
+        torch.testing.assert_close(m(batch).components["coverage"], want.rewards)
+        assert m(batch).values["coverage"] == pytest.approx(want.value)
+    assert not torch.allclose(saved(batch).components["coverage"], soft(batch).components["coverage"])
 
 
 def test_only_weighted_and_logged_components_are_computed(built, monkeypatch):
