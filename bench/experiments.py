@@ -11,11 +11,13 @@ Sets:
 
 * `sizes`: the crater-size levers that make `configs/default.yaml`, one added at a time (`SIZE_LEVERS`): the
   MMD + GP-MI reward of the pre-size default (`PRE_SIZE`), + the `size` reward at lr 1e-4, + the last step held at
-  the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the default), + 100 iterations.
-* `levers`: the detector-reward default (`configs/default.yaml`) and screens toward its goals (`LEVERS`, checked
-  against `DEFAULT_GOALS`): a narrower size kernel, KL to the base model at every step (two strengths), the
-  soft-coverage reward, twice the size weight, and the last two together. Variants without a finished run at a seed are left out of the
-  evaluation, so `--no-train --train-seeds 0 1 2` evaluates the default's 3 seeds beside single-seed screens.
+  the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the detector-reward default, `PRE_COVERAGE`);
+  on that rung either 100 iterations or the sharp coverage credit (the default).
+* `levers`: the default (`configs/default.yaml`), the detector-reward default before it, and screens toward the
+  goals (`LEVERS`, checked against `DEFAULT_GOALS`): on the detector-reward default a narrower size kernel, KL to the
+  base model at every step (two strengths), the soft-coverage reward, twice the size weight, and the last two
+  together; on the default two PPO epochs per batch. Variants without a finished run at a seed are left out of the
+  evaluation, so `--no-train --train-seeds 0 1 2` evaluates the 3-seed variants beside single-seed screens.
 * `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 or 32
   uniformly drawn states and 10 or 8 CG iterations, `bench.trpo.TRPO_64`, `TRPO_32`; `trpo_size` with the default's
   crater-size reward for 50 iterations, `TRPO_SIZE`) and the SAC-style actor-critic (`configs/sac.yaml`,
