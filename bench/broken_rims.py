@@ -3,10 +3,10 @@ were turned and reordered (`data.surrogates.quadrant_shuffle`): texture and loca
 crater cut into four quarter arcs and moved. Where intact tiles are called large and their shuffled copies are
 too, the detector counts pieces of a rim as a crater.
 
-    python -m bench.broken_rims --out DIR [--model NAME=CONFIG:MODEL_DIR ...]
+    python -m bench.broken_rims --out DIR [--cfg CFG] [--model NAME=MODEL_DIR ...]
 
 Rows: the held-out tiles real, quadrant-shuffled and phase-scrambled; for each `--model`, 3 sampling seeds × 150
-samples, as drawn and quadrant-shuffled. Both detectors are calibrated on the train tiles as in `scripts.eval`
+samples drawn with CFG's sampler (as `scripts.eval` draws every model), as drawn and quadrant-shuffled. Both detectors are calibrated on the train tiles as in `scripts.eval`
 (`evaluation.sizes.build_instruments`). Writes `DIR/broken_rims.json` and prints one line per set.
 """
 from __future__ import annotations
@@ -21,24 +21,24 @@ import torch
 from data.datasets import load_mars_craters
 from data.surrogates import phase_scramble, quadrant_shuffle
 from evaluation.sizes import HUGE_KM, LARGE_KM, build_instruments, share_called
-from utils import load_config, resolve_path
+from evaluation.run import parse_model_args
+from utils import CraterdiffError, load_config, resolve_path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for broken_rims.json")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=CONFIG:MODEL_DIR",
-                   help="a saved model to sample (e.g. trpo=configs/trpo.yaml:runs/x/model); repeatable")
+    p.add_argument("--cfg", default="configs/default.yaml", help="the config whose sampler draws every --model")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=MODEL_DIR",
+                   help="a saved model to sample (e.g. trpo=runs/x/model); repeatable")
     p.add_argument("--n", type=int, default=150, help="samples per sampling seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
-    models = {}
-    for item in args.model:
-        name, sep, rest = item.partition("=")
-        cfg, sep2, path = rest.partition(":")
-        if not (sep and sep2 and name and cfg and path):
-            raise SystemExit(f"--model '{item}' is not NAME=CONFIG:MODEL_DIR; e.g. trpo=configs/trpo.yaml:runs/x/model")
-        models[name] = (resolve_path(cfg), resolve_path(path))
+    try:
+        models = parse_model_args(args.model)
+        cfg = load_config(resolve_path(args.cfg))
+    except CraterdiffError as e:
+        p.error(str(e))
 
     from rl.build import model_sampler
 
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     sets = {"held-out": heldout, "held-out, quadrant-shuffled": quadrant_shuffle(heldout, g),
             "held-out, phase-scrambled": phase_scramble(heldout, g)}
-    for name, (cfg, path) in models.items():
-        sample = model_sampler(load_config(cfg), path, torch.device("cpu"))
+    for name, path in models.items():
+        sample = model_sampler(cfg, resolve_path(path), torch.device("cpu"))
         x = torch.cat([sample(args.n, torch.Generator().manual_seed(s)).cpu() for s in args.seeds])
         sets[name] = x
         sets[f"{name}, quadrant-shuffled"] = quadrant_shuffle(x, g)

@@ -20,22 +20,17 @@ from PIL import Image
 def grid_tiles(path: Path, *, tile: int, pad: int) -> np.ndarray:
     """The (N, tile·tile) gray tiles of a grid image, row by row; all-white (empty) slots left out."""
     a = np.asarray(Image.open(path).convert("L"), dtype=np.float64)  # (H, W)
-    rows, cols = (a.shape[0] - pad) // (tile + pad), (a.shape[1] - pad) // (tile + pad)
-    tiles = [a[pad + r * (tile + pad):pad + r * (tile + pad) + tile, pad + c * (tile + pad):pad + c * (tile + pad) + tile]
-             for r in range(rows) for c in range(cols)]
-    return np.stack([t.ravel() for t in tiles if t.min() < 255])
-
-
-def pearson_matrix(x: np.ndarray) -> np.ndarray:
-    """R_ij = ⟨x̃_i, x̃_j⟩ with x̃ = (x − mean) / ‖x − mean‖ per row; x (N, D) -> R (N, N)."""
-    z = x - x.mean(1, keepdims=True)
-    z /= np.linalg.norm(z, axis=1, keepdims=True).clip(min=1e-12)
-    return z @ z.T
+    step = tile + pad
+    rows, cols = (a.shape[0] - pad) // step, (a.shape[1] - pad) // step
+    t = a[pad:pad + rows * step, pad:pad + cols * step].reshape(rows, step, cols, step)[:, :tile, :, :tile]
+    t = t.transpose(0, 2, 1, 3).reshape(rows * cols, tile * tile)  # (rows·cols, tile·tile)
+    return t[t.min(1) < 255]
 
 
 def largest_group(r: np.ndarray, threshold: float) -> int:
-    """max_i 1 + #{j ≠ i : R_ij > threshold}: the most tiles that are near-duplicates of one tile."""
-    above = r > threshold
+    """max_i 1 + #{j ≠ i : R_ij > threshold} for a correlation matrix R (N, N): the most tiles that are
+    near-duplicates of one tile."""
+    above = np.atleast_2d(r) > threshold  # np.corrcoef of one tile is a scalar
     np.fill_diagonal(above, False)
     return int(above.sum(1).max()) + 1
 
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {}
     for g in args.grids:
         tiles = grid_tiles(g, tile=args.tile, pad=args.pad)
-        result[str(g)] = {"tiles": len(tiles), "largest_group": largest_group(pearson_matrix(tiles), args.threshold)}
+        result[str(g)] = {"tiles": len(tiles), "largest_group": largest_group(np.corrcoef(tiles), args.threshold)}
         print(f"{g}: {result[str(g)]['largest_group']} of {len(tiles)} tiles near-duplicates of one")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

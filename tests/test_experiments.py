@@ -191,8 +191,10 @@ def test_lever_variants_are_one_or_two_overrides_of_the_default_they_screen():
     assert [v.name for v in vs] == list(LEVERS) and vs[0].name == "default" and vs[0].overrides == ()
     assert LEVERS["detector_default"] == PRE_COVERAGE
     for v in vs[1:]:
+        if v.name == "detector_default":
+            continue
         pinned = v.overrides[:len(PRE_COVERAGE)] == PRE_COVERAGE  # screened on the default before the coverage credit
         lever = v.overrides[len(PRE_COVERAGE):] if pinned else v.overrides
         before = load_config(DEFAULT_CFG, list(PRE_COVERAGE) if pinned else [])
-        assert v.name == "detector_default" or 1 <= len(lever) <= 2, v.name  # one lever, or two that each helped
-        assert v.name == "detector_default" or load_config(v.cfg, list(v.overrides)) != before, v.name
+        assert 1 <= len(lever) <= 2, v.name  # one lever, or two that each helped
+        assert load_config(v.cfg, list(v.overrides)) != before, v.name
