@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import load_config
 from data.datasets import load_mars_craters
 from data.surrogates import phase_scramble, quadrant_shuffle
 from evaluation.sizes import HUGE_KM, LARGE_KM, build_instruments, share_called
 from evaluation.run import parse_model_args
-from utils import CraterdiffError, load_config, resolve_path
+from utils import CraterdiffError, resolve_path
 
 
 def main(argv=None) -> None:

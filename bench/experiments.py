@@ -59,9 +59,10 @@ from pathlib import Path
 
 import numpy as np
 
+from config import load_config
 from bench.trpo import TRPO_32, TRPO_64
 from evaluation.run import BASE, CEILING, TEXTURE, ModelSpec, evaluate_run
-from utils import PROJECT_ROOT, apply_threads, load_config, resolve_path
+from utils import PROJECT_ROOT, apply_threads, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
 TRPO_CFG = PROJECT_ROOT / "configs" / "trpo.yaml"
@@ -237,7 +238,8 @@ def shared_artifact(root: Path) -> Path:
 def train(variant: Variant, seed: int, run_dir: Path, artifact: Path, *, threads: int | None = None) -> float:
     """Fine-tune (or resume, or reuse) one run; returns its accumulated wall time in seconds."""
     from rl.trainer import Finetuner
-    from utils import latest_checkpoint, list_checkpoints, prepare_run_dir
+    from config import prepare_run_dir
+    from utils import latest_checkpoint, list_checkpoints
 
     timing = run_dir / "timing.json"
     spent = json.loads(timing.read_text())["train_s"] if timing.is_file() else 0.0
@@ -246,7 +248,7 @@ def train(variant: Variant, seed: int, run_dir: Path, artifact: Path, *, threads
         return spent
     cfg = load_config(variant.cfg, [*variant.overrides, f"seed={seed}", f"reward.artifact={artifact}",
                                      *([f"num_threads={threads}"] if threads else [])])
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     resume = bool(list_checkpoints(run_dir / "checkpoints"))
     print(f"{run_dir}: {'resuming from ' + latest_checkpoint(run_dir / 'checkpoints').name if resume else 'training'}")
     t0 = time.perf_counter()
@@ -525,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_eval:
         return
     cfg = load_config(DEFAULT_CFG, [*args.overrides, f"reward.artifact={artifact}"])
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     base = ModelSpec(BASE, resolve_path(cfg.model.pretrained))
     report = evaluate_run(cfg, [base, *specs], out=out, run_dir=root / chosen[0].name / f"seed_{seeds[0]}",
                           groups={v: names for v, names in runs.items() if len(names) > 1})

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from config import load_config
 from rl.policy import FROZEN_UNET_MODES
 from rl.trainer import Finetuner
 from rl.update import kl_base_coefficients
-from utils import PROJECT_ROOT, apply_threads, load_config
+from utils import PROJECT_ROOT, apply_threads
 
 
 def time_call(fn, repeats: int = 5) -> float:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.cfg, args.overrides)
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     ft, rows, bound = timed_iterations(cfg, out / "run", args.repeats)
     r = cfg.rl
     med = medians(rows)

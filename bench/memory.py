@@ -27,7 +27,8 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
     from rl.policy import DiffusionPolicy
     from rl.ppo import ppo_update
     from rl.advantages import normalize_batch
-    from utils import RLConfig, SamplerConfig, config_from_dict, peak_mem_mb
+    from config import RLConfig, SamplerConfig, config_from_dict
+    from utils import peak_mem_mb
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -37,7 +38,8 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
     gen = torch.Generator().manual_seed(0)
     traj = policy.sample(batch, generator=gen)
     adv = normalize_batch(traj.images.mean((1, 2, 3)).cpu())
-    cfg = config_from_dict({"microbatch": microbatch, "gradient_accumulation": batch // microbatch}, cls=RLConfig)
+    cfg = config_from_dict({"microbatch": microbatch, "gradient_accumulation": batch // microbatch, "kl_final_coef": 0.0,
+                            "step_weighting": "uniform"}, cls=RLConfig)  # the plain update: no base model kept
     # one warm-up update so that optimizer state and allocator caches exist before measuring
     ppo_update(policy, opt, traj, adv, cfg, generator=gen)
     if dev.type == "cuda":

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
+from config import load_config
 from bench.iteration import TIMES, medians, overheads, timed_iterations
 from rl.trainer import Finetuner
 from rl.trpo import draw_weights, fisher_operator, policy_gradient, state_subsamples
-from utils import PROJECT_ROOT, apply_threads, load_config
+from utils import PROJECT_ROOT, apply_threads
 
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",
              "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants:
         path, extra = configs[name]
         cfg = load_config(path, [*args.overrides, *extra])
-        apply_threads(cfg)
+        apply_threads(cfg.num_threads)
         r = cfg.rl
         ft, rows, bound = timed_iterations(cfg, out / "runs" / name, args.repeats, bound=r.algorithm != "trpo")
         entry = {"config": path, "overrides": [*args.overrides, *extra], "batch": r.batch_size,

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from config import load_config
 from rl import trpo
 from rl.trainer import Finetuner
-from utils import PROJECT_ROOT, apply_threads, load_config
+from utils import PROJECT_ROOT, apply_threads
 
 SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd_forward:curvature",
             "16:8:fd_forward:curvature", "16:10:fd_forward:curvature")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.rl.algorithm != "trpo":
         raise SystemExit(f"error: {args.cfg} trains with rl.algorithm={cfg.rl.algorithm}; give a TRPO config "
                          f"(configs/trpo.yaml) or --set rl.algorithm=trpo")
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ft = Finetuner(cfg, out / "run")

@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from utils import CraterdiffError, DataConfig, resolve_path
+from config import DataConfig
+from utils import CraterdiffError, resolve_path
 
 Split = Literal["train", "heldout"]
 

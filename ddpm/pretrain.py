@@ -21,14 +21,14 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from config import Config
 from ddpm.pipeline import load_pipeline, save_pipeline
 from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from data.sources import load_image_set
-from utils import (Config, RunLogger, atomic_checkpoint, autocast, latest_checkpoint, load_state, prune_checkpoints,
-                   image_grid, resolve_device, resolve_path, rng_state, save_state, seed_everything,
-                   set_rng_state, setup_precision)
+from utils import (RunLogger, atomic_checkpoint, autocast, latest_checkpoint, load_state, prune_checkpoints, image_grid,
+                   resolve_device, resolve_path, rng_state, save_state, seed_everything, set_rng_state, setup_precision)
 
 
 def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:
@@ -101,7 +101,7 @@ def build_trainer(cfg: Config, device: torch.device) -> Trainer:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=p.warmup_steps, total=p.steps))
     ema = EMAModel(unet.parameters(), decay=p.ema_decay)
-    amp_dtype = setup_precision(cfg, device)
+    amp_dtype = setup_precision(cfg.precision, cfg.tf32, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return Trainer(unet=unet, ema=ema, optimizer=opt, lr_schedule=sched, scheduler=scheduler, generator=generator,
                    scaler=scaler, amp_dtype=amp_dtype)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from config import Config, DataConfig, EvalConfig, check_eval, config_to_dict
 from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
 from data.surrogates import craterless_sets, phase_scramble
@@ -40,8 +41,7 @@ from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, t
 from evaluation.sizes import (HUGE_KM, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
                               share_called, share_large, size_figures, subset_coverage, validate_instrument)
 from evaluation.texture import mean_gradient, radial_power_spectrum, spectrum_deviation
-from utils import (PROJECT_ROOT, Config, CraterdiffError, DataConfig, EvalConfig, config_to_dict, resolve_device,
-                   resolve_path, save_image_grid)
+from utils import PROJECT_ROOT, CraterdiffError, resolve_device, resolve_path, save_image_grid
 
 __all__ = ["CEILING", "TEXTURE", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
            "pool_sizes", "texture_check", "realism_validation", "REALISM_GOAL", "evaluate_run", "evaluate_folders", "default_run_dir"]
@@ -295,16 +295,6 @@ def size_figures_and_grids(measures: Mapping[str, dict], sets: Mapping[str, Sequ
     return images
 
 
-def _check_eval_config(ev: EvalConfig) -> None:
-    if not ev.seeds:
-        raise CraterdiffError("eval.seeds is empty: give at least one sampling seed, e.g. --set eval.seeds=[0,1,2]")
-    if not ev.extractors:
-        raise CraterdiffError("eval.extractors is empty: give at least one, e.g. --set eval.extractors=[random_cnn]")
-    for key, seq in (("eval.seeds", ev.seeds), ("eval.extractors", ev.extractors)):
-        if len(set(seq)) != len(seq):
-            raise CraterdiffError(f"{key} has duplicates: {list(seq)}")
-
-
 def _realism_model(cfg: Config, run_dir: Path, device: torch.device):
     """The run's reward artifact if it exists and has a realism scorer, else None."""
     from reward import load
@@ -342,7 +332,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
 
     t_start = time.perf_counter()
     ev = cfg.eval
-    _check_eval_config(ev)
+    check_eval(ev)
     run_dir = run_dir or default_run_dir(cfg)
     out = Path(out) if out else run_dir / "eval"
     device = resolve_device(cfg.device)

@@ -25,13 +25,14 @@ import torch
 import yaml
 from torch import Tensor
 
+from config import RewardConfig
 from reward.composite import composite_reward
 from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, knn_radii, median_bandwidth, \
     mmd2_unbiased_loo, ot_rewards, pairwise_sq_dists, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
-from utils import CraterdiffError, RewardConfig, atomic_directory
+from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 3
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size")

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from config import Config
 from data.datasets import load_image_folder
 from data.sources import ImageSet, load_image_set
 from reward.artifact import RewardModel, build_reward_model, save_artifact
 from reward.features import FeatureExtractor, build_extractor
-from utils import Config, resolve_device, resolve_path
+from utils import resolve_device, resolve_path
 
 
 def artifact_path(cfg: Config, run_dir: Path) -> Path:

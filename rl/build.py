@@ -5,12 +5,13 @@ from pathlib import Path
 
 import torch
 
+from config import Config
 from ddpm.pipeline import load_step_scales
 from reward.artifact import RewardModel
 from reward.build import build_and_save, n_base_images, needs_base_images, reward_extractor
 from rl.modes import load_head, saved_head
 from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
-from utils import Config, CraterdiffError, autocast, resolve_device, resolve_path, setup_precision
+from utils import CraterdiffError, autocast, resolve_device, resolve_path, setup_precision
 
 
 def base_model_path(cfg: Config) -> Path:
@@ -52,7 +53,7 @@ def build_reward_artifact(cfg: Config, out: Path) -> RewardModel:
 def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     """π_θ at the base model, on `device`, with the config's precision and gradient checkpointing; keeps
     a frozen base when a KL-to-base term needs one."""
-    amp_dtype = setup_precision(cfg, device)
+    amp_dtype = setup_precision(cfg.precision, cfg.tf32, device)
     if not cfg.model.pretrained:
         raise CraterdiffError("model.pretrained is not set: the policy stage fine-tunes a saved base model "
                               "(e.g. ddpm/pretrained/mars32, or a local Stable Diffusion directory for model.kind sd)")
@@ -80,7 +81,7 @@ def model_sampler(cfg: Config, path, device: torch.device, *, prompts: str | Non
     The UNet runs under autocast to the config's `precision`. A model saved by a `latent` or
     `schedule` run (its frozen model plus `policy_head/`) is sampled through that policy.
     """
-    amp_dtype = setup_precision(cfg, device)
+    amp_dtype = setup_precision(cfg.precision, cfg.tf32, device)
     mode, settings = saved_head(path) or (None, None)
     if cfg.model.kind == "sd" or mode is not None:
         policy = (_sd_policy(cfg, path, prompts=prompts or cfg.model.test_prompts, mode=mode or "full",

@@ -35,10 +35,11 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from config import LatentSettings, ScheduleSettings
 from ddpm.ddim import DDIMStep, gaussian_logprob
 from ddpm.sampling import Trajectory, sample_trajectory
 from rl.policy import DiffusionPolicy
-from utils import CraterdiffError, LatentSettings, ScheduleSettings, first_line
+from utils import CraterdiffError, first_line
 
 HEAD_DIR = "policy_head"  # beside the frozen model in RUN/model/: config.json + head.safetensors
 
@@ -272,7 +273,7 @@ def save_head(policy: DiffusionPolicy, model_dir: Path, config: dict) -> None:
 
 def saved_head(model_dir: Path) -> tuple[str, LatentSettings | ScheduleSettings] | None:
     """The mode and settings of the head saved beside the model at `model_dir`, or None (a plain model)."""
-    from utils import config_from_dict
+    from config import config_from_dict
 
     f = Path(model_dir) / HEAD_DIR / "config.json"
     if not f.is_file():

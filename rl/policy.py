@@ -28,11 +28,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
+from config import LoRASettings, SamplerConfig
 from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
 from ddpm.pipeline import save_pipeline
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
-from utils import LoRASettings, SamplerConfig, autocast
+from utils import autocast
 
 
 FROZEN_UNET_MODES = ("latent", "schedule")

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from config import RLConfig
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
 from rl.objectives import ppo_clip_loss, reinforce_loss, trajectory_log_ratio, trajectory_surrogate
 from rl.policy import DiffusionPolicy
 from rl.update import Accumulator, StepLoss, UpdateStats, adv_at, two_pass
-from utils import RLConfig
 
 
 def ppo_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, adv: Tensor,

@@ -28,13 +28,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from config import RLConfig, SACConfig
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
 from rl.advantages import Critic, clip_advantages, critic_values, discounted_sum, fit_critic, terminal_rewards
 from rl.objectives import reinforce_loss
 from rl.policy import DiffusionPolicy
 from rl.update import Accumulator, StepLoss, UpdateStats, two_pass
-from utils import RLConfig, SACConfig
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from config import LoRASettings, SamplerConfig
 from ddpm.pipeline import save_step_scales
 from ddpm.sampling import Trajectory
 from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
 from rl.policy import DiffusionPolicy
-from utils import LoRASettings, SamplerConfig
 
 
 class StableDiffusionPolicy(DiffusionPolicy):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from config import Config, check_finetune
 from reward.artifact import RewardModel, RewardOutput, load_artifact
 from reward.build import artifact_path
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
@@ -25,7 +26,7 @@ from rl.ppo import ppo_update, reinforce_update
 from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from rl.update import UpdateStats
-from utils import (Config, CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
+from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
                    peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)
 
@@ -38,56 +39,6 @@ class RLState:
     penalty: PenaltyState = field(default_factory=lambda: PenaltyState(beta=1.0))
 
 
-def check_config(cfg: Config, world: int) -> None:
-    """Refuse settings that pass each field's own check but that the policy stage cannot run with (on
-    `world` processes): one-line CraterdiffErrors, raised before any work."""
-    r = cfg.rl
-    if cfg.sampler.eta == 0:
-        raise CraterdiffError(f"sampler.eta is 0, so every DDIM step is deterministic and rl.algorithm {r.algorithm} "
-                              f"has no randomness to learn from (a zero policy gradient); set sampler.eta > 0 "
-                              f"(1.0 = DDPM-like)")
-    # the algorithms that regularise otherwise than by a KL to the base model
-    instead = {"trpo": "its trust region bounds every step's KL", "sac": "it regularises by each step's entropy"}
-    if r.algorithm in instead:
-        for key in ("kl_base_coef", "kl_final_coef"):
-            if getattr(r, key) != 0:
-                raise CraterdiffError(f"rl.{key} is {getattr(r, key)} but rl.algorithm {r.algorithm} ignores it "
-                                      f"({instead[r.algorithm]}); set rl.{key}=0, or use rl.algorithm ppo or "
-                                      f"reinforce for a KL-to-base term")
-    if r.algorithm == "trpo" and r.step_weighting != "uniform":
-        raise CraterdiffError(f"rl.step_weighting is {r.step_weighting} but rl.algorithm trpo ignores it (its "
-                              f"natural gradient is already scaled by each step's Fisher); set "
-                              f"rl.step_weighting=uniform, or use ppo, reinforce or sac")
-    if r.algorithm == "sac":
-        if r.advantages.gae:
-            raise CraterdiffError("rl.algorithm sac brings its own soft critic; set rl.advantages.gae false")
-        if r.policy_mode == "schedule":
-            raise CraterdiffError("rl.algorithm sac needs per-step image states for its critic V(x_t, t); the schedule "
-                                  "policy acts once per trajectory: use policy_mode full, lora or latent")
-        if world > 1:
-            raise CraterdiffError("rl.algorithm sac is single-process only; run one process")
-    if world > 1:
-        if r.batch_size % world:
-            raise CraterdiffError(f"rl.batch_size {r.batch_size} is the set the reward sees across all "
-                                  f"{world} processes; make it a multiple of {world}")
-        if r.advantages.gae:
-            raise CraterdiffError("rl.advantages.gae is single-process only; set it false or run one process")
-    if r.advantages.gae and r.policy_mode == "schedule":
-        raise CraterdiffError("rl.advantages.gae needs per-step states; the schedule policy acts once per "
-                              "trajectory: set rl.advantages.gae false")
-    if r.algorithm == "trpo" and r.trpo.state_draw == "curvature":
-        T = cfg.sampler.num_steps
-        for key in ("kl_states", "probe_states"):
-            n = getattr(r.trpo, key)
-            if 0 < n < T:
-                raise CraterdiffError(f"rl.trpo.{key} is {n} but rl.trpo.state_draw curvature draws at least one state "
-                                      f"a step (sampler.num_steps {T}); set rl.trpo.{key} >= {T} or 0, or "
-                                      f"state_draw uniform")
-    if cfg.precision == "fp16" and r.algorithm == "trpo" and r.trpo.mode == "trpo":
-        raise CraterdiffError("TRPO's natural gradient is not loss-scaled, so fp16 can underflow it; use "
-                              "--set precision=bf16 (Ampere or newer GPUs) or fp32 with rl.algorithm trpo")
-
-
 class Finetuner:
     """Wires the policy, reward model, optimizer and advantage estimator of a config together."""
 
@@ -95,9 +46,9 @@ class Finetuner:
         self.cfg, self.run_dir = cfg, run_dir
         r = cfg.rl
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        check_config(cfg, self.world)
+        check_finetune(cfg, self.world)
         self.device = device or distributed.process_device() or resolve_device(cfg.device)
-        setup_precision(cfg, self.device)  # CUDA-only settings fail here, before any work
+        setup_precision(cfg.precision, cfg.tf32, self.device)  # CUDA-only settings fail here, before any work
         # the same seed everywhere (identical LoRA initialisation); each process then samples its own noise
         self.generator = seed_everything(cfg.seed)
         if self.rank:

@@ -35,12 +35,12 @@ from torch import Tensor
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from config import RLConfig
 from ddpm.sampling import Trajectory
 from rl import distributed
 from rl.objectives import gaussian_kl
 from rl.update import UpdateStats, adv_at, clip_and_step
 from rl.policy import DiffusionPolicy
-from utils import RLConfig
 
 # ----------------------------------------------------------------------------------------------
 # Flat parameter vectors

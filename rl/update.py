@@ -26,12 +26,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from config import RLConfig
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
 from rl import distributed
 from rl.objectives import approx_kl, gaussian_kl
 from rl.policy import DiffusionPolicy
-from utils import RLConfig
 
 
 @dataclass

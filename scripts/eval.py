@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from config import EvalConfig, load_config
 from evaluation.run import default_run_dir, evaluate_folders, evaluate_run, parse_model_args, resolve_models
-from utils import CraterdiffError, EvalConfig, apply_threads, load_config, run_main, script_parser
+from utils import CraterdiffError, apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CraterdiffError("--set needs --cfg (folder mode reads eval.* settings from the config)")
         cfg = load_config(args.cfg, args.overrides) if args.cfg else None
         if cfg is not None:
-            apply_threads(cfg)
+            apply_threads(cfg.num_threads)
         ev = cfg.eval if cfg else EvalConfig()
         report = evaluate_folders(Path(args.real), Path(args.generated), Path(args.out),
                                   features=args.features or ev.extractors[:1], ev=ev,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         raise CraterdiffError("--features is for folder mode; with --cfg set eval.extractors, e.g. "
                               "--set eval.extractors=[efficientnet_lite0,random_cnn]")
     cfg = load_config(args.cfg, args.overrides)
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     run_dir = default_run_dir(cfg)
     models = resolve_models(cfg, run_dir, extra=parse_model_args(args.extra_models), only=args.models)
     out = Path(args.out) if args.out else run_dir / "eval"

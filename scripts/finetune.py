@@ -9,15 +9,16 @@ machine without GPUs add --set device=cpu; rl.batch_size is the whole set, split
 """
 from __future__ import annotations
 
+from config import load_config, prepare_run_dir
 from rl import distributed
 from rl.trainer import Finetuner
-from utils import apply_threads, load_config, prepare_run_dir, run_main, script_parser
+from utils import apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     distributed.init(cpu=cfg.device == "cpu")
     run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, write=distributed.is_main())
     distributed.barrier()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from config import load_config
 from data.datasets import load_image_folder
 from data.mars import build_crater_set
-from utils import CraterdiffError, load_config, resolve_path, run_main, save_image_grid, script_parser
+from utils import CraterdiffError, resolve_path, run_main, save_image_grid, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:

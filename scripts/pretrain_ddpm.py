@@ -1,14 +1,15 @@
 """Pretrain the base DDPM: python -m scripts.pretrain_ddpm --cfg configs/pretrain.yaml [--out DIR] [--resume]"""
 from __future__ import annotations
 
+from config import load_config, prepare_run_dir
 from ddpm.pretrain import pretrain
-from utils import apply_threads, load_config, prepare_run_dir, run_main, script_parser
+from utils import apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)
     final = pretrain(cfg, run_dir, resume=args.resume)
     print(f"saved the EMA model to {final}")

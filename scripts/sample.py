@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from config import load_config
 from ddpm.pipeline import load_pipeline, load_step_scales
 from ddpm.sampling import sample_model
-from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, load_config, resolve_device, run_main, save_image_grid,
-                   save_images, script_parser, seed_everything)
+from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, resolve_device, run_main, save_image_grid, save_images,
+                   script_parser, seed_everything)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         raise CraterdiffError(f"--n must be at least 1, got {args.n}")
     cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
-    apply_threads(cfg)
+    apply_threads(cfg.num_threads)
     ckpt = Path(args.ckpt)
     model_dir = ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt
     unet, scheduler = load_pipeline(model_dir)

@@ -116,7 +116,7 @@ def smoke_argv(out: Path, *overrides: str) -> list[str]:
 
 def algorithm_overrides(algo: str) -> list[str]:
     """The overrides that switch smoke.yaml, whose RL settings are the default's PPO recipe, to `algo`: TRPO and SAC
-    refuse its last-step hold (rl.kl_final_coef), TRPO also its σ-weighted steps (rl.trainer.check_config)."""
+    refuse its last-step hold (rl.kl_final_coef), TRPO also its σ-weighted steps (config.check_finetune)."""
     return [f"rl.algorithm={algo}", *(["rl.kl_final_coef=0"] if algo in ("trpo", "sac") else []),
             *(["rl.step_weighting=uniform"] if algo == "trpo" else [])]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from config import load_config, prepare_run_dir
 from rl import distributed
 from rl.trainer import Finetuner
-from utils import load_config, prepare_run_dir
 
 
 def weights_hash(policy) -> str:

@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from config import load_config
 from reward.artifact import build_reward_model, save_artifact
 from data.datasets import load_image_folder
 from data.procedural import procedural_set
 from scripts import finetune, pretrain_ddpm
-from utils import PROJECT_ROOT, list_checkpoints, load_config, run_main
+from utils import PROJECT_ROOT, list_checkpoints, run_main
 
 from .conftest import error_line, smoke_argv
 

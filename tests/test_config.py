@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils import Config, ConfigError, config_to_dict, load_config, save_config
+from config import Config, ConfigError, config_to_dict, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,24 @@ def test_base_inheritance_and_override(tmp_path):
     _write(tmp_path, "seed: 7\nsampler:\n  eta: 0.5\n  num_steps: 20\n", "parent.yaml")
     cfg = load_config(_write(tmp_path, "base: parent.yaml\nsampler:\n  num_steps: 5\n"))
     assert (cfg.seed, cfg.sampler.eta, cfg.sampler.num_steps) == (7, 0.5, 5)
+
+
+def test_the_dataclass_defaults_are_the_default_recipe():
+    # one source of defaults: a YAML that does not start from configs/default.yaml still trains its recipe
+    default = config_to_dict(load_config(ROOT / "configs" / "default.yaml"))
+    assert default == {**config_to_dict(Config()), "name": "default"}
+
+
+def test_a_mapping_given_with_set_merges_into_the_configured_one():
+    # trpo.yaml turns the size and coverage credits off; a weights mapping on the command line must not bring
+    # them back from the defaults (size 3, coverage 1), nor drop mi
+    trpo = load_config(ROOT / "configs" / "trpo.yaml")
+    assert (trpo.reward.weights.size, trpo.reward.weights.coverage) == (0.0, 0.0)
+    cfg = load_config(ROOT / "configs" / "trpo.yaml", ["reward.weights={mmd: 2, ot: 0.5}", "rl.trpo={max_kl: 0.02}"])
+    assert cfg.reward.weights == dataclasses.replace(trpo.reward.weights, mmd=2.0, ot=0.5)
+    assert cfg.rl.trpo == dataclasses.replace(trpo.rl.trpo, max_kl=0.02)
+    with pytest.raises(ConfigError, match="unknown key 'reward.weights.mdm'"):
+        load_config(ROOT / "configs" / "trpo.yaml", ["reward.weights={mdm: 2}"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils import load_config, save_images
+from config import load_config
+from utils import save_images
 
 from .conftest import ROOT, run_script, script_error
 

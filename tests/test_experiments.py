@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from config import load_config
 from bench.experiments import DEFAULT_CFG, REWARDS, summarize_variants, summary_markdown, target_check, variants
 from evaluation.run import BASE, CEILING, TEXTURE
-from utils import load_config
 
 
 def _cell(values):

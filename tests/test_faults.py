@@ -14,9 +14,10 @@ import re
 
 import pytest
 
+from config import load_config, prepare_run_dir
 from bench import faults
 from bench.faults import SCRIPTS, bench_script, tensorboard_scalars
-from utils import RunLogger, atomic_checkpoint, latest_checkpoint, load_config, prepare_run_dir
+from utils import RunLogger, atomic_checkpoint, latest_checkpoint
 
 from .conftest import ForkedLaunch
 

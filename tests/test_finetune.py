@@ -8,9 +8,10 @@ import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
+from config import load_config, prepare_run_dir
 from bench.faults import metric_rows
 from rl.trainer import Finetuner
-from utils import CraterdiffError, load_config, prepare_run_dir
+from utils import CraterdiffError
 
 from .conftest import ROOT, algorithm_overrides, run_script
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from config import LatentSettings, SamplerConfig, ScheduleSettings, config_from_dict
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
 from rl.advantages import normalize_batch
@@ -18,7 +19,6 @@ from rl.modes import policy_class
 from rl.policy import DiffusionPolicy
 from rl.ppo import ppo_update, reinforce_update
 from rl.trpo import old_means, state_subsample, subsample_kl, trpo_update
-from utils import LatentSettings, SamplerConfig, ScheduleSettings, config_from_dict
 
 from .conftest import ROOT, run_script
 from .test_rl import rl_cfg

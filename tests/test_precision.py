@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from config import load_config
 from rl.ppo import ppo_update
 from rl.trpo import fisher_vector_product, old_means, state_subsample
-from utils import Config, CraterdiffError, config_from_dict, load_config, setup_precision
+from utils import CraterdiffError, setup_precision
 
 from .conftest import ROOT, algorithm_overrides
 from .test_rl import rl_cfg, tiny_policy
@@ -17,17 +18,13 @@ from .test_rl import rl_cfg, tiny_policy
 CPU = torch.device("cpu")
 
 
-def _cfg(**kw) -> Config:
-    return config_from_dict(kw)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_setup_precision_on_cpu():
-    assert setup_precision(_cfg(precision="fp32"), CPU) is None
-    assert setup_precision(_cfg(precision="bf16"), CPU) is torch.bfloat16
-    assert setup_precision(_cfg(precision="fp16"), CPU) is torch.float16
+    assert setup_precision("fp32", False, CPU) is None
+    assert setup_precision("bf16", False, CPU) is torch.bfloat16
+    assert setup_precision("fp16", False, CPU) is torch.float16
     with pytest.raises(CraterdiffError, match="tf32: true needs a CUDA GPU.*--set tf32=false"):
-        setup_precision(_cfg(tf32=True), CPU)
+        setup_precision("fp32", True, CPU)
 
 
 def test_autocast_runs_the_unet_in_low_precision_and_plain_restores_fp32():

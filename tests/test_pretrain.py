@@ -7,10 +7,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from config import load_config, prepare_run_dir
 from ddpm.pretrain import ddpm_loss, pretrain, skew_weights, warmup_cosine
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import PRESETS, build_unet, count_parameters
-from utils import load_config, load_state, prepare_run_dir
+from utils import load_state
 
 from .conftest import ROOT
 

@@ -9,8 +9,8 @@ import csv
 import pytest
 import torch
 
+from config import load_config
 from ddpm.stable_diffusion import build_tiny_sd
-from utils import load_config
 
 from .conftest import ROOT, run_script, script_error
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import reward
+from config import load_config
 from reward.artifact import build_reward_model, save_artifact
 from reward.composite import composite_reward, zscore
 from data.procedural import procedural_set
-from utils import CraterdiffError, load_config
+from utils import CraterdiffError
 
 from .conftest import ROOT, run_script, script_error
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from config import RLConfig, SamplerConfig, config_from_dict
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
 from rl.advantages import gae, normalize_batch, PerPromptStatTracker
@@ -16,7 +17,6 @@ from rl.ppo import ppo_update, reinforce_update
 from rl.update import kl_base_coefficients, w_k
 from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
                      old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
-from utils import RLConfig, SamplerConfig, config_from_dict
 
 
 
@@ -29,8 +29,12 @@ def tiny_policy(seed: int = 0, *, mode: str = "full", steps: int = 3, floor: flo
     return DiffusionPolicy(unet, sched, sampler, mode=mode)
 
 
+PLAIN = {"kl_final_coef": 0.0, "step_weighting": "uniform", "gradient_accumulation": 4, "lr": 3e-5}
+"""The plain update, without the default recipe's last-step hold and σ-weighted steps (the tests of those ask)."""
+
+
 def rl_cfg(**kw) -> RLConfig:
-    return config_from_dict(kw, cls=RLConfig)
+    return config_from_dict({**PLAIN, **kw}, cls=RLConfig)
 
 
 # --- objectives -------------------------------------------------------------------------------

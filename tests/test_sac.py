@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from config import SACConfig, SamplerConfig, config_from_dict
 from ddpm.pipeline import load_step_scales
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
@@ -19,7 +20,6 @@ from rl.build import _policy_sampler, model_sampler
 from rl.policy import DiffusionPolicy
 from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_update, sac_update, soft_lambda_return,
                     soft_bellman_target, temperature_loss)
-from utils import SACConfig, SamplerConfig, config_from_dict
 
 from .conftest import algorithm_overrides, run_script, script_error
 from .test_rl import rl_cfg

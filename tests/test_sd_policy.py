@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
+from config import RLConfig, SamplerConfig, config_from_dict
 from ddpm.ddim import ddim_step_logprob
 from ddpm.stable_diffusion import build_tiny_sd, load_stable_diffusion
 from rl.ppo import ppo_update
 from rl.sd_policy import StableDiffusionPolicy
-from utils import RLConfig, SamplerConfig, config_from_dict
 
 from .conftest import ROOT, run_script
+from .test_rl import PLAIN
 
 PROMPTS = ["a fresh crater on mars", "an old crater with dunes", "a large crater with a central peak"]
 
@@ -57,7 +58,7 @@ def test_ppo_update_trains_only_the_adapters(tiny_sd):
     lora = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
     traj = policy.sample(6, generator=torch.Generator().manual_seed(1))
-    cfg = config_from_dict({"lr": 1e-2, "microbatch": 3, "gradient_accumulation": 2}, cls=RLConfig)
+    cfg = config_from_dict({**PLAIN, "lr": 1e-2, "microbatch": 3, "gradient_accumulation": 2}, cls=RLConfig)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
     ppo_update(policy, opt, traj, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), cfg,
                generator=torch.Generator().manual_seed(0))

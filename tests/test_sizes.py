@@ -207,7 +207,7 @@ def test_folder_mode_reports_sizes_when_the_real_folder_has_diameters(tmp_path, 
     import json
 
     from evaluation.run import evaluate_folders
-    from utils import EvalConfig
+    from config import EvalConfig
 
     tr, d_tr, ho, d_ho = mars
     keep = d_ho >= np.median(d_ho)  # the real folder: the larger half of the held-out craters
@@ -237,7 +237,7 @@ def test_folder_mode_reports_sizes_when_the_real_folder_has_diameters(tmp_path, 
 
 def test_folder_mode_says_in_one_line_that_it_skipped_the_sizes(tmp_path, mars, capsys):
     from evaluation.run import evaluate_folders
-    from utils import EvalConfig
+    from config import EvalConfig
 
     _tile_folder(tmp_path / "real", mars[2][:20])
     _tile_folder(tmp_path / "gen", mars[0][:20])

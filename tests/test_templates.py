@@ -122,7 +122,7 @@ def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path):
     highest `size` credit, and the component is the 1-d LOO MMD of the log sizes."""
     from reward.artifact import build_reward_model, save_artifact
     import reward
-    from utils import load_config
+    from config import load_config
     from .conftest import ROOT
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["reward.features.name=pixels", "reward.realism.enabled=false",
@@ -146,7 +146,7 @@ def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path):
 def test_references_of_one_crater_size_still_build():
     """All reference craters of one diameter: the size bandwidth falls back to one template step."""
     from reward.artifact import build_reward_model
-    from utils import load_config
+    from config import load_config
     from .conftest import ROOT
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["reward.features.name=pixels", "reward.realism.enabled=false"])
