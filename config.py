@@ -283,14 +283,19 @@ class SACConfig:
                                     le=3.0)
     noise_lr: float = _f(2e-3, "Adam learning rate of ζ (the UNet or head uses rl.lr); Adam moves ζ by about this "
                                "per optimizer step, so 2e-3 lets it drift ~0.1 over a 25-iteration run", gt=0.0)
-    gamma: float = _f(1.0, "discount γ of the soft Bellman target (1: the reward arrives once, at the image)",
-                      ge=0.0, le=1.0)
-    lam: float = _f(0.95, "λ of the soft λ-return the critic and the advantages use (0: the one-step soft Bellman "
-                          "target, which leaves every step but the last to a fresh critic's bootstrap)", ge=0.0, le=1.0)
     tau: float = _f(0.05, "Polyak rate: target ← (1 − τ) target + τ critic after every critic step", gt=0.0, le=1.0)
-    critic_steps: int = _f(4, "critic regression steps on each sampled batch (each over every cached state)", ge=1)
-    critic_lr: float = _f(1e-3, "Adam learning rate of the critic", gt=0.0)
-    critic_width: int = _f(32, "critic conv width", ge=4)
+    critic_steps: int = _f(4, "critic (rl.critic) regression steps on each sampled batch (each over every cached "
+                              "state)", ge=1)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The learned value V_ψ(x_t, t) of GAE (rl.advantages.gae) and of SAC: the returns it regresses, its network."""
+    gamma: float = _f(1.0, "discount γ of the returns (1: the reward arrives once, at the image)", ge=0.0, le=1.0)
+    lam: float = _f(0.95, "λ of the λ-returns: GAE's, or SAC's soft λ-return (0: the one-step target, which leaves "
+                          "every step but the last to a fresh critic's bootstrap)", ge=0.0, le=1.0)
+    lr: float = _f(1e-3, "Adam learning rate of the critic", gt=0.0)
+    width: int = _f(32, "critic conv width", ge=4)
 
 
 @dataclass(frozen=True)
@@ -301,11 +306,8 @@ class AdvantageConfig:
                  "'none': raw rewards")
     clip: float = _f(5.0, "advantages are clipped to ± this", gt=0.0)
     history: int = _f(256, "per_prompt: rewards kept per prompt for the statistics", ge=2)
-    gae: bool = _f(False, "per-step advantages by GAE with a learned critic V(x_t, t) instead of one per trajectory")
-    gamma: float = _f(1.0, "GAE discount γ", ge=0.0, le=1.0)
-    lam: float = _f(0.95, "GAE λ", ge=0.0, le=1.0)
-    critic_lr: float = _f(1e-3, "critic learning rate", gt=0.0)
-    critic_width: int = _f(32, "critic conv width", ge=4)
+    gae: bool = _f(False, "per-step advantages by GAE with the learned critic (rl.critic) instead of one per "
+                          "trajectory")
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,7 @@ class RLConfig:
     trpo: TRPOConfig = field(default_factory=TRPOConfig, metadata={"help": "TRPO settings"})
     sac: SACConfig = field(default_factory=SACConfig, metadata={"help": "SAC-style actor-critic settings"})
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={"help": "advantages"})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the value critic of GAE and SAC"})
     lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "LoRA settings"})
     latent: LatentSettings = field(default_factory=LatentSettings, metadata={"help": "latent-drift policy"})
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings, metadata={"help": "sampler-schedule policy"})

@@ -208,7 +208,7 @@ def variants(which: str, *, realism_weight: float) -> list[Variant]:
                 Variant("trpo_64", TRPO_CFG, tuple(TRPO_64)), Variant("trpo_32", TRPO_CFG, tuple(TRPO_32)),
                 Variant("trpo_size", TRPO_CFG, TRPO_SIZE),
                 Variant("sac", SAC_CFG),
-                Variant("sac_td0", SAC_CFG, ("rl.sac.lam=0.0",))]
+                Variant("sac_td0", SAC_CFG, ("rl.critic.lam=0.0",))]
     if which in SETS:
         return [Variant(name, DEFAULT_CFG, over) for name, over in SETS[which].items()]
     out = []

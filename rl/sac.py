@@ -15,7 +15,7 @@ Notation:
 | `next_target`| V̄(s_{k+1}) | the Polyak-averaged target critic at the next state, (T, B) |
 | `target`     | y_k    | soft λ-return (λ = 0: the one-step soft Bellman target r_k + α H_k + γ V̄(s_{k+1})), (T, B) |
 | `adv`        | Â_k    | soft advantage y_k − V_ψ(s_k), normalised and clipped, (T, B) |
-| `lam`        | λ      | trace parameter of the soft λ-return |
+| `lam`        | λ      | trace parameter of the soft λ-return (`rl.critic.lam`) |
 
 On-policy per batch, with no replay buffer: a sample's reward is its leave-one-out credit inside its
 own batch, so a stored transition's reward goes stale as soon as the batch distribution moves.
@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from config import RLConfig, SACConfig
+from config import CriticConfig, RLConfig, SACConfig
 from ddpm.ddim import DDIMStep
 from ddpm.sampling import Trajectory
 from rl.advantages import Critic, clip_advantages, critic_values, discounted_sum, fit_critic, terminal_rewards
@@ -109,13 +109,13 @@ def stochastic_steps(policy: DiffusionPolicy) -> list[int]:
 class SoftActorCritic(nn.Module):
     """The critic V_ψ, its target V̄, log α and their optimisers: everything SAC keeps across iterations."""
 
-    def __init__(self, policy: DiffusionPolicy, cfg: SACConfig):
+    def __init__(self, policy: DiffusionPolicy, cfg: SACConfig, critic: CriticConfig):
         super().__init__()
         self.cfg = cfg
-        self.critic = Critic(policy.image_shape[0], width=cfg.critic_width,
+        self.critic = Critic(policy.image_shape[0], width=critic.width,
                              num_train_timesteps=policy.scheduler.config.num_train_timesteps).to(policy.device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic.lr)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha)))
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
         # H_target: the starting policy's (ζ = 0) mean entropy over the stochastic actions, plus the offset
@@ -156,15 +156,15 @@ def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
        two-pass per-step update (memory independent of T);
     4. with `auto_alpha`, one step on L(log α) = log α · (H̄ − H_target).
     """
-    s = cfg.sac
+    s, c = cfg.sac, cfg.critic
     T, alpha = traj.num_steps, sac.alpha
     with torch.no_grad():
         entropy = action_entropies(policy).cpu()                              # (T,)
     values = critic_values(sac.critic, traj.states, traj.timesteps)          # (T+1, B), V(s_T) = 0
     target_values = critic_values(sac.target, traj.states, traj.timesteps)   # (T+1, B)
     one_step = soft_bellman_target(terminal_rewards(rewards, T), target_values[1:], entropy, alpha=alpha,
-                                   gamma=s.gamma)
-    y = soft_lambda_return(one_step, values[:-1], gamma=s.gamma, lam=s.lam)
+                                   gamma=c.gamma)
+    y = soft_lambda_return(one_step, values[:-1], gamma=c.gamma, lam=c.lam)
     adv = y - values[:-1]
     adv = clip_advantages((adv - adv.mean()) / (adv.std() + 1e-8), cfg.advantages.clip)
 

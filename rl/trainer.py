@@ -59,15 +59,15 @@ class Finetuner:
         if r.algorithm == "sac":
             if r.sac.learn_noise_scale:
                 self.policy.enable_noise_scale(max_log_scale=r.sac.max_log_noise_scale)
-            self.sac = SoftActorCritic(self.policy, r.sac)
+            self.sac = SoftActorCritic(self.policy, r.sac, r.critic)
         self.optimizer = self._optimizer()
         # dynamic loss scaling for fp16 (a pass-through otherwise); its scale is checkpointed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.critic = self.critic_opt = None
         if r.advantages.gae:
-            self.critic = Critic(self.policy.image_shape[0], width=r.advantages.critic_width,
+            self.critic = Critic(self.policy.image_shape[0], width=r.critic.width,
                                  num_train_timesteps=self.policy.scheduler.config.num_train_timesteps).to(self.device)
-            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=r.advantages.critic_lr)
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=r.critic.lr)
         self.tracker = PerPromptStatTracker(history=r.advantages.history)
         self.state = RLState(penalty=PenaltyState(beta=r.trpo.penalty_beta))
 
@@ -109,7 +109,7 @@ class Finetuner:
             r = rewards.double()
         if a.gae:
             values = critic_values(self.critic, traj.states, traj.timesteps)
-            adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=a.gamma, lam=a.lam)
+            adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=self.cfg.rl.critic.gamma, lam=self.cfg.rl.critic.lam)
             fit_critic(self.critic, self.critic_opt, traj.states, traj.timesteps, (adv + values[:-1]).float())
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
             return clip_advantages(adv, a.clip)

@@ -109,7 +109,7 @@ def test_short_sac_run_raises_the_reward():
     policy = tiny_policy()
     policy.enable_noise_scale(max_log_scale=0.5)
     cfg = rl_cfg(algorithm="sac", microbatch=16, gradient_accumulation=1, sac={"critic_steps": 2})
-    sac = SoftActorCritic(policy, cfg.sac)
+    sac = SoftActorCritic(policy, cfg.sac, cfg.critic)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     history = []
