@@ -16,7 +16,7 @@ from utils import apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = script_parser(__doc__).parse_args(argv)
+    args = script_parser(__doc__, resume=True).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     apply_threads(cfg.num_threads)
     distributed.init(cpu=cfg.device == "cpu")

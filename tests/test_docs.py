@@ -47,3 +47,12 @@ def test_every_documented_flag_is_in_its_scripts_parser(module, flags, capsys):
     assert stop.value.code == 0
     known = set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
     assert flags <= known, f"the docs give {module} {sorted(flags - known)}, which its parser does not know"
+
+
+@pytest.mark.parametrize("script, required", [("eval", []), ("make_dataset", []), ("sample", ["--ckpt", "m"]),
+                                              ("train_reward_model", [])])
+def test_scripts_that_keep_no_checkpoint_refuse_resume(script, required, capsys):
+    # --resume would be read and ignored: refused by the parser instead, before any work
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"scripts.{script}").main(["--cfg", "configs/smoke.yaml", *required, "--resume"])
+    assert stop.value.code == 2 and "unrecognized arguments: --resume" in capsys.readouterr().err
