@@ -88,9 +88,16 @@ def script_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
+TIMEOUT_SCALE = float(os.environ.get("CRATERDIFF_TIMEOUT_SCALE", "3"))
+"""Every launch's guard time is multiplied by this: a loaded machine (a 2-step 64 px pretraining once took over
+600 s beside two training runs) must not turn into a red suite; a hung launch still stops."""
+
+
 def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the project root, as a fork of tests/zygote.py, which has the
-    libraries imported already (~5 s a launch saved); returns the completed process."""
+    libraries imported already (~5 s a launch saved); returns the completed process. The guard is
+    `timeout` × TIMEOUT_SCALE seconds."""
+    timeout = int(timeout * TIMEOUT_SCALE)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         proc = ForkedLaunch(module, list(map(str, args)), env=script_env(), stdout=out, stderr=err)
