@@ -100,7 +100,7 @@ class Finetuner:
 
     def advantages(self, rewards: torch.Tensor, traj, prompts: list[str] | None = None) -> torch.Tensor:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE; `prompts`: each reward's prompt."""
-        a = self.cfg.rl.advantages
+        a, c = self.cfg.rl.advantages, self.cfg.rl.critic
         if a.normalize == "batch":
             r = normalize_batch(rewards)
         elif a.normalize == "per_prompt":
@@ -109,7 +109,7 @@ class Finetuner:
             r = rewards.double()
         if a.gae:
             values = critic_values(self.critic, traj.states, traj.timesteps)
-            adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=self.cfg.rl.critic.gamma, lam=self.cfg.rl.critic.lam)
+            adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=c.gamma, lam=c.lam)
             fit_critic(self.critic, self.critic_opt, traj.states, traj.timesteps, (adv + values[:-1]).float())
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
             return clip_advantages(adv, a.clip)
