@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,8 @@ AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def setup_precision(precision: str, tf32: bool, device: torch.device) -> torch.dtype | None:
     """Check the config's `precision` and `tf32` against the device, switch TF32 on if asked; return the
-    autocast dtype (None for fp32). Parts that need CUDA fail here with one line on a CPU-only machine."""
+    autocast dtype (None for fp32). Parts that need CUDA fail here with one line on a CPU-only machine; bf16 on a
+    CPU without native bf16 (oneDNN emulates it, tens of times slower than fp32) runs, with a warning."""
     if tf32:
         if device.type != "cuda":
             raise CraterdiffError(f"tf32: true needs a CUDA GPU (Ampere or newer) but the device is {device.type}; "
@@ -164,6 +166,9 @@ def setup_precision(precision: str, tf32: bool, device: torch.device) -> torch.d
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise CraterdiffError(f"precision bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(device)} "
                               f"has no bf16: use --set precision=fp16 (configs/v100.yaml) or fp32")
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("precision bf16 on a CPU without native bf16 is emulated, tens of times slower than fp32: "
+                      "add --set precision=fp32", stacklevel=2)
     return AMP_DTYPES[precision]
 
 

@@ -61,12 +61,13 @@ class ForkedLaunch:
     pid, returncode, poll(), wait(timeout). The launch leads its own process group (os.killpg(pid, ...)).
     The server runs one launch at a time: wait for a launch to end before forking the next."""
 
-    def __init__(self, module: str, args: list[str], *, env: dict[str, str], stdout: Path, stderr: Path):
+    def __init__(self, module: str, args: list[str], *, env: dict[str, str], stdout: Path, stderr: Path,
+                 dump_after: float | None = None):
         self.args = [sys.executable, "-m", module, *args]
         self.returncode: int | None = None
         self._server = _zygote()
         self._server.request({"module": module, "args": args, "env": env, "cwd": str(ROOT),
-                              "stdout": str(stdout), "stderr": str(stderr)})
+                              "stdout": str(stdout), "stderr": str(stderr), "dump_after": dump_after})
         self.pid = self._server.answer()["pid"]
 
     def poll(self) -> int | None:
@@ -96,17 +97,20 @@ TIMEOUT_SCALE = float(os.environ.get("CRATERDIFF_TIMEOUT_SCALE", "3"))
 def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the project root, as a fork of tests/zygote.py, which has the
     libraries imported already (~5 s a launch saved); returns the completed process. The guard is
-    `timeout` × TIMEOUT_SCALE seconds."""
+    `timeout` × TIMEOUT_SCALE seconds; a launch that outlives it fails the test with the end of its stderr,
+    which holds every thread's stack as it was shortly before (where it hung)."""
     timeout = int(timeout * TIMEOUT_SCALE)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = ForkedLaunch(module, list(map(str, args)), env=script_env(), stdout=out, stderr=err)
+        proc = ForkedLaunch(module, list(map(str, args)), env=script_env(), stdout=out, stderr=err,
+                            dump_after=max(1.0, timeout - 10))
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise subprocess.TimeoutExpired(proc.args, timeout, out.read_text(), err.read_text()) from None
+            pytest.fail(f"`python -m {module}` ran past its {timeout} s guard; its stderr ends:\n"
+                        f"{err.read_text()[-6000:]}\nits stdout ends:\n{out.read_text()[-1500:]}")
         return subprocess.CompletedProcess(proc.args, code, out.read_text(), err.read_text())
 
 

@@ -3,6 +3,7 @@ checkpointing, fp32 Fisher products, chunked sampling, and the clear errors of C
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,12 @@ CPU = torch.device("cpu")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_setup_precision_on_cpu():
     assert setup_precision("fp32", False, CPU) is None
-    assert setup_precision("bf16", False, CPU) is torch.bfloat16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert setup_precision("bf16", False, CPU) is torch.bfloat16
+    assert [str(w.message).startswith("precision bf16 on a CPU without native bf16") for w in caught] == \
+        ([] if native else [True])
     assert setup_precision("fp16", False, CPU) is torch.float16
     with pytest.raises(CraterdiffError, match="tf32: true needs a CUDA GPU.*--set tf32=false"):
         setup_precision("fp32", True, CPU)

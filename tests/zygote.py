@@ -11,7 +11,8 @@ exists yet to be lost in the child.
 
 Each launch leads a process group of its own, so that killing it (os.killpg) leaves the
 server and the tests alone. Protocol, one JSON object per line: request {module, args, env, cwd, stdout,
-stderr (a path; the stdout path itself for one file for both)} on stdin;
+stderr (a path; the stdout path itself for one file for both), dump_after (seconds, optional: then
+the launch prints its threads' stacks to stderr, once)} on stdin;
 the server answers {"pid": ...} when the child has started and {"returncode": ...} when it has
 exited (negative: killed by that signal, like subprocess).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import importlib
 import json
 import os
@@ -61,6 +63,8 @@ def child(request: dict) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = [request["module"], *request["args"]]
+        if request.get("dump_after"):  # a launch still running then prints every thread's stack: where it hangs
+            faulthandler.dump_traceback_later(request["dump_after"], exit=False)
         try:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
