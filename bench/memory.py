@@ -23,10 +23,10 @@ import torch
 def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -> dict:
     """Run in this process: sample, then one update; return the peaks before and during it."""
     from ddpm.pipeline import SHIPPED_MODEL, load_pipeline
-    from rl.objectives import ppo_clip_loss
+    from rl.advantages import standardize
     from rl.policy import DiffusionPolicy
-    from rl.ppo import ppo_update
-    from rl.advantages import normalize_batch
+    from rl.ppo import ppo_clip_loss, ppo_update
+    from rl.update import UpdateBatch
     from config import RLConfig, SamplerConfig, config_from_dict
     from utils import peak_mem_mb
 
@@ -37,17 +37,17 @@ def measure(steps: int, method: str, batch: int, microbatch: int, device: str) -
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     traj = policy.sample(batch, generator=gen)
-    adv = normalize_batch(traj.images.mean((1, 2, 3)).cpu())
+    adv = standardize(traj.images.mean((1, 2, 3)).cpu())
     cfg = config_from_dict({"microbatch": microbatch, "gradient_accumulation": batch // microbatch, "kl_final_coef": 0.0,
                             "step_weighting": "uniform"}, cls=RLConfig)  # the plain update: no base model kept
     # one warm-up update so that optimizer state and allocator caches exist before measuring
-    ppo_update(policy, opt, traj, adv, cfg, generator=gen)
+    ppo_update(UpdateBatch(policy, opt, traj, adv, cfg, gen))
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
     before = peak_mem_mb(dev)
     if method == "two_pass":
-        ppo_update(policy, opt, traj, adv, cfg, generator=gen)
+        ppo_update(UpdateBatch(policy, opt, traj, adv, cfg, gen))
     else:
         opt.zero_grad()
         for idx in torch.arange(batch).split(microbatch):

@@ -14,11 +14,13 @@ import torch
 from torch import Tensor, nn
 
 
-def normalize_batch(rewards: Tensor, *, eps: float = 1e-8) -> Tensor:
-    """A_i = (R_i − mean R) / (std R + ε) over the batch (population std); constant R gives zeros."""
-    r = rewards.double()
-    std = r.std(unbiased=False)
-    return (r - r.mean()) / (std + eps) if std > eps else torch.zeros_like(r)
+def standardize(x: Tensor, ref: Tensor | None = None, *, eps: float = 1e-8) -> Tensor:
+    """z = (x − mean ref) / (std ref + ε), with the population std over every element of `ref` (x itself by
+    default), in float64; a constant `ref` gives zeros. Batch normalisation of rewards is standardize(R)."""
+    x = x.double()
+    ref = x if ref is None else ref.double()
+    std = ref.std(unbiased=False)
+    return (x - ref.mean()) / (std + eps) if std > eps else torch.zeros_like(x)
 
 
 class PerPromptStatTracker:
@@ -39,7 +41,7 @@ class PerPromptStatTracker:
             self.buffers[p].extend(r[idx].tolist())
             buf = torch.tensor(list(self.buffers[p]), dtype=torch.float64)
             ref = buf if len(buf) >= self.min_count else r
-            out[idx] = (r[idx] - ref.mean()) / (ref.std(unbiased=False) + 1e-8)
+            out[idx] = standardize(r[idx], ref)
         return out
 
     def state_dict(self) -> dict:

@@ -28,13 +28,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from config import CriticConfig, RLConfig, SACConfig
+from config import CriticConfig, SACConfig
 from ddpm.ddim import DDIMStep
-from ddpm.sampling import Trajectory
-from rl.advantages import Critic, clip_advantages, critic_values, discounted_sum, fit_critic, terminal_rewards
+from rl.advantages import (Critic, clip_advantages, critic_values, discounted_sum, fit_critic, standardize,
+                           terminal_rewards)
 from rl.objectives import reinforce_loss
 from rl.policy import DiffusionPolicy
-from rl.update import Accumulator, StepLoss, UpdateStats, two_pass
+from rl.update import Prepared, StepLoss, StepTerm, UpdateBatch, UpdateStats, two_pass
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -144,10 +144,25 @@ class SoftActorCritic(nn.Module):
         self.target_entropy = float(state["target_entropy"])
 
 
-def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, rewards: Tensor,
-               cfg: RLConfig, sac: SoftActorCritic, *, generator: torch.Generator,
-               scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
-    """One SAC iteration on a sampled batch; `rewards` (B,) are the normalised trajectory rewards R̂.
+class ActorStepLoss(StepLoss):
+    """Step k's actor loss: −mean_i Â_{k,i} log π_θ(a_k | s_k), minus α H_k(ζ) at a stochastic step when the
+    noise scales are learned."""
+
+    def __init__(self, adv: Tensor, alpha: float, entropy_steps: set[int]):
+        self.adv, self.alpha, self.entropy_steps = adv, alpha, entropy_steps  # adv: (T, B) soft advantages
+
+    def __call__(self, batch: UpdateBatch, k: int, idx: Tensor, out: DDIMStep, prep: Prepared) -> StepTerm:
+        policy = batch.policy
+        loss = reinforce_loss(out.logp, self.adv[k, idx].to(out.logp))
+        if k in self.entropy_steps:
+            sigma = policy.sigma_tilde(k) * policy.noise_scale(k)
+            loss = loss - self.alpha * gaussian_entropy(sigma, dims=_dims(policy),
+                                                        reduction=policy.sampler.logprob_reduction)
+        return StepTerm(loss)
+
+
+def sac_update(batch: UpdateBatch, sac: SoftActorCritic) -> UpdateStats:
+    """One SAC iteration on a sampled batch; `batch.adv` (B,) are the normalised trajectory rewards R̂.
 
     1. the soft λ-returns y_k on the one-step targets r_k + α H_k + γ V̄(s_{k+1}), and Â_k = y_k − V_ψ(s_k),
        from the networks as they are;
@@ -156,17 +171,17 @@ def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
        two-pass per-step update (memory independent of T);
     4. with `auto_alpha`, one step on L(log α) = log α · (H̄ − H_target).
     """
+    policy, traj, cfg = batch.policy, batch.traj, batch.cfg
     s, c = cfg.sac, cfg.critic
     T, alpha = traj.num_steps, sac.alpha
     with torch.no_grad():
         entropy = action_entropies(policy).cpu()                              # (T,)
     values = critic_values(sac.critic, traj.states, traj.timesteps)          # (T+1, B), V(s_T) = 0
     target_values = critic_values(sac.target, traj.states, traj.timesteps)   # (T+1, B)
-    one_step = soft_bellman_target(terminal_rewards(rewards, T), target_values[1:], entropy, alpha=alpha,
+    one_step = soft_bellman_target(terminal_rewards(batch.adv, T), target_values[1:], entropy, alpha=alpha,
                                    gamma=c.gamma)
     y = soft_lambda_return(one_step, values[:-1], gamma=c.gamma, lam=c.lam)
-    adv = y - values[:-1]
-    adv = clip_advantages((adv - adv.mean()) / (adv.std() + 1e-8), cfg.advantages.clip)
+    adv = clip_advantages(standardize(y - values[:-1]), cfg.advantages.clip)
 
     critic_loss = 0.0
     for _ in range(s.critic_steps):
@@ -175,18 +190,7 @@ def sac_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: 
 
     steps = set(stochastic_steps(policy))
     learn_entropy = policy.log_noise_scale is not None and policy.log_noise_scale.requires_grad
-
-    def make_loss(idx: Tensor, acc: Accumulator) -> StepLoss:
-        def step_loss(k: int, idx: Tensor, out: DDIMStep) -> Tensor:
-            loss = reinforce_loss(out.logp, adv[k, idx].to(out.logp))
-            if learn_entropy and k in steps:
-                sigma = policy.sigma_tilde(k) * policy.noise_scale(k)
-                loss = loss - alpha * gaussian_entropy(sigma, dims=_dims(policy),
-                                                       reduction=policy.sampler.logprob_reduction)
-            return loss
-        return step_loss
-
-    stats = two_pass(policy, optimizer, traj, cfg, make_loss, generator=generator, epochs=1, scaler=scaler)
+    stats = two_pass(batch, ActorStepLoss(adv, alpha, steps if learn_entropy else set()), epochs=1)
 
     with torch.no_grad():
         entropy_mean = action_entropies(policy)[sorted(steps)].mean()

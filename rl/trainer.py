@@ -19,16 +19,21 @@ from config import Config, check_finetune
 from reward.artifact import RewardModel, RewardOutput, load_artifact
 from reward.build import artifact_path
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
-                           normalize_batch, terminal_rewards)
+                           standardize, terminal_rewards)
 from rl import distributed
 from rl.build import build_policy, build_reward_artifact
 from rl.ppo import ppo_update, reinforce_update
 from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
-from rl.update import UpdateStats
+from rl.update import Update, UpdateBatch, UpdateStats
 from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
                    peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)
+
+
+UPDATES: dict[str, Update] = {"ppo": ppo_update, "reinforce": reinforce_update, "sac": sac_update,
+                              "trpo": trpo_update, "trpo_penalty": kl_penalty_update}
+"""Each algorithm's update by `rl.algorithm`; TRPO's penalty mode (`rl.trpo.mode: penalty`) is `trpo_penalty`."""
 
 
 @dataclass
@@ -102,7 +107,7 @@ class Finetuner:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE; `prompts`: each reward's prompt."""
         a, c = self.cfg.rl.advantages, self.cfg.rl.critic
         if a.normalize == "batch":
-            r = normalize_batch(rewards)
+            r = standardize(rewards)
         elif a.normalize == "per_prompt":
             r = self.tracker(rewards, prompts or [""] * rewards.shape[0])
         else:
@@ -111,24 +116,15 @@ class Finetuner:
             values = critic_values(self.critic, traj.states, traj.timesteps)
             adv = gae(terminal_rewards(r, traj.num_steps), values, gamma=c.gamma, lam=c.lam)
             fit_critic(self.critic, self.critic_opt, traj.states, traj.timesteps, (adv + values[:-1]).float())
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            return clip_advantages(adv, a.clip)
+            return clip_advantages(standardize(adv), a.clip)
         return clip_advantages(r, a.clip)
 
     def update(self, traj, adv: torch.Tensor) -> UpdateStats:
+        """θ's update by the configured algorithm (UPDATES), handed that algorithm's persistent state."""
         r = self.cfg.rl
-        if r.algorithm == "ppo":
-            return ppo_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator, scaler=self.scaler)
-        if r.algorithm == "sac":
-            return sac_update(self.policy, self.optimizer, traj, adv, r, self.sac, generator=self.generator,
-                              scaler=self.scaler)
-        if r.algorithm == "reinforce":
-            return reinforce_update(self.policy, self.optimizer, traj, adv, r, generator=self.generator,
-                                    scaler=self.scaler)
-        if r.trpo.mode == "penalty":
-            return kl_penalty_update(self.policy, self.optimizer, traj, adv, r, self.state.penalty,
-                                     generator=self.generator, scaler=self.scaler)
-        return trpo_update(self.policy, traj, adv, r, generator=self.generator)
+        name = "trpo_penalty" if r.algorithm == "trpo" and r.trpo.mode == "penalty" else r.algorithm
+        state = {"sac": self.sac, "trpo_penalty": self.state.penalty}.get(name)
+        return UPDATES[name](UpdateBatch(self.policy, self.optimizer, traj, adv, r, self.generator, self.scaler), state)
 
     # --- checkpoints ------------------------------------------------------------------------------
 

@@ -35,11 +35,10 @@ from torch import Tensor
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from config import RLConfig
 from ddpm.sampling import Trajectory
 from rl import distributed
 from rl.objectives import gaussian_kl
-from rl.update import UpdateStats, adv_at, clip_and_step
+from rl.update import UpdateBatch, UpdateStats, adv_at, clip_and_step
 from rl.policy import DiffusionPolicy
 
 # ----------------------------------------------------------------------------------------------
@@ -527,12 +526,12 @@ def averaged(fvp: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda v: distributed.mean_(fvp(v))
 
 
-def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLConfig, *,
-                generator: torch.Generator) -> UpdateStats:
+def trpo_update(batch: UpdateBatch, state: None = None) -> UpdateStats:
     """One TRPO step: g, s = CG(F, g) with F on the state subsample S (drawn as `trpo.state_draw` says),
     β = sqrt(2δ / sᵀFs), the first try's fraction aimed by the KL on the probe states S' (`probe_fraction`; its
     time counts to the line search's), backtracking line search on the exact KL over every state of the batch and
     on the surrogate."""
+    policy, traj, adv, cfg = batch.policy, batch.traj, batch.adv, batch.cfg
     t = cfg.trpo
     params = policy.trainable_parameters()
     theta_old = flat_params(params)
@@ -545,7 +544,8 @@ def trpo_update(policy: DiffusionPolicy, traj: Trajectory, adv: Tensor, cfg: RLC
     clock.append(time.perf_counter())
     if not torch.isfinite(g).all():
         return UpdateStats(nonfinite=True, extra={"accepted": 0.0})
-    states, probe = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, t.probe_states, generator=generator,
+    states, probe = state_subsamples(traj.num_steps, traj.batch_size, t.kl_states, t.probe_states,
+                                     generator=batch.generator,
                                      step_weights=draw_weights(policy, t.state_draw))
     mu_old_s = {k: grad.mu_old[k, idx.to(grad.mu_old.device)] for k, idx in states.items()}
 
@@ -598,19 +598,18 @@ class PenaltyState:
     beta: float
 
 
-def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, adv: Tensor,
-                      cfg: RLConfig, state: PenaltyState, *, generator: torch.Generator,
-                      scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
+def kl_penalty_update(batch: UpdateBatch, state: PenaltyState) -> UpdateStats:
     """The penalty variant: `penalty_steps` gradient steps on L(θ) − β·KL(θ_old ‖ θ), then adapt β:
     ×2 if KL > 1.5 δ, ÷2 if KL < δ / 1.5 (Schulman et al. 2017, section 4)."""
+    policy, traj, adv, cfg, scaler = batch.policy, batch.traj, batch.adv, batch.cfg, batch.scaler
     t = cfg.trpo
     params = policy.trainable_parameters()
-    states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=generator)
+    states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=batch.generator)
     mu_old = old_means(policy, traj, states)
     T, B = traj.num_steps, traj.batch_size
     norms = []
     for _ in range(t.penalty_steps):
-        optimizer.zero_grad(set_to_none=True)
+        batch.optimizer.zero_grad(set_to_none=True)
         for k, idx_all in states.items():
             for start in range(0, len(idx_all), cfg.microbatch):
                 idx, mu_ref = idx_all[start:start + cfg.microbatch], mu_old[k][start:start + cfg.microbatch]
@@ -619,8 +618,8 @@ def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer,
                 gain = (adv_at(adv, k, idx).to(out.logp) * ratio).sum() / (B * T)
                 kl = gaussian_kl(out.mu, mu_ref, policy.sigma_tilde(k)).sum() / (B * T)
                 loss = -(gain - state.beta * kl)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-        norms.append(clip_and_step(params, optimizer, grad_clip=cfg.grad_clip, scaler=scaler))
+                (scaler.scale(loss) if batch.scaling else loss).backward()
+        norms.append(clip_and_step(params, batch.optimizer, grad_clip=cfg.grad_clip, scaler=scaler))
     kl_now = distributed.mean_float(subsample_kl(policy, traj, states, mu_old))
     beta_used = state.beta
     if kl_now > 1.5 * t.max_kl:
@@ -629,7 +628,7 @@ def kl_penalty_update(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer,
         state.beta /= 2.0
     finite = [n for n in norms if n.stepped]
     extra = {"penalty_beta": beta_used, "penalty_beta_next": state.beta}
-    if scaler is not None and scaler.is_enabled():
+    if batch.scaling:
         extra.update(loss_scale=float(scaler.get_scale()), scaler_skips=float(sum(n.overflow for n in norms)))
     return UpdateStats(kl=kl_now, grad_norm=sum(n.norm for n in finite) / max(1, len(finite)),
                        grad_norm_clipped=sum(n.clipped for n in finite) / max(1, len(finite)),

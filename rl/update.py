@@ -13,6 +13,11 @@ Mixed precision: with `precision: fp16` every backward goes through torch's Grad
 gradients are unscaled before clipping, and a step whose scaled gradients overflowed is skipped and
 S halved: an expected event of dynamic loss scaling (counted in `scaler_skips`), not a failure.
 
+Every algorithm's update has one signature, `Update`: (UpdateBatch, the algorithm's own persistent state or
+None) -> UpdateStats; the trainer picks it from a table. The policy-gradient ones hand `two_pass` a `StepLoss`:
+an object (its settings as fields, nothing closed over) whose `prepare` runs once per microbatch without
+gradients and whose call gives one step's loss and the clip counts that the driver accumulates.
+
 Conventions: `traj.x_t[k]`, `traj.x_prev[k]`: (B, C, H, W) states of step k; `traj.logp[k]`: (B,);
 advantages `adv`: (B,) one per trajectory, or (T, B) one per state (GAE, SAC). Losses are averaged
 over the steps trained and the trajectories, so the scale does not depend on T, B or the microbatching.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +59,27 @@ class UpdateStats:
         d = {k: float(v) for k, v in vars(self).items() if k != "extra"}
         d.update({k: float(v) for k, v in self.extra.items()})
         return d
+
+
+@dataclass
+class UpdateBatch:
+    """What one update reads: the policy and its optimizer (None for TRPO's natural step), a sampled batch and
+    its advantages, the RL settings, the generator of the update's random draws, the fp16 loss scaler."""
+    policy: DiffusionPolicy
+    optimizer: torch.optim.Optimizer | None
+    traj: Trajectory
+    adv: Tensor  # (B,) or (T, B); SAC: the normalised rewards R̂ (B,), from which it forms its own advantages
+    cfg: RLConfig
+    generator: torch.Generator
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+
+Update = Callable[[UpdateBatch, Any], UpdateStats]
+"""(batch, the algorithm's persistent state: SAC's networks, the penalty's β, or None) -> statistics."""
 
 
 def adv_at(adv: Tensor, k: int, idx: Tensor) -> Tensor:
@@ -122,6 +148,17 @@ class Accumulator:
         self.overflows = 0
         self.loss_scale: float | None = None
 
+    def add_prepared(self, prep: Prepared) -> None:
+        self.clipped += prep.clipped
+        self.clip_count += prep.counted
+        if prep.surrogate is not None:
+            self.surrogates.append(prep.surrogate)
+
+    def add_step(self, res: StepResult) -> None:
+        self.norms.append((res.norm, res.clipped))
+        self.nonfinite |= not (res.stepped or res.overflow)
+        self.overflows += int(res.overflow)
+
     def stats(self) -> UpdateStats:
         lr = torch.cat(self.log_ratios) if self.log_ratios else torch.zeros(1)
         ratio = lr.exp()
@@ -139,7 +176,33 @@ class Accumulator:
             extra=extra)
 
 
-StepLoss = Callable[[int, Tensor, DDIMStep], Tensor]  # (k, idx, recomputed step) -> scalar loss
+class Prepared(NamedTuple):
+    """What `StepLoss.prepare` computed for one microbatch: data for its steps' losses, and statistics."""
+    data: Any = None
+    clipped: float = 0.0            # trajectories whose clip was active (the trajectory ratio)
+    counted: int = 0
+    surrogate: float | None = None  # the objective's value on the microbatch, where it has one
+
+
+class StepTerm(NamedTuple):
+    """One step's loss over a microbatch, and how many of its states had their clip active."""
+    loss: Tensor  # scalar
+    clipped: float = 0.0
+    counted: int = 0
+
+
+class StepLoss:
+    """A per-step policy loss for `two_pass`. `sum_over_steps`: the objective sums its steps' terms (the
+    trajectory ratio) instead of averaging them."""
+    sum_over_steps = False
+
+    def prepare(self, batch: UpdateBatch, idx: Tensor) -> Prepared:
+        """Once per microbatch `idx`, before its steps (no gradient): nothing by default."""
+        return Prepared()
+
+    def __call__(self, batch: UpdateBatch, k: int, idx: Tensor, out: DDIMStep, prep: Prepared) -> StepTerm:
+        """Step k's loss for trajectories `idx`, from the recomputed step `out` (its graph is live)."""
+        raise NotImplementedError
 
 
 def kl_base_coefficients(policy: DiffusionPolicy, cfg: RLConfig) -> list[float]:
@@ -169,62 +232,59 @@ def w_k(policy: DiffusionPolicy, mode: str) -> list[float]:
     return [s / mean for s in sigmas]
 
 
-def backward_steps(policy: DiffusionPolicy, traj: Trajectory, idx: Tensor, steps: Tensor, step_loss: StepLoss,
-                    *, scale: float, kl_coefs: list[float], step_weights: list[float], acc: Accumulator,
-                    scaler: torch.amp.GradScaler | None = None) -> None:
+def backward_steps(batch: UpdateBatch, idx: Tensor, steps: Tensor, step_loss: StepLoss, prep: Prepared, *,
+                   scale: float, kl_coefs: list[float], step_weights: list[float], acc: Accumulator) -> None:
     """For each step k: recompute log π_θ for trajectories idx, loss = scale·(w_k·step_loss + β_k·KL_base),
     backward, free the graph."""
+    policy, traj = batch.policy, batch.traj
     for k in steps.tolist():
         out = policy.step_at(traj, k, idx)
-        loss = step_weights[k] * step_loss(k, idx, out)
+        term = step_loss(batch, k, idx, out, prep)
+        acc.clipped += term.clipped
+        acc.clip_count += term.counted
+        loss = step_weights[k] * term.loss
         if kl_coefs[k] > 0:
-            kl = gaussian_kl(out.mu, policy.base_mean_at(traj, k, idx),
-                             policy.sigma_tilde(k)).mean()
+            kl = gaussian_kl(out.mu, policy.base_mean_at(traj, k, idx), policy.sigma_tilde(k)).mean()
             loss = loss + kl_coefs[k] * kl
             acc.kl_base.append(float(kl.detach()))
         if not torch.isfinite(loss):
             acc.nonfinite = True
             continue
         loss_scaled = loss * scale
-        (scaler.scale(loss_scaled) if scaler is not None else loss_scaled).backward()
+        (batch.scaler.scale(loss_scaled) if batch.scaling else loss_scaled).backward()
         acc.loss += float(loss.detach()) * scale
         acc.log_ratios.append((out.logp.detach().cpu() - traj.logp[k, idx].cpu()).double())
 
 
-def two_pass(policy: DiffusionPolicy, optimizer: torch.optim.Optimizer, traj: Trajectory, cfg: RLConfig,
-              make_loss: Callable[[Tensor, Accumulator], StepLoss], *, generator: torch.Generator, epochs: int,
-              sum_over_steps: bool = False, scaler: torch.amp.GradScaler | None = None) -> UpdateStats:
+def two_pass(batch: UpdateBatch, step_loss: StepLoss, *, epochs: int) -> UpdateStats:
     """The shared loop: epochs × microbatches × steps, optimizer step every `gradient_accumulation`.
 
-    make_loss(idx, acc) prepares a microbatch (e.g. the trajectory ratio's no-grad pass) and
-    returns its per-step loss. The objective is the mean over trajectories of the mean over steps
-    (per-step objectives) or of the sum over steps (`sum_over_steps`, the trajectory ratio, whose
-    gradient is A r Σ_t ∇ log π_t), each step's term weighted by w_k (`rl.step_weighting`, all 1 by
-    default); with `timestep_fraction` < 1 the trained steps are reweighted so that the estimate stays
-    unbiased.
+    The objective is the mean over trajectories of the mean over steps (per-step objectives) or of the
+    sum over steps (`step_loss.sum_over_steps`, the trajectory ratio, whose gradient is A r Σ_t ∇ log π_t),
+    each step's term weighted by w_k (`rl.step_weighting`); with `timestep_fraction` < 1 the trained steps
+    are reweighted so that the estimate stays unbiased.
     """
+    policy, cfg, gen = batch.policy, batch.cfg, batch.generator
     params = policy.trainable_parameters()
-    kl_coefs = kl_base_coefficients(policy, cfg)
-    weights = w_k(policy, cfg.step_weighting)
+    kl_coefs, weights = kl_base_coefficients(policy, cfg), w_k(policy, cfg.step_weighting)
     acc = Accumulator()
-    optimizer.zero_grad(set_to_none=True)
-    T, B = traj.num_steps, traj.batch_size
+    batch.optimizer.zero_grad(set_to_none=True)
+    T, B = batch.traj.num_steps, batch.traj.batch_size
     for _ in range(epochs):
-        chunks = microbatches(B, cfg.microbatch, generator=generator)
-        groups = [chunks[i:i + cfg.gradient_accumulation] for i in range(0, len(chunks), cfg.gradient_accumulation)]
-        for group in groups:
+        chunks = microbatches(B, cfg.microbatch, generator=gen)
+        for start in range(0, len(chunks), cfg.gradient_accumulation):
+            group = chunks[start:start + cfg.gradient_accumulation]
             n_group = sum(len(c) for c in group)
             for idx in group:
-                steps = trained_steps(T, cfg.ppo.timestep_fraction, generator=generator)
-                step_loss = make_loss(idx, acc)
+                steps = trained_steps(T, cfg.ppo.timestep_fraction, generator=gen)
+                prep = step_loss.prepare(batch, idx)
+                acc.add_prepared(prep)
                 # each step's loss is a mean over the microbatch: weight it by its share of the group
-                scale = len(idx) / n_group * ((T if sum_over_steps else 1) / len(steps))
-                backward_steps(policy, traj, idx, steps, step_loss, scale=scale,
-                                kl_coefs=kl_coefs, step_weights=weights, acc=acc, scaler=scaler)
-            res = clip_and_step(params, optimizer, grad_clip=cfg.grad_clip, scaler=scaler)
-            acc.norms.append((res.norm, res.clipped))
-            acc.nonfinite |= not (res.stepped or res.overflow)
-            acc.overflows += int(res.overflow)
-    if scaler is not None and scaler.is_enabled():
-        acc.loss_scale = float(scaler.get_scale())
+                scale = len(idx) / n_group * ((T if step_loss.sum_over_steps else 1) / len(steps))
+                backward_steps(batch, idx, steps, step_loss, prep, scale=scale, kl_coefs=kl_coefs,
+                               step_weights=weights, acc=acc)
+            res = clip_and_step(params, batch.optimizer, grad_clip=cfg.grad_clip, scaler=batch.scaler)
+            acc.add_step(res)
+    if batch.scaling:
+        acc.loss_scale = float(batch.scaler.get_scale())
     return acc.stats()

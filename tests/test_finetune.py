@@ -71,11 +71,11 @@ def test_nonfinite_gradient_restores_weights(tmp_path, tiny_base, monkeypatch):
     before = ft.policy.trainable_state()
     import rl.trainer as trainer
 
-    def nan_update(policy, optimizer, traj, adv, cfg_, *, generator, scaler=None):
-        for p in policy.trainable_parameters():
+    def nan_update(batch, state):
+        for p in batch.policy.trainable_parameters():
             p.data.fill_(float("nan"))
         return trainer.UpdateStats()
-    monkeypatch.setattr(trainer, "ppo_update", nan_update)
+    monkeypatch.setitem(trainer.UPDATES, "ppo", nan_update)
     row, _ = ft.iteration()
     assert row["skipped"] == 1.0
     for k, v in ft.policy.trainable_state().items():

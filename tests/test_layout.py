@@ -56,3 +56,29 @@ def test_the_checker_sees_function_level_imports(tmp_path):
 @pytest.mark.parametrize("pkg", ["data", "ddpm", "reward", "rl", "evaluation"])
 def test_every_package_is_importable_alone(pkg):
     __import__(pkg)
+
+
+def nested_functions(path: Path) -> list[str]:
+    """The functions and lambdas defined inside another function of `path` (closures, or places for one)."""
+    found = []
+    for outer in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(outer, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            found += [f"{outer.lineno}: {getattr(inner, 'name', 'lambda')}" for inner in ast.walk(outer)
+                      if inner is not outer and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    return found
+
+
+def test_one_ppo_iteration_runs_through_four_files_and_no_closures():
+    # scripts/finetune.py -> rl/trainer.py (UPDATES) -> rl/ppo.py -> rl/update.py (two_pass) -> back to ppo_clip_loss
+    from rl import ppo, trainer, update
+    assert trainer.UPDATES["ppo"] is ppo.ppo_update and ppo.two_pass is update.two_pass
+    assert ppo.ppo_clip_loss.__module__ == "rl.ppo" and issubclass(ppo.ClipStepLoss, update.StepLoss)
+    assert "rl" in imported_packages(ROOT / "scripts" / "finetune.py")
+    for rel in ("scripts/finetune.py", "rl/trainer.py", "rl/ppo.py", "rl/update.py"):
+        assert nested_functions(ROOT / rel) == [], rel
+
+
+def test_the_closure_finder_sees_a_closure(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f(k):\n    def g():\n        return k\n    return g, lambda: k\n")
+    assert nested_functions(f) == ["1: g", "1: lambda"]

@@ -13,12 +13,13 @@ from torch.distributions import Normal
 from config import LatentSettings, SamplerConfig, ScheduleSettings, config_from_dict
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
-from rl.advantages import normalize_batch
+from rl.advantages import standardize
 from rl.build import _policy_sampler, model_sampler
 from rl.modes import policy_class
 from rl.policy import DiffusionPolicy
 from rl.ppo import ppo_update, reinforce_update
 from rl.trpo import old_means, state_subsample, subsample_kl, trpo_update
+from rl.update import UpdateBatch
 
 from .conftest import ROOT, run_script
 from .test_rl import rl_cfg
@@ -95,17 +96,17 @@ def test_updates_train_only_the_head(mode, algorithm):
     assert not any(p.requires_grad for p in policy.unet.parameters())
     gen = torch.Generator().manual_seed(0)
     traj = policy.sample(8, generator=gen)
-    adv = normalize_batch(traj.images.mean((1, 2, 3)))
+    adv = standardize(traj.images.mean((1, 2, 3)))
     cfg = rl_cfg(lr=1e-2, microbatch=4, gradient_accumulation=1, trpo={"max_kl": 1e-2, "kl_states": 0})
     if algorithm == "trpo":
         states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=gen)
         mu_old = old_means(policy, traj, states)
-        stats = trpo_update(policy, traj, adv, cfg, generator=gen)
+        stats = trpo_update(UpdateBatch(policy, None, traj, adv, cfg, gen))
         assert stats.extra["accepted"] and subsample_kl(policy, traj, states, mu_old) <= 1e-2 * (1 + 1e-6)
     else:
         opt = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
         update = ppo_update if algorithm == "ppo" else reinforce_update
-        stats = update(policy, opt, traj, adv, cfg, generator=gen)
+        stats = update(UpdateBatch(policy, opt, traj, adv, cfg, gen))
         assert stats.optimizer_steps == 2 and not stats.nonfinite
     assert all(torch.equal(p, unet[n]) for n, p in policy.unet.named_parameters())
     assert any(not torch.equal(p, head[n]) for n, p in policy.head.named_parameters())
@@ -125,7 +126,7 @@ def test_short_ppo_run_raises_the_reward(mode, lr):
         x = traj.images.flatten(1)
         reward = x.mean(1) if mode == "latent" else (x - x.mean(1, keepdim=True)).abs().mean(1)
         history.append(reward.mean().item())
-        ppo_update(policy, opt, traj, normalize_batch(reward), cfg, generator=gen)
+        ppo_update(UpdateBatch(policy, opt, traj, standardize(reward), cfg, gen))
     assert sum(history[-3:]) / 3 > sum(history[:3]) / 3 + 0.02, history
 
 
@@ -188,8 +189,8 @@ def test_stable_diffusion_modes_train_only_the_head(tmp_path, mode):
         assert ((p["guidance_scale"] > 1) & (p["guidance_scale"] < 10)).all() and traj.states.shape == (2, 6, 2)
     cfg = rl_cfg(lr=1e-2, microbatch=3, gradient_accumulation=2)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
-    stats = ppo_update(policy, opt, traj, normalize_batch(traj.images.mean((1, 2, 3))), cfg,
-                       generator=torch.Generator().manual_seed(1))
+    stats = ppo_update(UpdateBatch(policy, opt, traj, standardize(traj.images.mean((1, 2, 3))), cfg,
+                                   torch.Generator().manual_seed(1)))
     assert stats.optimizer_steps == 1 and not stats.nonfinite
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if n in frozen)
     changed = [n for n, p in policy.head.named_parameters() if not torch.equal(p, head[n])]

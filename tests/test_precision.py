@@ -11,6 +11,7 @@ import torch
 from config import load_config
 from rl.ppo import ppo_update
 from rl.trpo import fisher_vector_product, old_means, state_subsample
+from rl.update import UpdateBatch
 from utils import CraterdiffError, setup_precision
 
 from .conftest import ROOT, algorithm_overrides
@@ -96,7 +97,7 @@ def _ppo_pair(scaler):
     outs = []
     for policy, sc in ((a, None), (b, scaler)):
         opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
-        outs.append(ppo_update(policy, opt, traj, adv, cfg, generator=torch.Generator().manual_seed(2), scaler=sc))
+        outs.append(ppo_update(UpdateBatch(policy, opt, traj, adv, cfg, torch.Generator().manual_seed(2), sc)))
     return a, b, outs
 
 
@@ -121,8 +122,8 @@ def test_overflow_under_loss_scaling_skips_the_step_without_counting_as_a_failur
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if scaled else None
     cfg = rl_cfg(lr=1e-2, microbatch=4, gradient_accumulation=1)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
-    stats = ppo_update(policy, opt, traj, torch.randn(8).double(), cfg, generator=torch.Generator().manual_seed(2),
-                       scaler=scaler)
+    stats = ppo_update(UpdateBatch(policy, opt, traj, torch.randn(8).double(), cfg, torch.Generator().manual_seed(2),
+                                   scaler))
     assert stats.optimizer_steps == 0 and stats.nonfinite is not scaled
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     if scaled:

@@ -10,11 +10,11 @@ import torch
 from config import RLConfig, SamplerConfig, config_from_dict
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
-from rl.advantages import gae, normalize_batch, PerPromptStatTracker
-from rl.objectives import approx_kl, gaussian_kl, ppo_clip_loss, trajectory_log_ratio
+from rl.advantages import PerPromptStatTracker, gae, standardize
+from rl.objectives import approx_kl, gaussian_kl
 from rl.policy import DiffusionPolicy
-from rl.ppo import ppo_update, reinforce_update
-from rl.update import kl_base_coefficients, w_k
+from rl.ppo import ppo_clip_loss, ppo_update, reinforce_update, trajectory_log_ratio
+from rl.update import UpdateBatch, kl_base_coefficients, w_k
 from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
                      old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
 
@@ -120,7 +120,7 @@ def test_two_pass_gradient_equals_single_graph_gradient(ratio):
                  ppo={"ratio": ratio, "clip_range": 0.02, "per_step_clip": 0.05, "global_clip": 0.1})
     params = policy.trainable_parameters()
     opt = Capture(params)
-    ppo_update(policy, opt, traj, adv, cfg, generator=torch.Generator().manual_seed(1))
+    ppo_update(UpdateBatch(policy, opt, traj, adv, cfg, torch.Generator().manual_seed(1)))
     assert len(opt.grads) == 1
     two_pass = opt.grads[0]
 
@@ -157,7 +157,7 @@ def test_sigma_step_weighting_scales_each_steps_loss_by_its_noise():
                  ppo={"clip_range": 0.02})
     params = policy.trainable_parameters()
     opt = Capture(params)
-    ppo_update(policy, opt, traj, adv, cfg, generator=torch.Generator().manual_seed(1))
+    ppo_update(UpdateBatch(policy, opt, traj, adv, cfg, torch.Generator().manual_seed(1)))
     for p in params:
         p.grad = None
     logps = [policy.step(k, traj.x_t[k], traj.x_prev[k]).logp for k in range(T)]
@@ -189,7 +189,7 @@ def test_final_step_anchor_pulls_only_the_deterministic_step_toward_the_base():
     cfg = rl_cfg(microbatch=3, gradient_accumulation=2, grad_clip=1e9, kl_final_coef=4.0)
     params = policy.trainable_parameters()
     opt = Capture(params)
-    ppo_update(policy, opt, traj, torch.zeros(6), cfg, generator=torch.Generator().manual_seed(1))
+    ppo_update(UpdateBatch(policy, opt, traj, torch.zeros(6), cfg, torch.Generator().manual_seed(1)))
     for p in params:
         p.grad = None
     k = T - 1
@@ -206,8 +206,8 @@ def test_reinforce_gradient_equals_single_graph_gradient():
     traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     opt = Capture(policy.trainable_parameters())
-    reinforce_update(policy, opt, traj, adv, rl_cfg(microbatch=4, gradient_accumulation=1, grad_clip=1e9),
-                     generator=torch.Generator().manual_seed(1))
+    reinforce_update(UpdateBatch(policy, opt, traj, adv, rl_cfg(microbatch=4, gradient_accumulation=1, grad_clip=1e9),
+                                 torch.Generator().manual_seed(1)))
     for p in policy.trainable_parameters():
         p.grad = None
     logps = torch.stack([policy.step(k, traj.x_t[k], traj.x_prev[k]).logp for k in range(traj.num_steps)])
@@ -298,7 +298,7 @@ def test_line_search_pass_stops_once_the_kl_is_past_the_limit():
 
     policy = tiny_policy()
     traj = policy.sample(6, generator=torch.Generator().manual_seed(0))
-    adv = normalize_batch(traj.images.mean((1, 2, 3)))
+    adv = standardize(traj.images.mean((1, 2, 3)))
     mu_old = policy_gradient(policy, traj, adv, microbatch=3).mu_old
     with torch.no_grad():
         for p in policy.trainable_parameters():
@@ -435,7 +435,7 @@ def test_probe_aims_the_first_try_at_the_trust_region_edge():
     policy = tiny_policy()
     params = policy.trainable_parameters()
     traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
-    adv = normalize_batch(traj.images.mean((1, 2, 3)))
+    adv = standardize(traj.images.mean((1, 2, 3)))
     mu_old = policy_gradient(policy, traj, adv, microbatch=4).mu_old
     _, probe = state_subsamples(traj.num_steps, traj.batch_size, 3, 6, generator=torch.Generator().manual_seed(1))
     mu_probe = {k: mu_old[k, idx] for k, idx in probe.items()}
@@ -468,8 +468,8 @@ def test_probe_saves_line_search_passes_and_keeps_the_trust_region():
         tries[probe_states] = []
         for seed in range(4):
             traj = policy.sample(8, generator=torch.Generator().manual_seed(seed))
-            adv = normalize_batch(traj.images.mean((1, 2, 3)))
-            stats = trpo_update(policy, traj, adv, cfg, generator=torch.Generator().manual_seed(seed))
+            adv = standardize(traj.images.mean((1, 2, 3)))
+            stats = trpo_update(UpdateBatch(policy, None, traj, adv, cfg, torch.Generator().manual_seed(seed)))
             assert stats.extra["accepted"] and stats.kl <= 1e-3
             assert ("probe_kl" in stats.extra) == (probe_states > 0)
             assert (stats.extra["first_fraction"] < 1.0) == (probe_states > 0)
@@ -492,8 +492,8 @@ def test_trpo_update_draws_its_states_by_step_and_keeps_the_trust_region(monkeyp
                                      "state_draw": "curvature"})
     for seed in range(3):
         traj = policy.sample(8, generator=torch.Generator().manual_seed(seed))
-        adv = normalize_batch(traj.images.mean((1, 2, 3)))
-        stats = trpo_update(policy, traj, adv, cfg, generator=torch.Generator().manual_seed(seed))
+        adv = standardize(traj.images.mean((1, 2, 3)))
+        stats = trpo_update(UpdateBatch(policy, None, traj, adv, cfg, torch.Generator().manual_seed(seed)))
         assert stats.extra["accepted"] and 0 < stats.kl <= 1e-3 and stats.extra["probe_kl"] > 0
         set_flat_params(params, theta)
     expected = [1 / policy.sigma_tilde(k) ** 2 for k in range(policy.num_actions)]
@@ -511,11 +511,11 @@ def test_every_accepted_trpo_step_is_inside_the_trust_region():
     accepted = 0
     for it in range(3):
         traj = policy.sample(8, generator=gen)
-        adv = normalize_batch(traj.images.mean((1, 2, 3)))
+        adv = standardize(traj.images.mean((1, 2, 3)))
         before = flat_params(params)
         states = state_subsample(traj.num_steps, traj.batch_size, 0, generator=gen)
         mu_old = old_means(policy, traj, states)
-        stats = trpo_update(policy, traj, adv, cfg, generator=gen)
+        stats = trpo_update(UpdateBatch(policy, None, traj, adv, cfg, gen))
         kl_after = subsample_kl(policy, traj, states, mu_old)
         if stats.extra["accepted"]:
             accepted += 1
@@ -528,7 +528,7 @@ def test_every_accepted_trpo_step_is_inside_the_trust_region():
     cfg_tight = rl_cfg(microbatch=8, trpo={"max_kl": 1e-12, "kl_states": 0, "cg_iters": 3, "backtrack_iters": 1,
                                            "accept_ratio": 10.0})
     before = flat_params(params)
-    stats = trpo_update(policy, traj, adv, cfg_tight, generator=gen)
+    stats = trpo_update(UpdateBatch(policy, None, traj, adv, cfg_tight, gen))
     assert not stats.extra["accepted"] and torch.equal(before, flat_params(params))
     set_flat_params(params, before)
 
@@ -553,8 +553,14 @@ def test_gae_against_brute_force_sum():
 
 def test_normalisation_and_per_prompt_tracker():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    a = normalize_batch(r)
+    a = standardize(r)
     assert a.mean().abs() < 1e-12 and a.std(unbiased=False).item() == pytest.approx(1.0)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))  # GAE's (T, B): over every element
+    torch.testing.assert_close(standardize(x), torch.from_numpy((x.numpy() - x.numpy().mean()) / x.numpy().std()).double(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(standardize(torch.tensor([5.0]), r), torch.tensor([(5 - 2.5) / 1.25 ** 0.5],
+                                                                               dtype=torch.float64))
+    assert torch.equal(standardize(torch.full((4,), 0.1)), torch.zeros(4, dtype=torch.float64))
     tr = PerPromptStatTracker(history=8, min_count=2)
     out = tr(torch.tensor([1.0, 3.0, 10.0, 30.0]), ["a", "a", "b", "b"])
     torch.testing.assert_close(out, torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
@@ -573,7 +579,7 @@ def test_short_ppo_run_raises_its_reward():
         traj = policy.sample(32, generator=gen)
         reward = traj.images.mean((1, 2, 3))
         history.append(reward.mean().item())
-        ppo_update(policy, opt, traj, normalize_batch(reward), cfg, generator=gen)
+        ppo_update(UpdateBatch(policy, opt, traj, standardize(reward), cfg, gen))
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert last > first + 0.1, history
     assert math.isfinite(last)

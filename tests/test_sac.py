@@ -15,11 +15,12 @@ from config import SACConfig, SamplerConfig, config_from_dict
 from ddpm.pipeline import load_step_scales
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet
-from rl.advantages import Critic, normalize_batch
+from rl.advantages import Critic, standardize
 from rl.build import _policy_sampler, model_sampler
 from rl.policy import DiffusionPolicy
 from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_update, sac_update, soft_lambda_return,
                     soft_bellman_target, temperature_loss)
+from rl.update import UpdateBatch
 
 from .conftest import algorithm_overrides, run_script, script_error
 from .test_rl import rl_cfg
@@ -117,7 +118,7 @@ def test_short_sac_run_raises_the_reward():
         traj = policy.sample(32, generator=gen)
         reward = traj.images.flatten(1).mean(1)
         history.append(reward.mean().item())
-        stats = sac_update(policy, opt, traj, normalize_batch(reward), cfg, sac, generator=gen)
+        stats = sac_update(UpdateBatch(policy, opt, traj, standardize(reward), cfg, gen), sac)
         assert not stats.nonfinite and math.isfinite(stats.extra["critic_loss"])
     assert sum(history[-3:]) / 3 > sum(history[:3]) / 3 + 0.05, history
 

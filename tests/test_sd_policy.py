@@ -13,6 +13,7 @@ from ddpm.ddim import ddim_step_logprob
 from ddpm.stable_diffusion import build_tiny_sd, load_stable_diffusion
 from rl.ppo import ppo_update
 from rl.sd_policy import StableDiffusionPolicy
+from rl.update import UpdateBatch
 
 from .conftest import ROOT, run_script
 from .test_rl import PLAIN
@@ -60,8 +61,8 @@ def test_ppo_update_trains_only_the_adapters(tiny_sd):
     traj = policy.sample(6, generator=torch.Generator().manual_seed(1))
     cfg = config_from_dict({**PLAIN, "lr": 1e-2, "microbatch": 3, "gradient_accumulation": 2}, cls=RLConfig)
     opt = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
-    ppo_update(policy, opt, traj, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), cfg,
-               generator=torch.Generator().manual_seed(0))
+    ppo_update(UpdateBatch(policy, opt, traj, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), cfg,
+                           torch.Generator().manual_seed(0)))
     after = dict(policy.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())  # UNet, VAE, text encoder unchanged
     assert any(not torch.equal(after[n], v) for n, v in lora.items())
