@@ -35,7 +35,9 @@ import torch
 from config import load_config
 from bench.iteration import TIMES, medians, overheads, timed_iterations
 from rl.trainer import Finetuner
-from rl.trpo import draw_weights, fisher_operator, policy_gradient, state_subsamples
+from rl.fisher import fisher_operator
+from rl.states import draw_weights, state_subsamples
+from rl.trpo import policy_gradient
 from utils import PROJECT_ROOT, apply_threads
 
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",

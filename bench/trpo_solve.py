@@ -30,7 +30,10 @@ import torch
 
 from config import load_config
 from rl import trpo
+from rl.fisher import FVP_METHODS, fisher_operator
+from rl.states import STATE_DRAWS, draw_weights, state_subsamples
 from rl.trainer import Finetuner
+from rl.trust_region import conjugate_gradient, flat_params, set_flat_params
 from utils import PROJECT_ROOT, apply_threads
 
 SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd_forward:curvature",
@@ -45,10 +48,10 @@ def parse_setting(text: str) -> tuple[int, int, str, str]:
     parts = text.split(":")
     if len(parts) == 3:
         parts.append("uniform")
-    if len(parts) != 4 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in trpo.FVP_METHODS \
-            or parts[3] not in trpo.STATE_DRAWS:
+    if len(parts) != 4 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in FVP_METHODS \
+            or parts[3] not in STATE_DRAWS:
         raise SystemExit(f"error: setting {text!r} is not STATES:CG_ITERS:METHOD[:DRAW] (e.g. 32:8:fd_forward or "
-                         f"16:8:fd_forward:curvature; methods {', '.join(trpo.FVP_METHODS)}; draws {', '.join(trpo.STATE_DRAWS)})")
+                         f"16:8:fd_forward:curvature; methods {', '.join(FVP_METHODS)}; draws {', '.join(STATE_DRAWS)})")
     return int(parts[0]), int(parts[1]), parts[2], parts[3]
 
 
@@ -57,29 +60,29 @@ def score_solves(policy, traj, adv, cfg, settings, *, draws: int, seed: int) -> 
     the module docstring; θ is left at θ_old."""
     t, mb = cfg.trpo, cfg.microbatch
     params = policy.trainable_parameters()
-    theta = trpo.flat_params(params)
+    theta = flat_params(params)
     grad = trpo.policy_gradient(policy, traj, adv, microbatch=mb)
     g = grad.g
     rows = []
     for text in settings:
         n, iters, method, how = parse_setting(text)
-        weights = trpo.draw_weights(policy, how)
+        weights = draw_weights(policy, how)
         for draw in range(draws):
-            states, probe = trpo.state_subsamples(traj.num_steps, traj.batch_size, n, t.probe_states,
+            states, probe = state_subsamples(traj.num_steps, traj.batch_size, n, t.probe_states,
                                                   generator=torch.Generator().manual_seed(seed + draw),
                                                   step_weights=weights)
             mu_s = {k: grad.mu_old[k, idx] for k, idx in states.items()}
             t0 = time.perf_counter()
-            fvp = trpo.fisher_operator(policy, traj, states, mu_s, damping=t.damping, method=method)
-            cg = trpo.conjugate_gradient(fvp, g, iters=iters, tol=t.cg_tol)
+            fvp = fisher_operator(policy, traj, states, mu_s, damping=t.damping, method=method)
+            cg = conjugate_gradient(fvp, g, iters=iters, tol=t.cg_tol)
             solve_s = time.perf_counter() - t0
             del fvp
             step = math.sqrt(2 * t.max_kl / cg.xfx) * cg.x
-            trpo.set_flat_params(params, theta + step)
+            set_flat_params(params, theta + step)
             gain, kl = trpo.surrogate_and_kl(policy, traj, adv, grad.mu_old, microbatch=mb)
             probe_kl = (trpo.subsample_kl(policy, traj, probe, {k: grad.mu_old[k, i] for k, i in probe.items()})
                         if probe else None)  # none left when S is every state
-            trpo.set_flat_params(params, theta)
+            set_flat_params(params, theta)
             rows.append({"setting": text, "draw": draw, "solve_s": solve_s, "eta": float(g @ step) / math.sqrt(2 * kl),
                          "kl_over_delta": kl / t.max_kl,
                          "probe_over_exact": None if probe_kl is None else probe_kl / kl,

@@ -18,7 +18,8 @@ from rl.build import _policy_sampler, model_sampler
 from rl.modes import policy_class
 from rl.policy import DiffusionPolicy
 from rl.ppo import ppo_update, reinforce_update
-from rl.trpo import old_means, state_subsample, subsample_kl, trpo_update
+from rl.states import state_subsample
+from rl.trpo import old_means, subsample_kl, trpo_update
 from rl.update import UpdateBatch
 
 from .conftest import ROOT, run_script

@@ -10,7 +10,9 @@ import torch
 
 from config import load_config
 from rl.ppo import ppo_update
-from rl.trpo import fisher_vector_product, old_means, state_subsample
+from rl.fisher import fisher_vector_product
+from rl.states import state_subsample
+from rl.trpo import old_means
 from rl.update import UpdateBatch
 from utils import CraterdiffError, setup_precision
 

@@ -14,9 +14,11 @@ from rl.advantages import PerPromptStatTracker, gae, standardize
 from rl.objectives import approx_kl, gaussian_kl
 from rl.policy import DiffusionPolicy
 from rl.ppo import ppo_clip_loss, ppo_update, reinforce_update, trajectory_log_ratio
+from rl.fisher import fisher_vector_product
+from rl.states import state_subsample
+from rl.trpo import old_means, subsample_kl, trpo_update
+from rl.trust_region import backtracking_line_search, conjugate_gradient, flat_params, set_flat_params
 from rl.update import UpdateBatch, kl_base_coefficients, w_k
-from rl.trpo import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_params,
-                     old_means, set_flat_params, state_subsample, subsample_kl, trpo_update)
 
 
 
@@ -321,7 +323,7 @@ def test_line_search_pass_stops_once_the_kl_is_past_the_limit():
 def test_kl_line_search_rule_aims_at_the_trust_region_edge():
     """rule 'kl': a try over the region is shrunk to KEEP·sqrt(δ/KL) of itself, so a KL quadratic in the step
     (8δ·f²) is inside on the second try, at the fraction KEEP·sqrt(1/8), where 'geometric' needs a third."""
-    from rl.trpo import KEEP
+    from rl.trust_region import KEEP
 
     state = {"frac": None}
     quadratic = lambda: (state["frac"], 8e-3 * state["frac"] ** 2)  # noqa: E731
@@ -347,7 +349,7 @@ def test_kl_line_search_rule_aims_at_the_trust_region_edge():
 
 
 def test_state_subsamples_keep_s_and_draw_a_disjoint_probe():
-    from rl.trpo import state_subsamples
+    from rl.states import state_subsamples
 
     flat = lambda d: {k * 4 + i for k, idx in d.items() for i in idx.tolist()}  # noqa: E731
     for n, n_probe in [(6, 5), (10, 100), (0, 5), (3, 0)]:
@@ -361,7 +363,7 @@ def test_state_subsamples_keep_s_and_draw_a_disjoint_probe():
 def test_allocate_takes_the_largest_quotients_above_one_state_a_step():
     """D'Hondt with a floor of one: the n − T states after the first of each step go to the n − T largest quotients
     w_k / j, j = 2 … cap_k (brute force), so n_k ∝ w_k where the floor and caps do not bind."""
-    from rl.trpo import allocate
+    from rl.states import allocate
 
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -380,7 +382,7 @@ def test_stratified_draw_is_unbiased_disjoint_and_beats_the_uniform_one():
     """Σ_k w_k Σ_{i∈S_k} x_{k,i} estimates the batch mean without bias under both draws; with values whose scale
     follows the step weights (as each step's KL follows 1/σ̃_k²) the stratified draw's variance is far smaller.
     S' is disjoint from S and stratified alike."""
-    from rl.trpo import allocate, state_subsamples
+    from rl.states import allocate, state_subsamples
 
     T, B, n, n_probe = 4, 16, 10, 8
     w = [1.0, 3.0, 10.0, 60.0]
@@ -413,7 +415,7 @@ def test_forward_difference_base_point_is_the_graphs_own_output():
     no-grad pass at θ that μ(θ + hv) is compared with gives the same bits."""
     from torch.func import functional_call
 
-    from rl.trpo import _StepMean
+    from rl.fisher import _StepMean
 
     policy = tiny_policy()
     traj = policy.sample(4, generator=torch.Generator().manual_seed(0))
@@ -430,7 +432,9 @@ def test_forward_difference_base_point_is_the_graphs_own_output():
 def test_probe_aims_the_first_try_at_the_trust_region_edge():
     """In the quadratic regime (a small step) the probe's fraction f_0 puts the KL on S' at KEEP² δ, whatever
     the full step's KL; a full step already inside keeps f_0 = 1; θ is left at θ_old."""
-    from rl.trpo import KEEP, probe_fraction, policy_gradient, state_subsamples
+    from rl.states import state_subsamples
+    from rl.trpo import policy_gradient, probe_fraction
+    from rl.trust_region import KEEP
 
     policy = tiny_policy()
     params = policy.trainable_parameters()
@@ -480,7 +484,7 @@ def test_probe_saves_line_search_passes_and_keeps_the_trust_region():
 
 def test_trpo_update_draws_its_states_by_step_and_keeps_the_trust_region(monkeypatch):
     """state_draw curvature: S and S' are drawn with the weights 1/σ̃_k², and every accepted step is within δ."""
-    from rl import trpo
+    from rl import states, trpo
 
     policy = tiny_policy()
     params = policy.trainable_parameters()
@@ -498,9 +502,9 @@ def test_trpo_update_draws_its_states_by_step_and_keeps_the_trust_region(monkeyp
         set_flat_params(params, theta)
     expected = [1 / policy.sigma_tilde(k) ** 2 for k in range(policy.num_actions)]
     assert draws == [expected] * 3 and expected[-1] > expected[0]
-    assert trpo.draw_weights(policy, "uniform") is None
+    assert states.draw_weights(policy, "uniform") is None
     with pytest.raises(ValueError, match="unknown state draw 'step'; choose one of uniform, curvature"):
-        trpo.draw_weights(policy, "step")
+        states.draw_weights(policy, "step")
 
 
 def test_every_accepted_trpo_step_is_inside_the_trust_region():
@@ -592,7 +596,8 @@ def test_gauss_newton_fisher_product_equals_the_double_backward_hessian_product(
     S weighted as the draw weighs it (1/|S| uniform; 1/(T·|S_k|) stratified by step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from rl.trpo import draw_weights, fisher_operator, state_subsamples
+    from rl.fisher import fisher_operator
+    from rl.states import draw_weights, state_subsamples
 
     policy = tiny_policy()
     params = policy.trainable_parameters()
