@@ -322,24 +322,43 @@ def pool_sizes(sizes: Mapping[str, list[Found]], groups: Mapping[str, Sequence[s
     return {**out, **{m: d for m, d in sizes.items() if m not in grouped}}
 
 
-def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None = None, run_dir: Path | None = None,
-                 progress: bool = True, groups: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
-    `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json). `groups` (name -> model
-    names) pools each group's models into one line of the size-frequency figures (`pool_sizes`)."""
-    from reward.features import extract_features
-    from rl.build import model_sampler
+@dataclass
+class EvalSplits:
+    """What every stage of `evaluate_run` reads: the settings, where it writes, and the real splits."""
+    cfg: Config
+    run_dir: Path
+    out: Path
+    device: torch.device
+    heldout: ImageSet
+    train: ImageSet
+    n_gen: int    # generated images per model and seed
+    n_real: int   # held-out images per seed
+    n_train: int  # train images per seed (the ceiling row)
+    progress: bool = True
 
-    t_start = time.perf_counter()
-    ev = cfg.eval
-    check_eval(ev)
-    run_dir = run_dir or default_run_dir(cfg)
+    def heldout_at(self, seed: int) -> Tensor:
+        """The held-out images of sampling seed `seed` (its own subset when n < the split)."""
+        return self.heldout.images[_subset(len(self.heldout), self.n_real, seed)]
+
+    def train_at(self, seed: int) -> Tensor:
+        return self.train.images[_subset(len(self.train), self.n_train, seed)]
+
+    @property
+    def heldout_km(self) -> np.ndarray | None:
+        """The held-out tiles' catalogue diameters (km), None when the data carry none."""
+        d = self.heldout.diameters_km
+        return d.double().numpy() if d is not None else None
+
+
+def eval_splits(cfg: Config, run_dir: Path, out: Path | None, progress: bool) -> EvalSplits:
+    """Check the evaluation settings and the splits, create the report directory: all before any work."""
+    check_eval(cfg.eval)
     out = Path(out) if out else run_dir / "eval"
-    device = resolve_device(cfg.device)
-    heldout = load_image_set(cfg.data, "heldout")
-    train = load_image_set(cfg.data, "train")
-    n_gen, n_real, n_train = ev.n, min(ev.n, len(heldout)), min(ev.n, len(train))
-    if min(n_real, n_train) < MIN_IMAGES:
+    heldout, train = load_image_set(cfg.data, "heldout"), load_image_set(cfg.data, "train")
+    ev = cfg.eval
+    splits = EvalSplits(cfg, run_dir, out, resolve_device(cfg.device), heldout, train, ev.n, min(ev.n, len(heldout)),
+                        min(ev.n, len(train)), progress)
+    if min(splits.n_real, splits.n_train) < MIN_IMAGES:
         raise CraterdiffError(f"the held-out and train splits need at least {MIN_IMAGES} images each for the metrics, "
                               f"got {len(heldout)} and {len(train)}")
     try:
@@ -347,98 +366,100 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     except OSError as e:
         raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
             from None
-    extractors = {name: _build_extractor(cfg, name, device) for name in ev.extractors}  # fail early on bad names
-    instruments = instruments_for(train)
-    heldout_km = heldout.diameters_km.double().numpy() if heldout.diameters_km is not None else None
-    large = (heldout.diameters_km >= LARGE_KM) if heldout.diameters_km is not None else None
+    return splits
 
-    # 1. samples: every model, every seed, the same seeds
-    timings: dict[str, float] = {}
-    samples: dict[str, dict[int, Tensor]] = {}
+
+Samples = dict[str, dict[int, Tensor]]
+"""{set name: {sampling seed: images (n, C, H, W)}}."""
+
+
+def sample_models(sp: EvalSplits, models: Sequence[ModelSpec], timings: dict[str, float]) -> Samples:
+    """Every model's images at every sampling seed (the same seeds for all), then the texture-only row: the seed's
+    held-out subset phase-scrambled with that seed."""
+    from rl.build import model_sampler
+
+    samples: Samples = {}
     for spec in models:
         t0 = time.perf_counter()
-        sample = model_sampler(cfg, spec.path, device)
-        samples[spec.name] = {}
-        for seed in tqdm(ev.seeds, desc=f"sampling {spec.name}", disable=not progress, leave=False):
-            samples[spec.name][seed] = sample(n_gen, torch.Generator().manual_seed(int(seed))).cpu()
+        sample = model_sampler(sp.cfg, spec.path, sp.device)
+        samples[spec.name] = {seed: sample(sp.n_gen, torch.Generator().manual_seed(int(seed))).cpu()
+                              for seed in tqdm(sp.cfg.eval.seeds, desc=f"sampling {spec.name}",
+                                               disable=not sp.progress, leave=False)}
         del sample
         timings[f"sample_{spec.name}_s"] = time.perf_counter() - t0
-    samples[TEXTURE] = {seed: phase_scramble(heldout.images[_subset(len(heldout), n_real, seed)],
-                                             torch.Generator().manual_seed(int(seed))) for seed in ev.seeds}
+    samples[TEXTURE] = {seed: phase_scramble(sp.heldout_at(seed), torch.Generator().manual_seed(int(seed)))
+                        for seed in sp.cfg.eval.seeds}
+    return samples
 
-    # 2. metrics: every extractor, seed, model; plus the ceiling (train split vs held-out)
-    t0 = time.perf_counter()
-    per_seed: dict[str, dict[str, list[dict]]] = {m: {} for m in [*samples, CEILING]}
-    coverage_large: dict[str, dict[str, list[float]]] = {m: {} for m in [*samples, CEILING]}
-    tsne_sets: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
-    fb = cfg.reward.features.batch_size
+
+@dataclass
+class Scores:
+    """Per set and extractor, the per-seed `evaluate_features` dicts and the coverage of the held-out craters
+    ≥ 100 km; per extractor, the first seed's features for the t-SNE (held-out, {set: generated})."""
+    per_seed: dict[str, dict[str, list[dict]]]
+    coverage_large: dict[str, dict[str, list[float]]]
+    tsne_sets: dict[str, tuple[Tensor, dict[str, Tensor]]]
+
+
+def score_sets(sp: EvalSplits, extractors: Mapping, samples: Samples) -> Scores:
+    """Every extractor, seed and set against the seed's held-out subset, plus the ceiling (the train split)."""
+    from reward.features import extract_features
+
+    ev, fb = sp.cfg.eval, sp.cfg.reward.features.batch_size
+    large = (sp.heldout.diameters_km >= LARGE_KM) if sp.heldout.diameters_km is not None else None
+    scores = Scores({m: {} for m in [*samples, CEILING]}, {m: {} for m in [*samples, CEILING]}, {})
     for ex_name, extractor in extractors.items():
-        f_held = extract_features(extractor, heldout.images, batch_size=fb)
-        f_train = extract_features(extractor, train.images, batch_size=fb)
+        f_held = extract_features(extractor, sp.heldout.images, batch_size=fb)
+        f_train = extract_features(extractor, sp.train.images, batch_size=fb)
         for seed in ev.seeds:
-            held_idx = _subset(len(heldout), n_real, seed)
+            held_idx = _subset(len(sp.heldout), sp.n_real, seed)
             real = f_held[held_idx]
             mask = large[held_idx] if large is not None and bool(large[held_idx].any()) else None
             kw = dict(features=ex_name, seed=int(seed), kid_subsets=ev.kid_subsets, n_modes=ev.n_modes)
             gens = {m: extract_features(extractor, s[seed], batch_size=fb) for m, s in samples.items()}
-            ceiling = f_train[_subset(len(train), n_train, seed)]
+            ceiling = f_train[_subset(len(sp.train), sp.n_train, seed)]
             for m, g in {**gens, CEILING: ceiling}.items():
-                per_seed[m].setdefault(ex_name, []).append(evaluate_features(real, g, **kw))
+                scores.per_seed[m].setdefault(ex_name, []).append(evaluate_features(real, g, **kw))
                 if mask is not None:
-                    coverage_large[m].setdefault(ex_name, []).append(subset_coverage(real, g, mask))
+                    scores.coverage_large[m].setdefault(ex_name, []).append(subset_coverage(real, g, mask))
             if seed == ev.seeds[0]:
-                tsne_sets[ex_name] = (real, gens)
-        if progress:
+                scores.tsne_sets[ex_name] = (real, gens)
+        if sp.progress:
             tqdm.write(f"scored {len(samples)} models and the ceiling in {ex_name} features")
-    timings["metrics_s"] = time.perf_counter() - t0
+    return scores
 
-    report: dict = {
-        "title": f"craterdiff evaluation: {cfg.name}",
-        "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in per_seed.items()},
-    }
 
-    # 3. crater sizes by both detectors, each against the held-out tiles measured by the same detector; fine detail
-    t0 = time.perf_counter()
-    sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
-    sets[CEILING] = [train.images[_subset(len(train), n_train, seed)] for seed in ev.seeds]
-    measures = None
-    craterless = craterless_sets(heldout.images)  # the validation sets of the size instruments and the realism scorer
-    if instruments is not None:
-        measures = measure_sizes(instruments, sets, heldout.images)
-        report["sizes"] = size_report(instruments, measures, heldout.images, heldout_km, craterless, coverage_large)
-    report["detail"] = detail_report(sets, heldout.images)
-    report["texture_check"] = texture_check(report)
-    timings["sizes_s"] = time.perf_counter() - t0
+def realism_report(realism, samples: Samples, heldout: Tensor, craterless: Mapping[str, Tensor],
+                   seeds: Sequence[int]) -> dict:
+    """report["realism_logit"] (mean logit per set, over seeds, and the real held-out tiles') and
+    report["realism_validation"], from the reward artifact's scorer."""
+    validation = realism_validation(realism.realism_logits, heldout, craterless)
+    logits = {m: summarize([float(realism.realism_logits(s[seed]).mean()) for seed in seeds]) for m, s in samples.items()}
+    logits["heldout_real"] = summarize([validation["sets"]["real held-out"]["mean_logit"]])
+    return {"realism_logit": logits, "realism_validation": validation}
 
-    # 4. realism logits (the run's reward artifact)
-    realism, artifact = _realism_model(cfg, run_dir, device)
-    if realism is not None:
-        validation = realism_validation(realism.realism_logits, heldout.images, craterless)
-        rl_logits = {m: summarize([float(realism.realism_logits(s[seed]).mean()) for seed in ev.seeds])
-                     for m, s in samples.items()}
-        rl_logits["heldout_real"] = summarize([validation["sets"]["real held-out"]["mean_logit"]])
-        report["realism_logit"] = rl_logits
-        report["realism_validation"] = validation
 
-    # 5. figures
-    t0 = time.perf_counter()
-    images: dict[str, Path] = {}
-    first = ev.seeds[0]
-    images["held-out craters (real)"] = save_image_grid(heldout.images[_subset(len(heldout), n_real, first)][:64],
-                                                        out / "samples_heldout.png", scale=2)
+def run_figures(sp: EvalSplits, models: Sequence[ModelSpec], samples: Samples, sets: Mapping[str, list[Tensor]],
+                measures: Mapping[str, dict] | None, scores: Scores, groups: Mapping[str, Sequence[str]] | None
+                ) -> dict[str, Path]:
+    """Sample grids (held-out and each set, first seed), the size figures and largest-crater grids, the power
+    spectrum, one t-SNE per extractor and each run's training curves; {caption: file}."""
+    out, first = sp.out, sp.cfg.eval.seeds[0]
+    images = {"held-out craters (real)": save_image_grid(sp.heldout_at(first)[:64], out / "samples_heldout.png",
+                                                         scale=2)}
     for m, s in samples.items():
         images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
                                                                  scale=2)
     if measures is not None:
-        images.update(size_figures_and_grids(measures, sets, heldout.images, heldout_km, groups, out))
+        images.update(size_figures_and_grids(measures, sets, sp.heldout.images, sp.heldout_km, groups, out))
     images["radially averaged power spectrum"] = spectrum_plot(
-        {"held-out (real)": heldout.images, **{m: torch.cat(xs) for m, xs in sets.items()}}, out / "spectrum.png")
-    if ev.tsne:
-        for ex_name, (real, gens) in tsne_sets.items():
+        {"held-out (real)": sp.heldout.images, **{m: torch.cat(xs) for m, xs in sets.items()}}, out / "spectrum.png")
+    if sp.cfg.eval.tsne:
+        for ex_name, (real, gens) in scores.tsne_sets.items():
             images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
                 real, gens, out / f"tsne_{_file_name(ex_name)}.png", seed=int(first),
                 title=f"t-SNE of {ex_name} features (seed {first})")
-    curves = {FINETUNED: run_dir / "metrics.csv"}
+    curves = {FINETUNED: sp.run_dir / "metrics.csv"}
     for spec in models:
         if spec.name != BASE:
             curves.setdefault(spec.name, spec.path.parent / "metrics.csv")
@@ -447,42 +468,93 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
             p = training_curves(csv_path, out / f"curves_{_file_name(m)}.png", title=f"training: {m} ({csv_path.parent})")
             if p is not None:
                 images[f"training curves: {m}"] = p
-    timings["figures_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    return images
 
-    report["settings"] = {
+
+def run_settings(sp: EvalSplits, models: Sequence[ModelSpec], extractors: Mapping, artifact: Path | None,
+                 timings: Mapping[str, float]) -> dict:
+    """report["settings"]: what was compared, with which settings, and how long each stage took."""
+    cfg, ev = sp.cfg, sp.cfg.eval
+    return {
         "config": cfg.name,
-        "run_dir": str(run_dir),
+        "run_dir": str(sp.run_dir),
         "models": {s.name: str(s.path) for s in models},
-        "reference": f"held-out split of data.source={cfg.data.source} ({len(heldout)} images)",
-        "ceiling": f"{CEILING}: the train split ({len(train)} images, {n_train} per seed) against the held-out split",
-        "n_generated": n_gen,
-        "n_real": n_real,
+        "reference": f"held-out split of data.source={cfg.data.source} ({len(sp.heldout)} images)",
+        "ceiling": f"{CEILING}: the train split ({len(sp.train)} images, {sp.n_train} per seed) against the held-out "
+                   f"split",
+        "n_generated": sp.n_gen,
+        "n_real": sp.n_real,
         "seeds": list(ev.seeds),
         "extractors": list(ev.extractors),
         "extractor_input_sizes": {k: e.input_size for k, e in extractors.items()},
         "kid_subsets": ev.kid_subsets,
-        "n_modes": min(ev.n_modes, n_real),
+        "n_modes": min(ev.n_modes, sp.n_real),
         "sampler": {"num_steps": cfg.sampler.num_steps, "eta": cfg.sampler.eta},
         "reward_extractor": cfg.reward.features.name,
-        "realism_artifact": str(artifact) if realism is not None else None,
-        "device": str(device),
+        "realism_artifact": str(artifact) if artifact is not None else None,
+        "device": str(sp.device),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    report["caveats"] = [f"{CEILING} is the ceiling: real train craters against real held-out craters.",
-                         f"{TEXTURE} is the texture-only reference: the held-out tiles with their Fourier phases "
-                         f"scrambled (same texture, no crater). A model that beats the base only where this row "
-                         f"does as well has gained texture, not craters.",
-                         f"'{cfg.reward.features.name}' is the reward's own feature space: a gain seen only there may "
-                         f"be the reward being gamed; check the other extractors."]
+
+
+def run_caveats(cfg: Config, realism_met: bool | None) -> list[str]:
+    """report["caveats"]: how to read the reference rows, the reward's own feature space and the realism logit
+    (`realism_met`: its validation's verdict; None without a scorer)."""
+    caveats = [f"{CEILING} is the ceiling: real train craters against real held-out craters.",
+               f"{TEXTURE} is the texture-only reference: the held-out tiles with their Fourier phases "
+               f"scrambled (same texture, no crater). A model that beats the base only where this row "
+               f"does as well has gained texture, not craters.",
+               f"'{cfg.reward.features.name}' is the reward's own feature space: a gain seen only there may "
+               f"be the reward being gamed; check the other extractors."]
+    if realism_met is not None:
+        caveats.append("realism logit: the reward artifact's scorer (trained on train-split craters vs. base "
+                       "samples); heldout_real is its mean on the real held-out craters."
+                       + ("" if realism_met else
+                          " It calls craterless tiles real (validation table), so it is no judge of "
+                          "craters, and a realism reward built on it would pay for texture."))
+    return caveats
+
+
+def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None = None, run_dir: Path | None = None,
+                 progress: bool = True, groups: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Evaluate `models` against the held-out split as configured by `cfg.eval`; write the report to
+    `out` (default <run_dir>/eval). Returns the report dict (also in out/report.json). `groups` (name -> model
+    names) pools each group's models into one line of the size-frequency figures (`pool_sizes`)."""
+    t_start = time.perf_counter()
+    sp = eval_splits(cfg, run_dir or default_run_dir(cfg), out, progress)
+    ev = cfg.eval
+    extractors = {name: _build_extractor(cfg, name, sp.device) for name in ev.extractors}  # fail early on bad names
+    timings: dict[str, float] = {}
+    samples = sample_models(sp, models, timings)                                            # 1. samples
+    t0 = time.perf_counter()
+    scores = score_sets(sp, extractors, samples)                                            # 2. metrics
+    timings["metrics_s"] = time.perf_counter() - t0
+    report: dict = {"title": f"craterdiff evaluation: {cfg.name}",
+                    "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in scores.per_seed.items()}}
+    # 3. crater sizes by both detectors, each against the held-out tiles measured by the same detector; fine detail
+    t0 = time.perf_counter()
+    sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
+    sets[CEILING] = [sp.train_at(seed) for seed in ev.seeds]
+    instruments, measures = instruments_for(sp.train), None
+    craterless = craterless_sets(sp.heldout.images)  # the validation sets of the size instruments and the realism scorer
+    if instruments is not None:
+        measures = measure_sizes(instruments, sets, sp.heldout.images)
+        report["sizes"] = size_report(instruments, measures, sp.heldout.images, sp.heldout_km, craterless,
+                                      scores.coverage_large)
+    report["detail"] = detail_report(sets, sp.heldout.images)
+    report["texture_check"] = texture_check(report)
+    timings["sizes_s"] = time.perf_counter() - t0
+    realism, artifact = _realism_model(cfg, sp.run_dir, sp.device)                          # 4. realism
     if realism is not None:
-        report["caveats"].append("realism logit: the reward artifact's scorer (trained on train-split craters vs. base "
-                                 "samples); heldout_real is its mean on the real held-out craters."
-                                 + ("" if report["realism_validation"]["met"] else
-                                    " It calls craterless tiles real (validation table), so it is no judge of "
-                                    "craters, and a realism reward built on it would pay for texture."))
+        report.update(realism_report(realism, samples, sp.heldout.images, craterless, ev.seeds))
+    t0 = time.perf_counter()
+    images = run_figures(sp, models, samples, sets, measures, scores, groups)              # 5. figures
+    timings["figures_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    report["settings"] = run_settings(sp, models, extractors, artifact if realism is not None else None, timings)
+    report["caveats"] = run_caveats(cfg, report["realism_validation"]["met"] if realism is not None else None)
     report["config"] = config_to_dict(cfg)
-    write_report(out, report, images)
+    write_report(sp.out, report, images)
     return report
 
 
