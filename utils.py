@@ -448,13 +448,15 @@ def _fmt(v: Any) -> Any:
 # Script entry points
 # ----------------------------------------------------------------------------------------------
 
-def script_parser(description: str, *, cfg_required: bool = True, resume: bool = False) -> argparse.ArgumentParser:
-    """The arguments every script shares: --cfg, --set, --out; --resume for those that checkpoint (`resume`)."""
+def script_parser(description: str, *, cfg_required: bool = True, resume: bool = False,
+                  out_help: str = "run directory (default runs/<config name>)") -> argparse.ArgumentParser:
+    """The arguments every script shares: --cfg, --set, --out (`out_help` says what it is for this script); --resume
+    for those that checkpoint (`resume`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--cfg", required=cfg_required, help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set pretrain.lr=3e-4 (repeatable)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--out", default=None, help=out_help)
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     return p

@@ -22,7 +22,8 @@ from utils import CraterdiffError, apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = script_parser(__doc__, cfg_required=False)
+    p = script_parser(__doc__, cfg_required=False,
+                      out_help="report directory (default <run directory>/eval; required with --real/--generated)")
     p.add_argument("--model", dest="extra_models", action="append", default=[], metavar="NAME=PATH",
                    help="another saved pipeline to evaluate, e.g. --model trpo=runs/trpo/model (repeatable)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",

@@ -16,7 +16,8 @@ from utils import CraterdiffError, resolve_path, run_main, save_image_grid, scri
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = script_parser(__doc__).parse_args(argv)
+    p = script_parser(__doc__, out_help="where the tiles and metadata.csv go (default data.out_dir)")
+    args = p.parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     d = cfg.dataset
     if len(d.percentiles) != 2 or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100:

@@ -16,7 +16,7 @@ from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, resolve_device,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = script_parser(__doc__, cfg_required=False)
+    p = script_parser(__doc__, cfg_required=False, out_help="where the PNGs and grid.png go (default runs/samples)")
     p.add_argument("--ckpt", required=True, help="saved model directory or pretraining checkpoint")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")

@@ -12,7 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers  # noqa: F401  (see below)
 import pytest
+
+# diffusers' log handler takes sys.stderr when diffusers is imported: imported here, that is the session's stream, not
+# the capsys stream of whichever test imports it first, which closes after that test (its later warnings then fail).
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +94,8 @@ def script_env(**extra: str) -> dict[str, str]:
 
 
 TIMEOUT_SCALE = float(os.environ.get("CRATERDIFF_TIMEOUT_SCALE", "3"))
-"""Every launch's guard time is multiplied by this: a loaded machine (a 2-step 64 px pretraining once took over
-600 s beside two training runs) must not turn into a red suite; a hung launch still stops."""
+"""Every launch's guard time is multiplied by this: a loaded or slower machine must not turn into a red suite; a hung
+launch still stops, and prints where it hung."""
 
 
 def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

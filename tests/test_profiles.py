@@ -83,7 +83,8 @@ def test_sd_profiles_run_on_the_cpu_once_shrunk(tmp_path, tiny_sd, name):
 
 
 def test_ddpm64_profile_pretrains_and_finetunes_on_the_cpu_once_shrunk(tmp_path):
-    # fp32: bf16 on a CPU without native bf16 is emulated (one step 57 s against 2 s); the h100 test covers bf16
+    # fp32: bf16 on a CPU without native bf16 is emulated, tens of times slower (docs/design.md, "Scale");
+    # the h100 test covers bf16
     small = [*SMALL, "precision=fp32", "data.image_size=64", "pretrain.steps=2", "pretrain.batch_size=2",
              "pretrain.sample_every=100"]
     proc = run_script("scripts.pretrain_ddpm", "--cfg", CONFIGS / "ddpm64.yaml", "--out", tmp_path / "base",
