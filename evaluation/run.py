@@ -157,6 +157,15 @@ def _subset(n_total: int, n: int, seed: int) -> Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(10_000 + seed))[:n].sort().values
 
 
+def report_dir(out: Path) -> None:
+    """Create the report directory, or fail with one line before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
+            from None
+
+
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -361,11 +370,7 @@ def eval_splits(cfg: Config, run_dir: Path, out: Path | None, progress: bool) ->
     if min(splits.n_real, splits.n_train) < MIN_IMAGES:
         raise CraterdiffError(f"the held-out and train splits need at least {MIN_IMAGES} images each for the metrics, "
                               f"got {len(heldout)} and {len(train)}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
-            from None
+    report_dir(out)
     return splits
 
 
@@ -579,40 +584,18 @@ def realism_validation(logits, heldout: Tensor, craterless: Mapping[str, Tensor]
 # Folder mode
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features: Sequence[str],
-                     ev: EvalConfig = EvalConfig(), device: str = "auto", seed: int = 0) -> dict:
-    """Score the images of `generated_dir` against those of `real_dir` (all of each, any size, RGB or
-    grayscale: loaded as 3 channels at each extractor's input size) in every extractor of
-    `features`; one row ("generated"). Writes grids, t-SNE (if `ev.tsne`) and the report to `out`."""
+def score_folders(real_dir: Path, generated_dir: Path, out: Path, extractors: Mapping, ev: EvalConfig, seed: int,
+                  large: Tensor | None) -> tuple[dict, dict, dict, dict[str, Path]]:
+    """Both folders (3 channels at each extractor's input size) and the texture-only row in every extractor: returns
+    report["models"], the coverage of the real craters ≥ 100 km per row (`large`: their mask, None without
+    diameters), the image counts, and the sample grids and t-SNE plots."""
     from data.datasets import load_image_folder
-    from reward.features import build_extractor, extract_features
+    from reward.features import extract_features
 
-    t_start = time.perf_counter()
-    if not features:
-        raise CraterdiffError("--features: give at least one extractor name")
-    dev = resolve_device(device)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CraterdiffError(f"cannot write to the report directory '{out}' ({e.strerror}); choose another --out") \
-            from None
-    report: dict = {"title": f"craterdiff evaluation: {generated_dir} vs {real_dir}", "models": {"generated": {}}}
+    models: dict = {"generated": {}, TEXTURE: {}}
+    coverage: dict = {"generated": {}, TEXTURE: {}}
     images: dict[str, Path] = {}
-    counts = {}
-    # every extractor first, so that a bad name fails before any image is read
-    extractors = {n: build_extractor(n, input_size=ev.input_size, seed=seed, device=dev) for n in dict.fromkeys(features)}
-    # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instruments are
-    # calibrated on the embedded Mars set's train split (the same 320 km tiles) and validated on the real folder
-    real_small, real_files = load_image_folder(real_dir, size=32, channels=1)
-    real_km, why = folder_diameters(real_dir, real_files)
-    instruments = coverage = None
-    if real_km is None:
-        tqdm.write(f"size figures skipped: {why} (columns file, diameter_km)")
-    else:
-        instruments = instruments_for(load_image_set(MARS_32, "train"))
-        coverage = {"generated": {}, TEXTURE: {}}
-        large = torch.from_numpy(real_km >= LARGE_KM)
-    report["models"][TEXTURE] = {}
+    counts: dict = {}
     for ex_name, extractor in extractors.items():
         size = extractor.input_size
         real_img, _ = load_image_folder(real_dir, size=size, channels=3)  # the same sorted files as real_files
@@ -628,16 +611,43 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
         for name, gen in rows.items():
             r = evaluate_features(real, gen, features=ex_name, seed=seed, kid_subsets=ev.kid_subsets,
                                   n_modes=ev.n_modes)
-            report["models"][name][ex_name] = _aggregate([r])
-            if coverage is not None and bool(large.any()):
+            models[name][ex_name] = _aggregate([r])
+            if large is not None and bool(large.any()):
                 coverage[name][ex_name] = [subset_coverage(real, gen, large)]
-        gen = rows["generated"]
         if not images:
             images["real"] = save_image_grid(real_img[:64], out / "samples_real.png")
             images["generated"] = save_image_grid(gen_img[:64], out / "samples_generated.png")
         if ev.tsne:
-            images[f"t-SNE, {ex_name} features"] = tsne_plot(real, {"generated": gen},
+            images[f"t-SNE, {ex_name} features"] = tsne_plot(real, {"generated": rows["generated"]},
                                                              out / f"tsne_{_file_name(ex_name)}.png", seed=seed)
+    return models, coverage, counts, images
+
+
+def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features: Sequence[str],
+                     ev: EvalConfig = EvalConfig(), device: str = "auto", seed: int = 0) -> dict:
+    """Score the images of `generated_dir` against those of `real_dir` (all of each, any size, RGB or
+    grayscale: loaded as 3 channels at each extractor's input size) in every extractor of
+    `features`; one row ("generated"). Writes grids, t-SNE (if `ev.tsne`) and the report to `out`."""
+    from data.datasets import load_image_folder
+    from reward.features import build_extractor
+
+    t_start = time.perf_counter()
+    if not features:
+        raise CraterdiffError("--features: give at least one extractor name")
+    dev = resolve_device(device)
+    report_dir(out)
+    # every extractor first, so that a bad name fails before any image is read
+    extractors = {n: build_extractor(n, input_size=ev.input_size, seed=seed, device=dev) for n in dict.fromkeys(features)}
+    # crater sizes, when the real folder's metadata.csv gives each image's diameter: the instruments are
+    # calibrated on the embedded Mars set's train split (the same 320 km tiles) and validated on the real folder
+    real_small, real_files = load_image_folder(real_dir, size=32, channels=1)
+    real_km, why = folder_diameters(real_dir, real_files)
+    if real_km is None:
+        tqdm.write(f"size figures skipped: {why} (columns file, diameter_km)")
+    instruments = instruments_for(load_image_set(MARS_32, "train")) if real_km is not None else None
+    large = torch.from_numpy(real_km >= LARGE_KM) if real_km is not None else None
+    models, coverage, counts, images = score_folders(real_dir, generated_dir, out, extractors, ev, seed, large)
+    report: dict = {"title": f"craterdiff evaluation: {generated_dir} vs {real_dir}", "models": models}
     gen_small, _ = load_image_folder(generated_dir, size=32, channels=1)
     sets = {"generated": [gen_small], TEXTURE: [phase_scramble(real_small, torch.Generator().manual_seed(seed))]}
     if instruments is not None:

@@ -40,7 +40,8 @@ from rl.fisher import fisher_operator
 from rl.objectives import gaussian_kl
 from rl.policy import DiffusionPolicy
 from rl.states import StateSample, draw_weights, state_subsample, state_subsamples
-from rl.trust_region import KEEP, backtracking_line_search, conjugate_gradient, flat_grad, flat_params, set_flat_params
+from rl.trust_region import (KEEP, LineSearchResult, backtracking_line_search, conjugate_gradient, flat_grad,
+                             flat_params, set_flat_params)
 from rl.update import UpdateBatch, UpdateStats, adv_at, clip_and_step
 
 
@@ -201,15 +202,20 @@ def trpo_update(batch: UpdateBatch, state: None = None) -> UpdateStats:
         max_kl=t.max_kl, coeff=t.backtrack_coeff, max_iters=t.backtrack_iters, accept_ratio=t.accept_ratio,
         rule=t.backtrack, first=first)
     clock.append(time.perf_counter())
-    step_norm = float(full_step.norm()) * ls.step_fraction
+    extra = {"cg_residual": residual, "cg_iters": float(cg.iters), "first_fraction": first,
+             **({"probe_kl": probe_kl} if math.isfinite(probe_kl) else {}),
+             "time_gradient_s": clock[1] - clock[0], "time_cg_s": clock[2] - clock[1],
+             "time_line_search_s": clock[3] - clock[2]}
+    return step_stats(ls, base, g, float(full_step.norm()), extra)
+
+
+def step_stats(ls: LineSearchResult, base: float, g: Tensor, full_norm: float, extra: dict[str, float]) -> UpdateStats:
+    """The statistics of one TRPO step from its line search (`base`: L(θ_old); `full_norm`: ‖β s‖), with `extra`."""
     return UpdateStats(loss=-(base + (ls.improvement if ls.accepted else 0.0)), kl=ls.kl if ls.accepted else 0.0,
                        grad_norm=float(g.norm()), optimizer_steps=int(ls.accepted),
                        extra={"accepted": float(ls.accepted), "backtrack_iters": float(ls.iters),
-                              "step_size": step_norm, "cg_residual": residual, "cg_iters": float(cg.iters),
-                              "expected_improve": ls.expected, "improvement": ls.improvement,
-                              "line_search_kl": ls.kl, "first_fraction": first,
-                              **({"probe_kl": probe_kl} if math.isfinite(probe_kl) else {}),
-                              "time_gradient_s": clock[1] - clock[0], "time_cg_s": clock[2] - clock[1], "time_line_search_s": clock[3] - clock[2]})
+                              "step_size": full_norm * ls.step_fraction, "expected_improve": ls.expected,
+                              "improvement": ls.improvement, "line_search_kl": ls.kl, **extra})
 
 
 @dataclass
