@@ -11,8 +11,14 @@ For a ring of radius R about the tile centre (a Gaussian annulus w_R, width max(
     found(x) = p ≤ α,  p = (1 + #{s : max_R z_s ≥ max_R z}) / (S + 1)       the surrogate test (Theiler 1992)
     d̂(x) = κ · 2 R*,  R* = argmax_R z(R) refined by a parabola in log R
 
-The null comes from the tile's own surrogates, so it is exact for any texture: a craterless tile is called
-a crater with probability α. κ, the one fitted number, maps the ring of steepest radial shading (the inner
+`statistic: opposite` asks for the rim on both sides of the centre: with c_j(R) the same ratio on the angular
+sector j alone (K sectors, sector j centred at the angle 2πj/K),
+
+    c(R) = max_{j < K/2} min(c_j(R), c_{j+K/2}(R))                  the weaker of two opposite sides, best axis
+
+so a single arc scores as its empty opposite side (the light sets which axis carries the rim: the best one counts).
+The null comes from the tile's own surrogates, so it is exact for any texture and either statistic: a craterless tile
+is called a crater with probability α. κ, the one fitted number, maps the ring of steepest radial shading (the inner
 wall, just inside the crest) to the catalogue's rim-to-rim diameter: exp(median log(D / 2R*)) over the
 detected train craters. Written by hand: no library tests ring coherence of gradients against surrogates.
 
@@ -36,6 +42,8 @@ ALPHA, SURROGATES = 0.01, 99
 """Test level α and the number S of phase-scrambled copies per tile (α (S + 1) must be ≥ 1)."""
 MIN_WIDTH_PX = 0.7
 """Smallest annulus width in pixels."""
+STATISTICS = ("ring", "opposite")
+"""c(R) over the whole ring, or the weaker of two opposite sectors (module docstring)."""
 
 
 def ring_weights(size: int, radii: np.ndarray = RADII) -> Tensor:
@@ -69,6 +77,28 @@ def ring_coherence(x: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("...ij,rij->...r", 2 * g_r2 - g2, weights) / energy
 
 
+def sector_masks(size: int, sectors: int) -> Tensor:
+    """(K, size, size) 0/1: the pixels of each angular sector about the tile centre, sector j centred at 2πj/K."""
+    c = (size - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64) - c, torch.arange(size, dtype=torch.float64) - c,
+                            indexing="ij")
+    j = torch.remainder(torch.round(torch.atan2(yy, xx) / (2 * math.pi / sectors)), sectors).long()  # (size, size)
+    return torch.stack([(j == k).double() for k in range(sectors)])
+
+
+def opposite_coherence(x: Tensor, weights: Tensor, sectors: int) -> Tensor:
+    """c(R) = max_{j<K/2} min(c_j(R), c_{j+K/2}(R)) (…, n_R) of tiles x (…, H, W) float64, c_j the ring coherence on
+    sector j with its annulus weights renormalised there."""
+    w = weights[:, None] * sector_masks(x.shape[-1], sectors)[None]             # (n_R, K, H, W)
+    w = w / w.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
+    gy, gx = torch.gradient(x, dim=(-2, -1))
+    uy, ux = radial_unit(x.shape[-1])
+    g2 = gy ** 2 + gx ** 2
+    energy = g2.mean(dim=(-2, -1)).clamp_min(1e-20)[..., None, None]
+    c = torch.einsum("...ij,rkij->...rk", 2 * (gy * uy + gx * ux) ** 2 - g2, w) / energy  # (…, n_R, K)
+    return torch.minimum(c[..., :sectors // 2], c[..., sectors // 2:]).amax(-1)
+
+
 @dataclass
 class RimDetector:
     """The detector of the module docstring; `kappa` from `fit_rim_detector`."""
@@ -76,10 +106,22 @@ class RimDetector:
     alpha: float = ALPHA
     surrogates: int = SURROGATES
     seed: int = 0
+    statistic: str = "ring"
+    sectors: int = 8
 
     def __post_init__(self):
         if self.alpha * (self.surrogates + 1) < 1:
             raise ValueError(f"alpha {self.alpha} needs at least {math.ceil(1 / self.alpha) - 1} surrogates")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown rim statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
+        if self.sectors < 2 or self.sectors % 2:
+            raise ValueError(f"sectors must be an even number ≥ 2 (opposite pairs), got {self.sectors}")
+
+    def coherence(self, x: Tensor, weights: Tensor) -> Tensor:
+        """c(R) (…, n_R) by the detector's statistic."""
+        if self.statistic == "ring":
+            return ring_coherence(x, weights)
+        return opposite_coherence(x, weights, self.sectors)
 
     def test(self, images: Tensor, *, batch_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
         """(p (N,), z_max (N,), log10 R* (N,)) of (N, C, H, W) square tiles (channels averaged). The surrogate
@@ -93,9 +135,9 @@ class RimDetector:
         g = torch.Generator().manual_seed(self.seed)
         out_p, out_z, out_r = [], [], []
         for x in x_all.split(batch_size):
-            c = ring_coherence(x, w)                                           # (n, n_R)
+            c = self.coherence(x, w)                                           # (n, n_R)
             copies = phase_scramble(x[:, None].expand(-1, self.surrogates, -1, -1), g, dtype=torch.float64)
-            cs = ring_coherence(copies, w)                                     # (n, S, n_R)
+            cs = self.coherence(copies, w)                                     # (n, S, n_R)
             mu, sd = cs.mean(1), cs.std(1).clamp_min(1e-12)
             z = (c - mu) / sd
             zs_max = ((cs - mu[:, None]) / sd[:, None]).amax(2)                # (n, S)

@@ -14,7 +14,7 @@ from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from data.surrogates import craterless_sets
 from evaluation.metrics import prdc
-from evaluation.rims import RimDetector, ring_coherence, ring_weights
+from evaluation.rims import RimDetector, opposite_coherence, ring_coherence, ring_weights, sector_masks
 from evaluation.sizes import (HIST_EDGES_LOG10, R_BIN_EDGES_KM, VALIDATION_GOALS, build_instruments,
                               cumulative_counts, kl_histograms, r_plot, share_large, size_figures, size_histogram,
                               subset_coverage, validate_instrument, wasserstein_log10)
@@ -115,6 +115,37 @@ def test_ring_coherence_is_radial_minus_tangential_gradient_energy_by_brute_forc
     assert (ring_coherence(bump, w) > 0.9 * energy).all()
     with pytest.raises(ValueError, match="surrogates"):
         RimDetector(alpha=0.001, surrogates=99)
+
+
+def test_opposite_coherence_is_the_weaker_of_two_opposite_sectors_and_ignores_a_lone_arc():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 11, 11, generator=g, dtype=torch.float64)
+    w, masks = ring_weights(11, np.array([0.25, 0.4])), sector_masks(11, 8)
+    assert torch.equal(masks.sum(0), torch.ones(11, 11))  # every pixel in one sector
+    energy = float(torch.stack(torch.gradient(x[0])).pow(2).sum(0).mean())
+    per = []  # c_j(R) by brute force: the ring coherence with the annulus cut to sector j and renormalised
+    for j in range(8):
+        wj = w * masks[j]
+        wj = wj / wj.sum(dim=(1, 2), keepdim=True)
+        per.append(ring_coherence(x, wj)[0] * energy / float(torch.stack(torch.gradient(x[0])).pow(2).sum(0).mean()))
+    per = torch.stack(per, 1)  # (n_R, 8)
+    expected = torch.minimum(per[:, :4], per[:, 4:]).amax(1)
+    torch.testing.assert_close(opposite_coherence(x, w, 8)[0], expected)
+    # a crater's rim (a dark disk's edge) scores on both statistics; the same edge cut to one side of the centre (an
+    # arc, as a broken rim is) keeps a third of its ring coherence but loses the opposite-sides one
+    yy, xx = np.mgrid[0:31, 0:31] - 15.0
+    disk = np.tanh((np.hypot(yy, xx) - 9.0) / 1.5)
+    arc = np.where(xx > 0.0, disk, 1.0)  # the rim on the right half only
+    full, half = (torch.from_numpy(a)[None] for a in (disk, arc))
+    w = ring_weights(31)
+    k = int(np.argmax(ring_coherence(full, w)[0].numpy()))
+    assert ring_coherence(half, w)[0, k] > 0.3 * ring_coherence(full, w)[0, k]
+    assert opposite_coherence(full, w, 8)[0, k] > 0.5 * ring_coherence(full, w)[0, k]
+    assert opposite_coherence(half, w, 8)[0, k] < 0.05 * opposite_coherence(full, w, 8)[0, k]
+    with pytest.raises(ValueError, match="unknown rim statistic 'rings'"):
+        RimDetector(statistic="rings")
+    with pytest.raises(ValueError, match="sectors must be an even number"):
+        RimDetector(statistic="opposite", sectors=5)
 
 
 def test_r_plot_and_size_figures_against_hand_computations():
