@@ -69,8 +69,8 @@ def score_solves(policy, traj, adv, cfg, settings, *, draws: int, seed: int) -> 
         weights = draw_weights(policy, how)
         for draw in range(draws):
             states, probe = state_subsamples(traj.num_steps, traj.batch_size, n, t.probe_states,
-                                                  generator=torch.Generator().manual_seed(seed + draw),
-                                                  step_weights=weights)
+                                             generator=torch.Generator().manual_seed(seed + draw),
+                                             step_weights=weights)
             mu_s = {k: grad.mu_old[k, idx] for k, idx in states.items()}
             t0 = time.perf_counter()
             fvp = fisher_operator(policy, traj, states, mu_s, damping=t.damping, method=method)

@@ -67,14 +67,19 @@ def radial_unit(size: int) -> tuple[Tensor, Tensor]:
     return yy / r, xx / r
 
 
-def ring_coherence(x: Tensor, weights: Tensor) -> Tensor:
-    """c(R) (…, n_R) of tiles x (…, H, W) float64 for annuli `weights` (n_R, H, W)."""
+def radial_excess(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(g_r² − g_t² = 2 g_r² − |g|² (…, H, W), mean_p |g_p|² (…, 1)) of tiles x (…, H, W) float64, g = ∇x by
+    central differences, g_r its component along the radius from the tile centre."""
     gy, gx = torch.gradient(x, dim=(-2, -1))
     uy, ux = radial_unit(x.shape[-1])
-    g_r2 = (gy * uy + gx * ux) ** 2
     g2 = gy ** 2 + gx ** 2
-    energy = g2.mean(dim=(-2, -1)).clamp_min(1e-20)[..., None]
-    return torch.einsum("...ij,rij->...r", 2 * g_r2 - g2, weights) / energy
+    return 2 * (gy * uy + gx * ux) ** 2 - g2, g2.mean(dim=(-2, -1)).clamp_min(1e-20)[..., None]
+
+
+def ring_coherence(x: Tensor, weights: Tensor) -> Tensor:
+    """c(R) (…, n_R) of tiles x (…, H, W) float64 for annuli `weights` (n_R, H, W)."""
+    excess, energy = radial_excess(x)
+    return torch.einsum("...ij,rij->...r", excess, weights) / energy
 
 
 def sector_masks(size: int, sectors: int) -> Tensor:
@@ -91,11 +96,8 @@ def opposite_coherence(x: Tensor, weights: Tensor, sectors: int) -> Tensor:
     sector j with its annulus weights renormalised there."""
     w = weights[:, None] * sector_masks(x.shape[-1], sectors)[None]             # (n_R, K, H, W)
     w = w / w.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
-    gy, gx = torch.gradient(x, dim=(-2, -1))
-    uy, ux = radial_unit(x.shape[-1])
-    g2 = gy ** 2 + gx ** 2
-    energy = g2.mean(dim=(-2, -1)).clamp_min(1e-20)[..., None, None]
-    c = torch.einsum("...ij,rkij->...rk", 2 * (gy * uy + gx * ux) ** 2 - g2, w) / energy  # (…, n_R, K)
+    excess, energy = radial_excess(x)
+    c = torch.einsum("...ij,rkij->...rk", excess, w) / energy[..., None]             # (…, n_R, K)
     return torch.minimum(c[..., :sectors // 2], c[..., sectors // 2:]).amax(-1)
 
 

@@ -8,6 +8,7 @@ the |S| states (`trpo.kl_states` bounds it), independent of T.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from typing import Callable
@@ -104,23 +105,37 @@ def grad_context(policy: DiffusionPolicy, *extra) -> contextlib.ExitStack:
     return stack
 
 
-class JacobianProduct:
+class JacobianProduct(abc.ABC):
     """v (P,) ↦ J v, per step of S (|S_k|, C, H, W), at the current θ (= θ_old). `graph_contexts` are entered while
     `fisher_operator` builds μ_θ(S)'s graph, and `attach` is handed that graph's outputs inside them."""
 
     def __init__(self, policy: DiffusionPolicy, traj: Trajectory, states: StateSample,
                  params: list[torch.nn.Parameter]):
         self.policy, self.traj, self.states, self.params = policy, traj, states, params
+
+    def graph_contexts(self) -> list:
+        """Contexts the graph of μ_θ(S) must be built in, besides `grad_context`: none by default."""
+        return []
+
+    def attach(self, mus: list[Tensor]) -> None:
+        """Keep what the products need from the graph's outputs `mus`: nothing by default."""
+
+    @abc.abstractmethod
+    def __call__(self, v: Tensor) -> list[Tensor]:
+        """J v for a flat v (P,), per step of S."""
+
+
+class FunctionalJv(JacobianProduct):
+    """The methods that evaluate μ_θ(S) with θ substituted (`torch.func.functional_call`): forward-mode AD and the
+    finite differences."""
+
+    def __init__(self, policy: DiffusionPolicy, traj: Trajectory, states: StateSample,
+                 params: list[torch.nn.Parameter]):
+        super().__init__(policy, traj, states, params)
         self.step_mean = _StepMean(policy)
         names = {id(p): name for name, p in self.step_mean.named_parameters()}
         self.keys = [names[id(p)] for p in params]
         self.primals = {key: p.detach() for key, p in zip(self.keys, params)}
-
-    def graph_contexts(self) -> list:
-        return []
-
-    def attach(self, mus: list[Tensor]) -> None:
-        pass
 
     def mean_at(self, theta: dict[str, Tensor]) -> list[Tensor]:
         """μ of the states of S with the parameters `theta` (names -> tensors) substituted."""
@@ -134,11 +149,8 @@ class JacobianProduct:
             offset += p.numel()
         return out
 
-    def __call__(self, v: Tensor) -> list[Tensor]:
-        raise NotImplementedError
 
-
-class ForwardModeJv(JacobianProduct):
+class ForwardModeJv(FunctionalJv):
     """`jvp`: forward-mode AD (`torch.func.jvp` through `functional_call`), one forward pass carrying the tangent v,
     with the plain-math attention kernel (the fused ones have no forward derivative)."""
 
@@ -163,7 +175,7 @@ class DoubleVjpJv(JacobianProduct):
         return list(torch.autograd.grad(self.jt_u @ v, self.dummies, retain_graph=True))
 
 
-class CentralDifferenceJv(JacobianProduct):
+class CentralDifferenceJv(FunctionalJv):
     """`fd`: J v ≈ (μ(θ + hv) − μ(θ − hv)) / 2h (`central_difference`), two forward passes without grad in fp32, with
     their fused kernels: no library gives J v cheaper on the CPU."""
 
@@ -172,7 +184,7 @@ class CentralDifferenceJv(JacobianProduct):
             return central_difference(self.mean_at, self.primals, self.tangents(v))
 
 
-class ForwardDifferenceJv(JacobianProduct):
+class ForwardDifferenceJv(FunctionalJv):
     """`fd_forward`: J v ≈ (μ(θ + hv) − μ(θ)) / h (`forward_difference`), one forward pass without grad; μ(θ) is the
     graph's own outputs, the same UNet call and kernels as μ(θ + hv) without grad (bitwise equal on CPU, tested)."""
 

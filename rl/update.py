@@ -24,6 +24,7 @@ over the steps trained and the trajectories, so the scale does not depend on T, 
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -148,9 +149,12 @@ class Accumulator:
         self.overflows = 0
         self.loss_scale: float | None = None
 
+    def add_counts(self, clipped: float, counted: int) -> None:
+        self.clipped += clipped
+        self.clip_count += counted
+
     def add_prepared(self, prep: Prepared) -> None:
-        self.clipped += prep.clipped
-        self.clip_count += prep.counted
+        self.add_counts(prep.clipped, prep.counted)
         if prep.surrogate is not None:
             self.surrogates.append(prep.surrogate)
 
@@ -191,7 +195,7 @@ class StepTerm(NamedTuple):
     counted: int = 0
 
 
-class StepLoss:
+class StepLoss(abc.ABC):
     """A per-step policy loss for `two_pass`. `sum_over_steps`: the objective sums its steps' terms (the
     trajectory ratio) instead of averaging them."""
     sum_over_steps = False
@@ -200,9 +204,9 @@ class StepLoss:
         """Once per microbatch `idx`, before its steps (no gradient): nothing by default."""
         return Prepared()
 
+    @abc.abstractmethod
     def __call__(self, batch: UpdateBatch, k: int, idx: Tensor, out: DDIMStep, prep: Prepared) -> StepTerm:
         """Step k's loss for trajectories `idx`, from the recomputed step `out` (its graph is live)."""
-        raise NotImplementedError
 
 
 def kl_base_coefficients(policy: DiffusionPolicy, cfg: RLConfig) -> list[float]:
@@ -240,8 +244,7 @@ def backward_steps(batch: UpdateBatch, idx: Tensor, steps: Tensor, step_loss: St
     for k in steps.tolist():
         out = policy.step_at(traj, k, idx)
         term = step_loss(batch, k, idx, out, prep)
-        acc.clipped += term.clipped
-        acc.clip_count += term.counted
+        acc.add_counts(term.clipped, term.counted)
         loss = step_weights[k] * term.loss
         if kl_coefs[k] > 0:
             kl = gaussian_kl(out.mu, policy.base_mean_at(traj, k, idx), policy.sigma_tilde(k)).mean()
