@@ -182,9 +182,11 @@ HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall")
             ("random_cnn", "coverage"), ("random_cnn", "precision"), ("random_cnn", "kid_mean")]
 SIZE_HEADLINE = [("detect_rate_rims", None), ("detect_rate_templates", None), ("share_ge100_rims", None),
                  ("share_ge150_rims", None), ("w1_log10_rims", None), ("share_ge100_templates", None),
-                 ("share_ge150_templates", None), ("w1_log10_templates", None), ("coverage_ge100", "efficientnet_lite0")]
+                 ("share_ge150_templates", None), ("w1_log10_templates", None), ("share_ge100_arcs", None),
+                 ("share_ge150_arcs", None), ("coverage_ge100", "efficientnet_lite0")]
 """report["sizes"]["models"][model] figures: (key, extractor or None); summary keys sizes/<key>. "_rims" is the
-rim-coherence detector, the independent instrument; "_templates" the `size` reward's template detector."""
+rim-coherence detector, the independent instrument; "_arcs" the same asking for the rim on two opposite arcs (reports
+since 2026-12-07); "_templates" the `size` reward's template detector."""
 SIZE_GOALS = {"share_ge100_rims": ("share_ge100_rims", "w1_log10_rims"),
               "share_ge100_templates": ("share_ge100_templates", "w1_log10_templates")}
 """Per instrument: its share key -> (the held-out craters' own share in report["sizes"]["heldout"], its W1 key)."""
@@ -304,7 +306,8 @@ def summarize_variants(report: dict, runs: dict[str, list[str]], wall: dict[str,
                 continue
             row[f"{ex}/{metric}"] = _spread([models[m][ex][metric] for m in names])
         for key, ex in SIZE_HEADLINE if all(m in sizes for m in names) else ():
-            row[f"sizes/{key}"] = _spread([sizes[m][key][ex] if ex else sizes[m][key] for m in names])
+            if all(key in sizes[m] for m in names):  # reports before the arcs detector have no "_arcs" keys
+                row[f"sizes/{key}"] = _spread([sizes[m][key][ex] if ex else sizes[m][key] for m in names])
         if all(m in detail for m in names):
             for key in ("mean_gradient", "spectrum_deviation"):
                 row[f"detail/{key}"] = _spread([detail[m][key] for m in names])
@@ -417,6 +420,7 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
             ("sizes/share_ge100_templates", "share ≥ 100 km (templates) ↑", 3),
             ("sizes/share_ge150_templates", "share ≥ 150 km (templates)", 3),
             ("sizes/w1_log10_templates", "W1 log D (templates) ↓", 3),
+            ("sizes/share_ge100_arcs", "share ≥ 100 km (arcs)", 3), ("sizes/share_ge150_arcs", "share ≥ 150 km (arcs)", 3),
             ("sizes/coverage_ge100", "coverage of craters ≥ 100 km ↑", 3),
             ("detail/mean_gradient", "mean gradient", 4), ("detail/spectrum_deviation", "power spectrum: worst band ↓", 2),
             ("wall_min", "wall time (min)", 1), ("iter_s", "s / iteration", 1), ("update_s", "update s / iter.", 1)]
@@ -430,9 +434,10 @@ def summary_markdown(which: str, summary: dict, targets: dict[str, dict], settin
                   f"{CEILING} is the ceiling: real train craters against real held-out craters; {TEXTURE} the "
                   f"texture-only reference (the held-out tiles phase-scrambled: their texture, no crater)."]
     if any("sizes/share_ge100_rims" in row for row in summary.values()):
-        lines += ["", "Crater sizes (docs/design.md, \"Evaluation\"): two detectors, each validated on real and "
-                      "craterless tiles in report.md; \"(rims)\" is the rim-coherence detector, independent of the "
-                      "`size` reward; \"(templates)\" is the reward's own template detector. Shares count every tile "
+        lines += ["", "Crater sizes (docs/design.md, \"Evaluation\"): detectors, each validated on real, craterless "
+                      "and broken-rim tiles in report.md; \"(rims)\" is the rim-coherence detector, independent of the "
+                      "`size` reward, \"(arcs)\" the same asking for the rim on two opposite arcs (a crater's pieces "
+                      "do not count); \"(templates)\" is the reward's own template detector. Shares count every tile "
                       "(no crater found counts as no); W1 is in log10 D of the detected craters against the held-out "
                       "tiles' by the same detector; the coverage of held-out craters ≥ 100 km is in the reward's "
                       "extractor."]

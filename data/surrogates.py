@@ -71,6 +71,8 @@ def quadrant_shuffle(images: Tensor, generator: torch.Generator) -> Tensor:
 
 
 CRATERLESS = ("phase-scrambled held-out", "smooth noise")
+BROKEN = "quadrant-shuffled held-out"
+"""The broken-rims validation set: pieces of rims, no whole crater (the craterless goals apply to it too)."""
 """The names of the craterless validation sets, in report order."""
 
 
@@ -81,3 +83,9 @@ def craterless_sets(heldout: Tensor, *, seed: int = 0) -> dict[str, Tensor]:
     n, c, h, _ = heldout.shape
     std = float(heldout.double().std(dim=(-2, -1)).mean())
     return {CRATERLESS[0]: phase_scramble(heldout, g), CRATERLESS[1]: smooth_noise(n, h, g, channels=c, std=std)}
+
+
+def broken_rims(heldout: Tensor, *, seed: int = 0) -> dict[str, Tensor]:
+    """{BROKEN: the held-out tiles (N, C, S, S) with their quadrants shuffled}: a crater's pieces, which a size
+    instrument must not call a crater either."""
+    return {BROKEN: quadrant_shuffle(heldout, torch.Generator().manual_seed(seed))}

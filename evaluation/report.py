@@ -363,12 +363,14 @@ def _size_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | Non
         cov = per.get("coverage_ge100") or {}
         rows.append([model] + [format_metric(per.get(k), fmt) for k, _, fmt in cols]
                     + [format_metric(cov.get(ex), "fix") for ex in exs])
-    line = ("Two detectors measure sizes; each reports a diameter only where it finds a crater, so a tile with "
+    line = ("Detectors measure sizes; each reports a diameter only where it finds a crater, so a tile with "
             "none counts as no crater in the shares (validation below). `rims` tests the coherence of radial "
             "gradients on rings about the tile centre against phase-scrambled copies of the tile (one scale "
-            "fitted to the train diameters); `templates` is the matched filter against rendered craters with a "
-            "closed-form phase-randomisation null (fitted to no diameters), which the `size` reward uses, so "
-            "`rims` is the independent judge of a run trained on it. W1 and KL compare the detected craters' "
+            "fitted to the train diameters); `arcs` is the same test asking for the rim on two opposite arcs, so "
+            "a crater's pieces (the quadrant-shuffled row of the validation) do not count; `templates` is the "
+            "matched filter against rendered craters with a closed-form phase-randomisation null (fitted to no "
+            "diameters), which the `size` reward uses, so `rims` and `arcs` are the independent judges of a run "
+            "trained on it. W1 and KL compare the detected craters' "
             "sizes with the held-out tiles' detected craters by the same instrument; coverage ≥ 100 km is "
             "coverage restricted to the held-out craters whose catalogue diameter is at least 100 km.")
     return header, rows, line

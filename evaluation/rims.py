@@ -11,10 +11,10 @@ For a ring of radius R about the tile centre (a Gaussian annulus w_R, width max(
     found(x) = p ≤ α,  p = (1 + #{s : max_R z_s ≥ max_R z}) / (S + 1)       the surrogate test (Theiler 1992)
     d̂(x) = κ · 2 R*,  R* = argmax_R z(R) refined by a parabola in log R
 
-`statistic: opposite` asks for the rim on both sides of the centre: with c_j(R) the same ratio on the angular
-sector j alone (K sectors, sector j centred at the angle 2πj/K),
+`statistic: opposite` asks for the rim on both sides of the centre: with c_j(R) the same ratio on the arc A_j alone
+(K sectors, sector j centred at the angle 2πj/K; A_j the m = `arc` sectors centred on sector j),
 
-    c(R) = max_{j < K/2} min(c_j(R), c_{j+K/2}(R))                  the weaker of two opposite sides, best axis
+    c(R) = max_{j < K/2} min(c_j(R), c_{j+K/2}(R))                  the weaker of two opposite arcs, best axis
 
 so a single arc scores as its empty opposite side (the light sets which axis carries the rim: the best one counts).
 The null comes from the tile's own surrogates, so it is exact for any texture and either statistic: a craterless tile
@@ -43,7 +43,9 @@ ALPHA, SURROGATES = 0.01, 99
 MIN_WIDTH_PX = 0.7
 """Smallest annulus width in pixels."""
 STATISTICS = ("ring", "opposite")
-"""c(R) over the whole ring, or the weaker of two opposite sectors (module docstring)."""
+"""c(R) over the whole ring, or the weaker of two opposite arcs (module docstring)."""
+ARCS = {"statistic": "opposite", "sectors": 16, "arc": 5}
+"""The reports' opposite-arcs detector: arcs of 5/16 of the circle (112.5°) on 8 axes (`bench.rim_statistics`)."""
 
 
 def ring_weights(size: int, radii: np.ndarray = RADII) -> Tensor:
@@ -91,13 +93,19 @@ def sector_masks(size: int, sectors: int) -> Tensor:
     return torch.stack([(j == k).double() for k in range(sectors)])
 
 
-def opposite_coherence(x: Tensor, weights: Tensor, sectors: int) -> Tensor:
+def arc_sectors(sectors: int, arc: int) -> Tensor:
+    """A_j (K, m) long: the m sectors of the arc about sector j, j − ⌊m/2⌋ … j − ⌊m/2⌋ + m − 1 (mod K)."""
+    return (torch.arange(sectors)[:, None] + torch.arange(arc)[None] - arc // 2) % sectors
+
+
+def opposite_coherence(x: Tensor, weights: Tensor, sectors: int, arc: int = 1) -> Tensor:
     """c(R) = max_{j<K/2} min(c_j(R), c_{j+K/2}(R)) (…, n_R) of tiles x (…, H, W) float64, c_j the ring coherence on
-    sector j with its annulus weights renormalised there."""
+    the arc A_j (`arc_sectors`) with its annulus weights renormalised there."""
     w = weights[:, None] * sector_masks(x.shape[-1], sectors)[None]             # (n_R, K, H, W)
-    w = w / w.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
     excess, energy = radial_excess(x)
-    c = torch.einsum("...ij,rkij->...rk", excess, w) / energy[..., None]             # (…, n_R, K)
+    num = torch.einsum("...ij,rkij->...rk", excess, w)                          # (…, n_R, K)
+    a = arc_sectors(sectors, arc)                                                # (K, m)
+    c = num[..., a].sum(-1) / w.sum(dim=(-2, -1))[:, a].sum(-1).clamp_min(1e-20) / energy[..., None]  # (…, n_R, K)
     return torch.minimum(c[..., :sectors // 2], c[..., sectors // 2:]).amax(-1)
 
 
@@ -110,6 +118,7 @@ class RimDetector:
     seed: int = 0
     statistic: str = "ring"
     sectors: int = 8
+    arc: int = 1
 
     def __post_init__(self):
         if self.alpha * (self.surrogates + 1) < 1:
@@ -118,12 +127,14 @@ class RimDetector:
             raise ValueError(f"unknown rim statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
         if self.sectors < 2 or self.sectors % 2:
             raise ValueError(f"sectors must be an even number ≥ 2 (opposite pairs), got {self.sectors}")
+        if not 1 <= self.arc <= self.sectors // 2:
+            raise ValueError(f"arc must be 1 to sectors / 2 = {self.sectors // 2} sectors (one side), got {self.arc}")
 
     def coherence(self, x: Tensor, weights: Tensor) -> Tensor:
         """c(R) (…, n_R) by the detector's statistic."""
         if self.statistic == "ring":
             return ring_coherence(x, weights)
-        return opposite_coherence(x, weights, self.sectors)
+        return opposite_coherence(x, weights, self.sectors, self.arc)
 
     def test(self, images: Tensor, *, batch_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
         """(p (N,), z_max (N,), log10 R* (N,)) of (N, C, H, W) square tiles (channels averaged). The surrogate

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from config import Config, DataConfig, EvalConfig, check_eval, config_to_dict
 from data.sources import ImageSet, load_image_set
 from evaluation.metrics import METRIC_KEYS, evaluate_features
-from data.surrogates import craterless_sets, phase_scramble
+from data.surrogates import broken_rims, craterless_sets, phase_scramble
 from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, training_curves, tsne_plot, write_report
 from evaluation.sizes import (HUGE_KM, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
                               share_called, share_large, size_figures, subset_coverage, validate_instrument)
@@ -207,7 +207,7 @@ def size_report(instruments: Mapping[str, SizeInstrument], measures: Mapping[str
                 heldout_km: np.ndarray | None, craterless: Mapping[str, Tensor],
                 coverage: Mapping[str, Mapping[str, list[float]]]) -> dict:
     """report["sizes"]: each instrument's validation (on the real held-out tiles when their catalogue diameters
-    are known, and on the craterless sets), the held-out tiles' own figures, and per model each instrument's
+    are known, and on the craterless and broken-rim sets), the held-out tiles' own figures, and per model each instrument's
     `size_figures` over seeds against the held-out tiles measured by the same instrument (keys
     <figure>_<instrument>), with the coverage of the held-out craters ≥ 100 km."""
     validation, held, models = {}, {}, {}
@@ -544,8 +544,8 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     craterless = craterless_sets(sp.heldout.images)  # the validation sets of the size instruments and the realism scorer
     if instruments is not None:
         measures = measure_sizes(instruments, sets, sp.heldout.images)
-        report["sizes"] = size_report(instruments, measures, sp.heldout.images, sp.heldout_km, craterless,
-                                      scores.coverage_large)
+        report["sizes"] = size_report(instruments, measures, sp.heldout.images, sp.heldout_km,
+                                      {**craterless, **broken_rims(sp.heldout.images)}, scores.coverage_large)
     report["detail"] = detail_report(sets, sp.heldout.images)
     report["texture_check"] = texture_check(report)
     timings["sizes_s"] = time.perf_counter() - t0
@@ -652,7 +652,8 @@ def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features
     sets = {"generated": [gen_small], TEXTURE: [phase_scramble(real_small, torch.Generator().manual_seed(seed))]}
     if instruments is not None:
         measures = measure_sizes(instruments, sets, real_small)
-        report["sizes"] = size_report(instruments, measures, real_small, real_km, craterless_sets(real_small, seed=seed),
+        report["sizes"] = size_report(instruments, measures, real_small, real_km,
+                                      {**craterless_sets(real_small, seed=seed), **broken_rims(real_small, seed=seed)},
                                       coverage)
         images.update(size_figures_and_grids(measures, sets, real_small, real_km, None, out))
     else:

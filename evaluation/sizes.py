@@ -3,12 +3,15 @@
 A planetary scientist judges a crater population by its size-frequency distribution (SFD) first, and an
 instrument that always returns a diameter measures texture where there is no crater. So every size
 instrument here is a detector: it reports a diameter only where it finds a crater, and every report
-validates it on three sets: the real held-out tiles (detection rate, shares ≥ 100 and ≥ 150 km of the
+validates it on four sets: the real held-out tiles (detection rate, shares ≥ 100 and ≥ 150 km of the
 detected craters against the catalogue's, Spearman ρ of D), their phase-scrambled copies and smooth noise
-(data/surrogates.py: the same texture, no crater; `VALIDATION_GOALS`). The two instruments share no fitted
-part, so each can judge a reward built on the other:
+(data/surrogates.py: the same texture, no crater) and, as broken rims, their quadrants shuffled (a crater's pieces;
+`VALIDATION_GOALS`). The rim detectors and the template matcher share no fitted part, so each can judge a reward
+built on the other:
 
-* `rims`: the rim-coherence detector of evaluation/rims.py (one scale κ fitted on the train diameters);
+* `rims`: the rim-coherence detector of evaluation/rims.py on the whole ring (one scale κ fitted on the train
+  diameters); it calls a crater's pieces a crater more often than the goal allows;
+* `arcs`: the same test asking for the rim on two opposite arcs (`evaluation.rims.ARCS`), which pieces fail;
 * `templates`: the matched filter of reward/templates.py (sun direction and threshold from the train tiles
   and their surrogates, no diameters), which the `size` reward uses.
 
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from reward.metrics import knn_radii
-from evaluation.rims import RimDetector, fit_rim_detector
+from evaluation.rims import ARCS, RimDetector, fit_rim_detector
 from reward.templates import TemplateMatcher, calibrated_matcher
 from utils import first_line
 
@@ -64,12 +67,15 @@ class SizeInstrument:
 
 def build_instruments(train_images: Tensor, train_km: np.ndarray, *, window_km: float = WINDOW_KM
                       ) -> dict[str, SizeInstrument]:
-    """Both instruments calibrated on the train tiles: the rim detector's κ from their diameters, the
+    """The three instruments calibrated on the train tiles: each rim detector's κ from their diameters, the
     template matcher's sun direction and threshold from the tiles and their surrogates alone."""
-    rims = fit_rim_detector(train_images, np.asarray(train_km, dtype=np.float64) / window_km)
+    fraction = np.asarray(train_km, dtype=np.float64) / window_km
+    rims, arcs = fit_rim_detector(train_images, fraction), fit_rim_detector(train_images, fraction, **ARCS)
     matcher, peak = calibrated_matcher(train_images)
     return {"rims": SizeInstrument("rims", rims, window_km, {"kappa": rims.kappa, "alpha": rims.alpha,
                                                               "surrogates": rims.surrogates}),
+            "arcs": SizeInstrument("arcs", arcs, window_km, {"kappa": arcs.kappa, "alpha": arcs.alpha,
+                                                              "surrogates": arcs.surrogates, **ARCS}),
             "templates": SizeInstrument("templates", matcher, window_km,
                                         {"light_azimuth_deg": matcher.azimuth_deg,
                                          "light_elevation_deg": matcher.elevation_deg, "light_peak_ncc": peak,

@@ -150,28 +150,32 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
     assert report["models"]["train_split"]["pixels"]["coverage"]["mean"] >= 0.5
     for f in ("samples_base.png", "samples_finetuned.png", "samples_heldout.png", "samples_texture_only.png",
               "tsne_pixels.png", "tsne_random_cnn.png", "curves_finetuned.png", "sizes_sfd.png", "spectrum.png",
-              "largest_rims_heldout.png", "largest_templates_base.png", "largest_templates_texture_only.png",
+              "largest_rims_heldout.png", "largest_arcs_finetuned.png", "largest_templates_base.png",
+              "largest_templates_texture_only.png",
               "report.md", "report.html"):
         assert (out / f).is_file(), f
-    # grids: held-out, 3 sets; t-SNE ×2; curves; SFD; spectrum; the largest craters by 2 instruments of
+    # grids: held-out, 3 sets; t-SNE ×2; curves; SFD; spectrum; the largest craters by 3 instruments of
     # held-out, base, finetuned, texture_only, train_split
-    assert _check_self_contained(out / "report.html") == 4 + 2 + 1 + 1 + 1 + 2 * 5
-    # crater sizes: both detectors validated on the real held-out tiles and the craterless sets, and per model
-    # the size figures (identical samples, identical figures)
+    assert _check_self_contained(out / "report.html") == 4 + 2 + 1 + 1 + 1 + 3 * 5
+    # crater sizes: the detectors validated on the real held-out tiles, the craterless sets and broken rims, and
+    # per model the size figures (identical samples, identical figures)
     sizes = report["sizes"]
-    assert sizes["instruments"] == ["rims", "templates"]
-    for inst in ("rims", "templates"):
+    assert sizes["instruments"] == ["rims", "arcs", "templates"]
+    for inst in ("rims", "arcs", "templates"):
         v = sizes["validation"][inst]
-        assert set(v["sets"]) == {"real held-out", "phase-scrambled held-out", "smooth noise"}
+        assert set(v["sets"]) == {"real held-out", "phase-scrambled held-out", "smooth noise",
+                                  "quadrant-shuffled held-out"}
         assert v["sets"]["real held-out"]["n"] == 131 and v["sets"]["real held-out"]["spearman"] > 0.7
-        assert v["met"], v["goals"]
+        # the whole ring calls a crater's pieces a crater: the report says so; the others meet every goal
+        missed = [goal for goal, ok in v["goals"].items() if not ok]
+        assert missed == ([] if inst != "rims" else [g for g in v["goals"] if g.startswith("quadrant")]), missed
         assert 0.2 < sizes["heldout"][f"share_ge100_{inst}"] < 0.6
         for k in ("detect_rate", "share_ge100", "share_ge150", "w1_log10", "kl_hist"):
             stat = sizes["models"]["base"][f"{k}_{inst}"]
             assert set(stat) >= {"mean", "std", "values"} and len(stat["values"]) == 1, (k, stat)
         # texture carries no craters: 16 scrambled tiles have few detections, the real ones many
         assert sizes["models"]["texture_only"][f"detect_rate_{inst}"]["mean"] <= 0.25
-        assert sizes["heldout"][f"detect_rate_{inst}"] >= 0.6
+        assert sizes["heldout"][f"detect_rate_{inst}"] >= (0.5 if inst == "arcs" else 0.6)
     assert set(sizes["models"]) == {"base", "finetuned", "texture_only", "train_split"}
     assert sizes["models"]["base"] == sizes["models"]["finetuned"]
     assert 0.2 < sizes["heldout"]["share_ge100_true"] < 0.6

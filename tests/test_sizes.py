@@ -14,10 +14,10 @@ from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from data.surrogates import craterless_sets
 from evaluation.metrics import prdc
-from evaluation.rims import RimDetector, opposite_coherence, ring_coherence, ring_weights, sector_masks
+from evaluation.rims import RimDetector, arc_sectors, opposite_coherence, ring_coherence, ring_weights, sector_masks
 from evaluation.sizes import (HIST_EDGES_LOG10, R_BIN_EDGES_KM, VALIDATION_GOALS, build_instruments,
                               cumulative_counts, kl_histograms, r_plot, share_large, size_figures, size_histogram,
-                              subset_coverage, validate_instrument, wasserstein_log10)
+                              share_called, subset_coverage, validate_instrument, wasserstein_log10)
 from reward.profiles import RINGS, radial_profile_features, ring_index
 
 
@@ -58,14 +58,15 @@ def test_features_are_invariant_to_the_tiles_rotations_and_flips(mars):
     assert not torch.allclose(radial_profile_features(x[:, :, 8:24, 8:24]), phi, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["rims", "templates"])
+@pytest.mark.parametrize("name", ["rims", "arcs", "templates"])
 def test_each_instrument_meets_its_validation_goals_on_real_and_craterless_tiles(mars, instruments, name):
     """On the held-out tiles the detected craters' large shares match the catalogue's and D ranks with it; on
     their phase-scrambled copies and on smooth noise (same texture, no crater) few large craters are called."""
     _, _, ho, d_ho = mars
     v = validate_instrument(instruments[name], ho, d_ho, craterless_sets(ho))
     real = v["sets"]["real held-out"]
-    assert real["detect_rate"] > 0.6 and real["spearman"] >= VALIDATION_GOALS["real_spearman"], real
+    assert real["detect_rate"] > (0.5 if name == "arcs" else 0.6), real
+    assert real["spearman"] >= VALIDATION_GOALS["real_spearman"], real
     assert abs(real["share_ge100_detected"] - real["catalogue_share_ge100"]) <= 0.05, real
     for craterless in ("phase-scrambled held-out", "smooth noise"):
         row = v["sets"][craterless]
@@ -73,7 +74,20 @@ def test_each_instrument_meets_its_validation_goals_on_real_and_craterless_tiles
     assert v["met"], v["goals"]
 
 
-@pytest.mark.parametrize("name", ["rims", "templates"])
+def test_a_craters_pieces_are_no_crater_to_the_arcs_and_templates_but_are_to_the_whole_ring(mars, instruments):
+    """The held-out tiles with their quadrants shuffled keep every piece of each rim but no whole crater: the
+    opposite-arcs detector and the template matcher call few of them large, the whole-ring detector more than the
+    goal allows (the reports' validation tables say so)."""
+    from data.surrogates import BROKEN, broken_rims
+
+    _, _, ho, _ = mars
+    pieces = broken_rims(ho)[BROKEN]
+    called = {name: share_called(*inst.detect_km(pieces), 100.0) for name, inst in instruments.items()}
+    goal = VALIDATION_GOALS["craterless_share_ge100"]
+    assert called["arcs"] <= goal and called["templates"] <= goal and called["rims"] > goal, called
+
+
+@pytest.mark.parametrize("name", ["rims", "arcs", "templates"])
 def test_procedural_craters_of_known_diameter_rank_by_size_and_a_flat_tile_has_none(instruments, name):
     # rendered craters with rim-to-rim diameter D = f · 320 km (the tile width), f over the Mars set's range, under
     # the Mars tiles' sun for the template matcher (calibrated to it) and another sun for the rim detector (which
@@ -146,6 +160,31 @@ def test_opposite_coherence_is_the_weaker_of_two_opposite_sectors_and_ignores_a_
         RimDetector(statistic="rings")
     with pytest.raises(ValueError, match="sectors must be an even number"):
         RimDetector(statistic="opposite", sectors=5)
+
+
+def test_opposite_coherence_on_arcs_of_several_sectors_matches_brute_force_and_still_ignores_a_lone_arc():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 13, 13, generator=g, dtype=torch.float64)
+    w, masks = ring_weights(13, np.array([0.2, 0.3, 0.42])), sector_masks(13, 16)
+    assert arc_sectors(16, 5)[0].tolist() == [14, 15, 0, 1, 2]  # centred on sector 0, wrapping round
+    per = []  # c_j(R) by brute force: the annulus cut to the five sectors about sector j and renormalised
+    for j in range(16):
+        cut = w * sum(masks[(j + d) % 16] for d in range(-2, 3))
+        per.append(ring_coherence(x, cut / cut.sum(dim=(1, 2), keepdim=True)))
+    per = torch.stack(per, -1)  # (2, n_R, 16)
+    expected = torch.minimum(per[..., :8], per[..., 8:]).amax(-1)
+    torch.testing.assert_close(opposite_coherence(x, w, 16, 5), expected)
+    torch.testing.assert_close(opposite_coherence(x, w, 8, 1), opposite_coherence(x, w, 8))
+    yy, xx = np.mgrid[0:31, 0:31] - 15.0
+    disk = np.tanh((np.hypot(yy, xx) - 9.0) / 1.5)
+    quarter = np.where((xx > 0.0) & (yy > 0.0), disk, 1.0)  # a quarter of the rim: a piece the arcs cannot span
+    full, piece = (torch.from_numpy(a)[None] for a in (disk, quarter))
+    w = ring_weights(31)
+    k = int(np.argmax(ring_coherence(full, w)[0].numpy()))
+    assert opposite_coherence(full, w, 16, 5)[0, k] > 0.5 * ring_coherence(full, w)[0, k]
+    assert opposite_coherence(piece, w, 16, 5)[0, k] < 0.05 * opposite_coherence(full, w, 16, 5)[0, k]
+    with pytest.raises(ValueError, match="arc must be 1 to sectors / 2 = 8"):
+        RimDetector(statistic="opposite", sectors=16, arc=9)
 
 
 def test_r_plot_and_size_figures_against_hand_computations():
