@@ -1,38 +1,41 @@
 """Run and evaluate a set of fine-tuning experiments: the published results, the ablations and the size ladder.
 
     python -m bench.experiments main     [--train-seeds 0 1 2] [--runs runs/bench] [--out docs/results/main]
-    python -m bench.experiments ablation [--train-seeds 0] [--realism-weight 0.5] [--variants ot ot+realism]
+    python -m bench.experiments ablation [--train-seeds 0] [--variants ot ot+realism]
     python -m bench.experiments tune     [--variants ot_minibatch ot_b128]
     python -m bench.experiments modes    [--train-seeds 0 1 2]
     python -m bench.experiments sizes    [--train-seeds 0 1 2]
     python -m bench.experiments levers   [--variants default --train-seeds 0 1 2]
 
+Every variant is a config file, `configs/experiments/<set>/<variant>.yaml`, which `python -m scripts.finetune --cfg`
+runs as it is; each names the recipe it changes (`base:`) and says why in its header. `SETS` lists each set's
+variants in table order. Two shared recipes sit beside the sets: `configs/experiments/pre_coverage.yaml` (the
+detector-reward default: the default before the sharp coverage credit) and `pre_size.yaml` (before the crater-size
+levers: MMD + GP-MI, every step alike, 25 iterations at lr 3e-5).
+
 Sets:
 
-* `sizes`: the crater-size levers that make `configs/default.yaml`, one added at a time (`SIZE_LEVERS`): the
-  MMD + GP-MI reward of the pre-size default (`PRE_SIZE`), + the `size` reward at lr 1e-4, + the last step held at
-  the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the detector-reward default, `PRE_COVERAGE`);
-  on that rung either 100 iterations or the sharp coverage credit (the default).
-* `levers`: the default (`configs/default.yaml`), the detector-reward default before it, and screens toward the
-  goals (`LEVERS`, checked against `DEFAULT_GOALS`): on the detector-reward default a narrower size kernel, KL to the
-  base model at every step (two strengths), the soft-coverage reward, twice the size weight, and the last two
-  together; on the default two PPO epochs per batch. Variants without a finished run at a seed are left out of the
-  evaluation, so `--no-train --train-seeds 0 1 2` evaluates the 3-seed variants beside single-seed screens.
+* `sizes`: the crater-size levers that make `configs/default.yaml`, one added at a time (each rung's `base:` is the
+  rung before): the pre-size default's MMD + GP-MI reward, + the `size` reward at lr 1e-4, + the last step held at
+  the base model, + σ-weighted steps, + 50 iterations, + 75 iterations (the detector-reward default); on that rung
+  either 100 iterations or the sharp coverage credit (the default).
+* `levers`: the default, the detector-reward default before it, and screens toward the goals (checked against
+  `DEFAULT_GOALS`): on the detector-reward default a narrower size kernel, KL to the base model at every step (two
+  strengths), the soft-coverage reward, twice the size weight, and the last two together; on the default two PPO
+  epochs per batch. Variants without a finished run at a seed are left out of the evaluation, so `--no-train
+  --train-seeds 0 1 2` evaluates the 3-seed variants beside single-seed screens.
 * `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 or 32
-  uniformly drawn states and 10 or 8 CG iterations, `bench.trpo.TRPO_64`, `TRPO_32`; `trpo_size` with the default's
-  crater-size reward for 50 iterations, `TRPO_SIZE`) and the SAC-style actor-critic (`configs/sac.yaml`,
-  soft λ-returns; `sac_td0`: the one-step soft Bellman target, λ = 0), all with the pre-size default's reward and
-  budget (`PRE_SIZE`: MMD + GP-MI, 25 iterations), as published in docs/results/main.
-* `ablation`: the pre-size default (same iterations, step sizes, batch) with the reward weights
-  of `mmd`, `mi`, `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism
-  term (`+realism`, weight --realism-weight).
+  uniformly drawn states and 10 or 8 CG iterations; `trpo_size` with the default's crater-size reward for 50
+  iterations) and the SAC-style actor-critic (`configs/sac.yaml`, soft λ-returns; `sac_td0`: the one-step soft
+  Bellman target, λ = 0), all with the pre-size default's reward and budget, as published in docs/results/main.
+* `ablation`: the pre-size default (same iterations, step sizes, batch) with the reward weights of `mmd`, `mi`,
+  `mmd_mi` (both, weight 1 each), `fid` and `ot`, each without and with the realism term (`+realism`, weight 0.5).
 * `modes`: what is trained, at the pre-size default's budget (25 iterations of 64 trajectories, PPO, the
-  MMD + GP-MI reward): every UNet weight (`full`), LoRA adapters, the latent drift
-  net, the sampler-schedule policy (`MODES`; each with its own learning rate).
+  MMD + GP-MI reward): every UNet weight (`full`), LoRA adapters, the latent drift net, the sampler-schedule policy
+  (each with its own learning rate, calibrated as its file says).
 * `tune`: the levers tried to meet the target (docs/design.md, "Measured warning": the step size and the
   reward decide): KL to the base model, the realism term, one-to-one (minibatch) OT matching, and single-seed
-  screens of the crater-size levers before the size reward moved to the detector, each a set of --set overrides
-  on `configs/default.yaml` (`TUNING`).
+  screens of the crater-size levers before the size reward moved to the detector.
 
 Every variant is fine-tuned once per training seed into RUNS/<set>/<variant>/seed_<s>; a finished
 run (model/ saved) is reused, an interrupted one resumed from its last checkpoint, so the command
@@ -60,123 +63,27 @@ from pathlib import Path
 import numpy as np
 
 from config import load_config
-from bench.trpo import TRPO_32, TRPO_64
 from evaluation.run import BASE, CEILING, TEXTURE, ModelSpec, evaluate_run
 from utils import PROJECT_ROOT, apply_threads, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
-TRPO_CFG = PROJECT_ROOT / "configs" / "trpo.yaml"
-SAC_CFG = PROJECT_ROOT / "configs" / "sac.yaml"
-REWARDS = {"mmd": {"mmd": 1.0}, "mi": {"mi": 1.0}, "mmd_mi": {"mmd": 1.0, "mi": 1.0}, "fid": {"fid": 1.0},
-           "ot": {"ot": 1.0}}
-"""The ablation's rewards: component weights (every other component 0)."""
-PRE_COVERAGE = ("reward.weights.coverage=0.0", "reward.coverage_softness=0.1")
-"""The default before the sharp coverage credit (the detector-reward default of the `sizes` and `levers` sets)."""
-PRE_SIZE = (*PRE_COVERAGE, "reward.weights.size=0.0", "rl.kl_final_coef=0.0", "rl.step_weighting=uniform", "rl.lr=3e-5",
-            "rl.iterations=25")
-"""The default before the crater-size levers (MMD + GP-MI, every step alike, 25 iterations at lr 3e-5): the
-`main`, `ablation`, `tune` and `modes` sets were measured with it and stay reproducible."""
-TRPO_SIZE = ("reward.weights.size=3.0", "rl.iterations=50")
-"""TRPO with the default's crater-size reward, for as many iterations as fit the 15-minute budget (50 at ~16 s).
-Its trust region replaces the default's last-step hold and σ-weighting, which TRPO refuses: the KL it bounds is
-~0.8 the last, deterministic step's, the step through which the size reward was gamed."""
-OT_ONLY = (*PRE_SIZE, "reward.weights.mmd=0.0", "reward.weights.mi=0.0", "reward.weights.ot=1.0")
-"""The OT reward alone (the default before the MMD + GP-MI reward), which the tuning runs varied."""
-
-
-def _ladder(*rungs: tuple[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """{name: the overrides of every rung up to and including this one}."""
-    out, acc = {}, ()
-    for name, lever in rungs:
-        acc = (*acc, *lever)
-        out[name] = acc
-    return out
-
-
-SIZE_LEVERS = {
-    **_ladder(
-        ("mmd_mi", PRE_SIZE),  # the default before the size levers (and before the coverage credit)
-        # + the crater-size reward (reward.weights.size 3) at a larger step size
-        ("size3_lr1e-4", ("reward.weights.size=3.0", "rl.lr=1e-4")),
-        # + the deterministic last step held at the base model (which removed the gamed bright tiles and dark edge)
-        ("size3_final_lr1e-4", ("rl.kl_final_coef=1.0",)),
-        # + σ-weighted steps (rl.update.w_k: the early steps, which set the size, get the late ones' gradient scale)
-        ("size3_final_sigma_lr1e-4", ("rl.step_weighting=sigma",)),
-        ("size3_final_sigma_lr1e-4_it50", ("rl.iterations=50",)),  # + twice the iterations
-        ("size3_final_sigma_lr1e-4_it75", ("rl.iterations=75",)),  # + three times: the detector-reward default
-    ),
-    "size3_final_sigma_lr1e-4_it100": (*PRE_COVERAGE, "rl.iterations=100"),  # + four, beyond the 15-minute budget
-    "default": (),  # the it75 rung + the sharp coverage credit: configs/default.yaml itself
+EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
+"""configs/experiments/<set>/<variant>.yaml: every published variant (module docstring)."""
+SETS = {
+    "main": ("ppo", "trpo", "trpo_64", "trpo_32", "trpo_size", "sac", "sac_td0"),
+    "ablation": ("mmd", "mmd+realism", "mi", "mi+realism", "mmd_mi", "mmd_mi+realism", "fid", "fid+realism", "ot",
+                 "ot+realism"),
+    "tune": ("ot", "kl_base_1", "ot+realism", "ot_minibatch", "ot_b128", "ot_final", "mi_final", "size1", "size3",
+             "size3_it50", "size3_final_it50", "size3_final_sigma", "size3_final_sigma_lr3e-4",
+             "size6_final_sigma_lr1e-4", "size3_final0.1_sigma_lr1e-4"),
+    "modes": ("full", "lora", "latent", "schedule"),
+    "sizes": ("mmd_mi", "size3_lr1e-4", "size3_final_lr1e-4", "size3_final_sigma_lr1e-4",
+              "size3_final_sigma_lr1e-4_it50", "size3_final_sigma_lr1e-4_it75", "size3_final_sigma_lr1e-4_it100",
+              "default"),
+    "levers": ("default", "ppo_epochs2", "detector_default", "size_bw0.35", "kl_base_0.1", "kl_base_0.02",
+               "coverage1", "size6", "size6_coverage1"),
 }
-"""The size set, a ladder: each variant adds one lever to the one before (--set overrides on configs/default.yaml)."""
-_SIZE3 = (*PRE_SIZE, "reward.weights.size=3.0")
-TUNING = {
-    "ot": OT_ONLY,
-    "kl_base_1": (*OT_ONLY, "rl.kl_base_coef=1.0"),
-    "ot+realism": (*OT_ONLY, "reward.weights.realism=0.5"),
-    "ot_minibatch": (*OT_ONLY, "reward.ot_match=minibatch"),
-    # n = 128 ≈ m = 130: the full plan is nearly one-to-one with every reference present, at twice
-    # the sampling and update cost per iteration (same 2 optimizer steps per iteration)
-    "ot_b128": (*OT_ONLY, "rl.batch_size=128", "rl.gradient_accumulation=4"),
-    # the deterministic last step held at the base model: PPO's gradient never reaches it, yet it
-    # drifted most (per-state KL to the base ≈ 1 there, ≤ 0.2 at every stochastic step)
-    "ot_final": (*OT_ONLY, "rl.kl_final_coef=1.0"),
-    "mi_final": (*PRE_SIZE, "reward.weights.mmd=0.0", "reward.weights.ot=0.0", "reward.weights.mi=1.0",
-                 "rl.kl_final_coef=1.0"),
-    # the crater-size screens beside the `sizes` ladder (docs/design.md, "Measured warning"): the pre-size default
-    # plus the `size` component at several weights, step sizes and iterations
-    "size1": (*PRE_SIZE, "reward.weights.size=1.0"),
-    "size3": _SIZE3,
-    "size3_it50": (*_SIZE3, "rl.iterations=50"),
-    # with the last step held at the base, then σ-weighted steps
-    "size3_final_it50": (*_SIZE3, "rl.kl_final_coef=1.0", "rl.iterations=50"),
-    "size3_final_sigma": (*_SIZE3, "rl.kl_final_coef=1.0", "rl.step_weighting=sigma"),
-    "size3_final_sigma_lr3e-4": (*_SIZE3, "rl.kl_final_coef=1.0", "rl.step_weighting=sigma", "rl.lr=3e-4"),
-    "size6_final_sigma_lr1e-4": (*PRE_SIZE, "reward.weights.size=6.0", "rl.kl_final_coef=1.0",
-                                 "rl.step_weighting=sigma", "rl.lr=1e-4"),
-    # the last step held more loosely: faster sizes, and near-duplicate tiles in the grids
-    "size3_final0.1_sigma_lr1e-4": (*_SIZE3, "rl.kl_final_coef=0.1", "rl.step_weighting=sigma", "rl.lr=1e-4"),
-}
-"""The tuning set: --set overrides on configs/default.yaml."""
-LEVERS = {
-    "default": (),  # configs/default.yaml itself: detector_default + the sharp coverage credit (3 training seeds)
-    # PPO's epochs per batch: two passes over each sampled batch (the same samples, twice the updates)
-    "ppo_epochs2": ("rl.ppo.epochs=2",),
-    # the screens below were run on the default before the coverage credit, which they pin
-    "detector_default": PRE_COVERAGE,  # 3 training seeds
-    # a size kernel ~3x narrower than the median heuristic's 0.32 dex, which the no-crater atom inflates, so the
-    # reward tells 70 km from 100 km craters
-    "size_bw0.35": (*PRE_COVERAGE, "reward.size_bandwidth_scale=0.35"),
-    # every step held toward the base model (precision)
-    "kl_base_0.1": (*PRE_COVERAGE, "rl.kl_base_coef=0.1"),
-    # a fifth of it: kl_base_0.1 gained spread (Vendi, recall) but held the sizes and the detail near the base's
-    "kl_base_0.02": (*PRE_COVERAGE, "rl.kl_base_coef=0.02"),
-    # credit for the reference craters no other sample covers (recall, coverage), with the soft ball edge 0.1 at
-    # which craterless tiles already cover 0.95 of the reference (bench.coverage_craterless); the default takes it
-    # with a nearly hard edge, 0.01, so the credit tells real craters from texture
-    "coverage1": (*PRE_COVERAGE, "reward.weights.coverage=1.0"),
-    # twice the size weight: the 100-150 km band the default leaves short
-    "size6": (*PRE_COVERAGE, "reward.weights.size=6.0"),
-    # the two screens that helped (size6: precision; coverage1: coverage and KID) together
-    "size6_coverage1": (*PRE_COVERAGE, "reward.weights.size=6.0", "reward.weights.coverage=1.0"),
-}
-"""The levers toward `DEFAULT_GOALS`, each a set of --set overrides on configs/default.yaml, screened beside the
-default they were added to: one lever each, or two that each helped alone."""
-MODES = {
-    "full": PRE_SIZE,
-    # Learning rates from 4-iteration calibration runs, so that the per-update KL(π_old ‖ π_θ) is of the
-    # order of full's (1e-7 at lr 3e-5): LoRA (rank 8, attention and resnet convs) 1e-4 gave 1e-11,
-    # 5e-4 gave 1e-9, 5e-3 gave 7e-5; the drift net (δ ≤ 0.5 σ̃_t) 1e-3 gave 1e-8 (KL ∝ lr², so 3e-3
-    # for 1e-7). The schedule policy's action is 2-D, so its KL is not comparable: 1e-2 moves the mean
-    # action by ~0.5 logit over the run.
-    "lora": (*PRE_SIZE, "rl.policy_mode=lora", "rl.lr=1e-3"),
-    "latent": (*PRE_SIZE, "rl.policy_mode=latent", "rl.lr=3e-3"),
-    "schedule": (*PRE_SIZE, "rl.policy_mode=schedule", "rl.lr=1e-2"),
-}
-"""The policy-mode set: --set overrides on configs/default.yaml."""
-SETS = {"tune": TUNING, "modes": MODES, "sizes": SIZE_LEVERS, "levers": LEVERS}
-"""The sets that are --set overrides on configs/default.yaml."""
-COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "realism")
+"""Each set's variants, in the order of its tables."""
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
             ("efficientnet_lite0", "kid_mean"), ("efficientnet_lite0", "fid"), ("efficientnet_lite0", "vendi"),
             ("random_cnn", "coverage"), ("random_cnn", "precision"), ("random_cnn", "kid_mean")]
@@ -198,27 +105,14 @@ MAX_PRECISION_DROP = 0.1
 
 @dataclass(frozen=True)
 class Variant:
-    """One fine-tuning recipe: a config file plus --set overrides."""
+    """One fine-tuning recipe: its name and config file."""
     name: str
     cfg: Path
-    overrides: tuple[str, ...] = ()
 
 
-def variants(which: str, *, realism_weight: float) -> list[Variant]:
-    if which == "main":  # configs/trpo.yaml and sac.yaml pin the pre-size default's reward and budget themselves
-        return [Variant("ppo", DEFAULT_CFG, PRE_SIZE), Variant("trpo", TRPO_CFG),
-                Variant("trpo_64", TRPO_CFG, tuple(TRPO_64)), Variant("trpo_32", TRPO_CFG, tuple(TRPO_32)),
-                Variant("trpo_size", TRPO_CFG, TRPO_SIZE),
-                Variant("sac", SAC_CFG),
-                Variant("sac_td0", SAC_CFG, ("rl.critic.lam=0.0",))]
-    if which in SETS:
-        return [Variant(name, DEFAULT_CFG, over) for name, over in SETS[which].items()]
-    out = []
-    for name, w in REWARDS.items():
-        weights = PRE_SIZE + tuple(f"reward.weights.{c}={w.get(c, 0.0)}" for c in COMPONENTS if c != "realism")
-        out.append(Variant(name, DEFAULT_CFG, weights + ("reward.weights.realism=0.0",)))
-        out.append(Variant(f"{name}+realism", DEFAULT_CFG, weights + (f"reward.weights.realism={realism_weight}",)))
-    return out
+def variants(which: str) -> list[Variant]:
+    """The set's variants in table order, each with its file under configs/experiments/<set>/."""
+    return [Variant(name, EXPERIMENTS / which / f"{name}.yaml") for name in SETS[which]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +142,7 @@ def train(variant: Variant, seed: int, run_dir: Path, artifact: Path, *, threads
     if (run_dir / "model" / "unet" / "config.json").is_file():
         print(f"{run_dir}: finished, reused")
         return spent
-    cfg = load_config(variant.cfg, [*variant.overrides, f"seed={seed}", f"reward.artifact={artifact}",
+    cfg = load_config(variant.cfg, [f"seed={seed}", f"reward.artifact={artifact}",
                                      *([f"num_threads={threads}"] if threads else [])])
     apply_threads(cfg.num_threads)
     resume = bool(list_checkpoints(run_dir / "checkpoints"))
@@ -479,11 +373,10 @@ def _check_table(title: str, intro: str, targets: dict[str, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("set", choices=["main", "ablation", "tune", "modes", "sizes", "levers"])
+    p.add_argument("set", choices=list(SETS))
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
                    help="training seeds per variant (default: main and sizes 0 1 2, the others 0)")
     p.add_argument("--variants", nargs="+", default=None, help="run only these variants")
-    p.add_argument("--realism-weight", type=float, default=0.5, help="weight of the realism term in '+realism'")
     p.add_argument("--runs", default=str(PROJECT_ROOT / "runs" / "bench"), help="where the runs go")
     p.add_argument("--out", default=None, help="report directory (default docs/results/<set>)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -497,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     seeds = args.train_seeds if args.train_seeds is not None else ([0, 1, 2] if args.set in ("main", "sizes") else [0])
-    chosen = variants(args.set, realism_weight=args.realism_weight)
+    chosen = variants(args.set)
     if args.variants:
         unknown = sorted(set(args.variants) - {v.name for v in chosen})
         if unknown:
@@ -538,8 +431,7 @@ def main(argv: list[str] | None = None) -> None:
                           groups={v: names for v, names in runs.items() if len(names) > 1})
     summary = summarize_variants(report, runs, wall, iters)
     build = artifact.parent / "reward_build_s.json"
-    settings = {"set": args.set, "variants": {v.name: [str(v.cfg.relative_to(PROJECT_ROOT)), *v.overrides]
-                                              for v in chosen},
+    settings = {"set": args.set, "variants": {v.name: str(v.cfg.relative_to(PROJECT_ROOT)) for v in chosen},
                 "train_seeds": seeds, "sampling_seeds": list(cfg.eval.seeds), "n_generated": cfg.eval.n,
                 "reward_build_s": json.loads(build.read_text())["reward_build_s"] if build.is_file() else None,
                 "device": report["settings"]["device"]}

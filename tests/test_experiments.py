@@ -1,11 +1,14 @@
 """bench.experiments: the variants, the summary over training seeds and the target check."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from config import load_config
-from bench.experiments import DEFAULT_CFG, REWARDS, summarize_variants, summary_markdown, target_check, variants
+from bench.experiments import (DEFAULT_CFG, EXPERIMENTS, SETS, summarize_variants, summary_markdown, target_check,
+                               variants)
 from evaluation.run import BASE, CEILING, TEXTURE
 
 
@@ -118,83 +121,104 @@ def test_default_goals_read_the_shares_against_the_heldout_tiles_the_texture_row
     assert "## The default's goals" in md and "| held-out |" in md and "| texture_only |" in md
 
 
+def _same(a, b) -> bool:
+    """Two configs alike but for the run name (each file's stem)."""
+    return dataclasses.replace(a, name=b.name) == b
+
+
+def _changed(before, after) -> set[str]:
+    """The dotted keys whose values differ between two configs (the run name left out)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(dataclasses.asdict(before)), flat(dataclasses.asdict(after))
+    return {k for k in a if a[k] != b[k] and k != "name"}
+
+
+def test_every_published_variant_is_a_config_file_that_loads_and_every_file_is_listed():
+    files = {p.relative_to(EXPERIMENTS).with_suffix("").as_posix() for p in EXPERIMENTS.glob("*/*.yaml")}
+    assert files == {f"{which}/{name}" for which, names in SETS.items() for name in names}
+    for which in SETS:
+        for v in variants(which):
+            cfg = load_config(v.cfg)
+            assert cfg.name == v.name and v.cfg.read_text().startswith(f"# {which}: {v.name}\n"), v.cfg
+    pre_size, pre_coverage = (load_config(EXPERIMENTS / f) for f in ("pre_size.yaml", "pre_coverage.yaml"))
+    default = load_config(DEFAULT_CFG)
+    assert _changed(default, pre_coverage) == {"reward.weights.coverage", "reward.coverage_softness"}
+    assert pre_coverage.reward.weights.coverage == 0 and pre_size.reward.weights.size == 0
+    assert (pre_size.rl.iterations, pre_size.rl.lr, pre_size.rl.step_weighting) == (25, 3e-5, "uniform")
+
+
 def test_ablation_variants_set_every_weight_and_load():
-    vs = variants("ablation", realism_weight=0.25)
-    assert [v.name for v in vs][:2] == ["mmd", "mmd+realism"] and len(vs) == 2 * len(REWARDS)
+    vs = variants("ablation")
+    assert [v.name for v in vs][:2] == ["mmd", "mmd+realism"] and len(vs) == 10
+    pre_size = load_config(EXPERIMENTS / "pre_size.yaml")
     for v in vs:
-        cfg = load_config(v.cfg, list(v.overrides))
+        cfg = load_config(v.cfg)
         w = vars(cfg.reward.weights)
         name = v.name.removesuffix("+realism")
-        assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(REWARDS[name])
-        assert w["realism"] == (0.25 if v.name.endswith("+realism") else 0.0)
-    main = variants("main", realism_weight=0.5)
+        assert {c for c, x in w.items() if x > 0 and c != "realism"} == set(name.split("_")), v.name
+        assert w["realism"] == (0.5 if v.name.endswith("+realism") else 0.0)
+        assert _changed(pre_size, cfg) <= {f"reward.weights.{c}" for c in w}, v.name  # only the weights differ
+    main = variants("main")
     assert [v.name for v in main] == ["ppo", "trpo", "trpo_64", "trpo_32", "trpo_size", "sac", "sac_td0"]
-    cfgs = {v.name: load_config(v.cfg, list(v.overrides)) for v in main}
+    cfgs = {v.name: load_config(v.cfg) for v in main}
     # the earlier solves draw uniformly; TRPO with the size reward is configs/trpo.yaml with the default's size weight
     assert cfgs["trpo"].rl.trpo.state_draw == "curvature"
     assert cfgs["trpo_64"].rl.trpo.state_draw == cfgs["trpo_32"].rl.trpo.state_draw == "uniform"
+    assert (cfgs["trpo_64"].rl.trpo.kl_states, cfgs["trpo_32"].rl.trpo.kl_states) == (64, 32)
     assert cfgs["trpo_size"].reward.weights.size == load_config(DEFAULT_CFG).reward.weights.size > 0
     assert cfgs["trpo_size"].rl.trpo == cfgs["trpo"].rl.trpo and cfgs["trpo_size"].rl.algorithm == "trpo"
 
 
 def test_size_ladder_adds_one_lever_at_a_time_up_to_the_default():
-    from bench.experiments import PRE_COVERAGE, PRE_SIZE, SIZE_LEVERS
-
-    vs = variants("sizes", realism_weight=0.5)
-    assert [v.name for v in vs] == list(SIZE_LEVERS) and SIZE_LEVERS["default"] == ()
-    cfgs = {v.name: load_config(v.cfg, list(v.overrides)) for v in vs}
+    vs = variants("sizes")
+    cfgs = {v.name: load_config(v.cfg) for v in vs}
     *ladder, it100, default = cfgs.values()
-    assert ladder[0] == load_config(DEFAULT_CFG, list(PRE_SIZE))
+    assert _same(ladder[0], load_config(EXPERIMENTS / "pre_size.yaml"))
     assert ladder[0].reward.weights.size == 0 and ladder[-1].reward.weights.size > 0
     for before, after in zip(ladder, ladder[1:]):
-        changed = {k for k, v in vars(after.rl).items() if vars(before.rl)[k] != v}
-        if before.reward.weights.size != after.reward.weights.size:
-            changed.add("size")
-        assert changed in ({"size", "lr"}, {"kl_final_coef"}, {"step_weighting"}, {"iterations"}), changed
+        changed = _changed(before, after)
+        assert changed in ({"reward.weights.size", "rl.lr"}, {"rl.kl_final_coef"}, {"rl.step_weighting"},
+                           {"rl.iterations"}), changed
         assert after.reward.weights.coverage == 0
     assert [c.rl.iterations for c in (*ladder[-3:], it100)] == [25, 50, 75, 100]
-    assert it100 == load_config(DEFAULT_CFG, [*PRE_COVERAGE, "rl.iterations=100"])
+    assert _changed(ladder[-1], it100) == {"rl.iterations"}
     # the last rung, the detector-reward default, plus the sharp coverage credit is configs/default.yaml
-    assert ladder[-1] == load_config(DEFAULT_CFG, list(PRE_COVERAGE)) != default
+    assert _same(ladder[-1], load_config(EXPERIMENTS / "pre_coverage.yaml")) and _same(default, load_config(DEFAULT_CFG))
     assert default.reward.weights.coverage > 0 and default.reward.coverage_softness < ladder[-1].reward.coverage_softness
 
 
 def test_main_set_compares_the_algorithms_at_the_pre_size_default():
-    from bench.experiments import PRE_SIZE
-
-    ppo, *others = (load_config(v.cfg, list(v.overrides)) for v in variants("main", realism_weight=0.5)
+    ppo, *others = (load_config(v.cfg) for v in variants("main")
                     if v.name != "trpo_size")  # TRPO with the default's size reward, against the default itself
-    assert ppo == load_config(DEFAULT_CFG, list(PRE_SIZE))
+    assert _same(ppo, load_config(EXPERIMENTS / "pre_size.yaml"))
     for cfg in others:  # trpo.yaml and sac.yaml pin the same reward and budget themselves
         assert cfg.reward.weights == ppo.reward.weights and cfg.rl.iterations == ppo.rl.iterations == 25
         assert (cfg.rl.kl_final_coef, cfg.rl.step_weighting) == (0.0, "uniform")
 
 
 def test_tune_variants_are_valid_overrides_of_the_default():
-    from bench.experiments import TUNING
-
-    vs = variants("tune", realism_weight=0.5)
-    assert [v.name for v in vs] == list(TUNING)
-    assert {c for c, w in vars(load_config(vs[0].cfg, list(vs[0].overrides)).reward.weights).items() if w} == {"ot"}
-    default = load_config(vs[0].cfg)
+    vs = variants("tune")
+    ot = load_config(vs[0].cfg)
+    assert vs[0].name == "ot" and {c for c, w in vars(ot.reward.weights).items() if w} == {"ot"}
+    pre_size = load_config(EXPERIMENTS / "pre_size.yaml")
     for v in vs:
-        cfg = load_config(v.cfg, list(v.overrides))
-        assert cfg != default, v.name  # every lever changes something
-    mini = load_config(vs[0].cfg, list(TUNING["ot_minibatch"]))
-    assert mini.reward.ot_match == "minibatch" and default.reward.ot_match == "full"
+        assert _changed(pre_size, load_config(v.cfg)), v.name  # every lever changes something
+    mini = load_config(EXPERIMENTS / "tune" / "ot_minibatch.yaml")
+    assert _changed(ot, mini) == {"reward.ot_match"} and mini.reward.ot_match == "minibatch"
 
 
 def test_lever_variants_are_one_or_two_overrides_of_the_default_they_screen():
-    from bench.experiments import LEVERS, PRE_COVERAGE
-
-    vs = variants("levers", realism_weight=0.5)
-    assert [v.name for v in vs] == list(LEVERS) and vs[0].name == "default" and vs[0].overrides == ()
-    assert LEVERS["detector_default"] == PRE_COVERAGE
-    for v in vs[1:]:
-        if v.name == "detector_default":
+    vs = variants("levers")
+    default, pre_coverage = load_config(DEFAULT_CFG), load_config(EXPERIMENTS / "pre_coverage.yaml")
+    assert vs[0].name == "default" and _same(load_config(vs[0].cfg), default)
+    assert _same(load_config(EXPERIMENTS / "levers" / "detector_default.yaml"), pre_coverage)
+    for v in vs:
+        if v.name in ("default", "ppo_epochs2", "detector_default"):
             continue
-        pinned = v.overrides[:len(PRE_COVERAGE)] == PRE_COVERAGE  # screened on the default before the coverage credit
-        lever = v.overrides[len(PRE_COVERAGE):] if pinned else v.overrides
-        before = load_config(DEFAULT_CFG, list(PRE_COVERAGE) if pinned else [])
-        assert 1 <= len(lever) <= 2, v.name  # one lever, or two that each helped
-        assert load_config(v.cfg, list(v.overrides)) != before, v.name
+        # screened on the default before the coverage credit: one lever, or two that each helped
+        assert 1 <= len(_changed(pre_coverage, load_config(v.cfg))) <= 2, v.name
+    assert _changed(default, load_config(EXPERIMENTS / "levers" / "ppo_epochs2.yaml")) == {"rl.ppo.epochs"}
