@@ -46,12 +46,18 @@ PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters
 LEAN = ["rl.trpo.kl_states=16", "rl.trpo.cg_iters=4", "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]
 """A quarter of the states for F and 4 CG iterations: 1.42-1.48x PPO, but lower held-out quality over 3 training
 seeds."""
-TRPO_64 = ["rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.fvp=fd", "rl.trpo.state_draw=uniform"]
-"""The published solve (64 uniformly drawn states, 10 CG iterations) with J v by central difference, today's line
-search."""
-TRPO_32 = ["rl.trpo.kl_states=32", "rl.trpo.cg_iters=8", "rl.trpo.fvp=fd_forward", "rl.trpo.state_draw=uniform"]
-"""Half the states for F, 8 CG iterations, J v by forward difference, today's line search, a uniform draw:
-configs/trpo.yaml on 2026-12-05, before the draw by step."""
+
+
+def published_solve(name: str) -> list[str]:
+    """The rl.trpo settings of configs/experiments/main/<name>.yaml as --set overrides, so that they apply to any
+    TRPO config: `trpo_64` (the published solve: 64 uniformly drawn states, 10 CG iterations, J v by central
+    difference) or `trpo_32` (32 states, 8 CG iterations, J v by forward difference: configs/trpo.yaml on
+    2026-12-05), both with today's line search."""
+    import yaml
+
+    trpo = yaml.safe_load((PROJECT_ROOT / "configs" / "experiments" / "main" / f"{name}.yaml").read_text())["rl"]["trpo"]
+    return [f"rl.trpo.{key}={value}" for key, value in trpo.items()]
+
 
 TRPO_FIELDS = ("time_gradient_s", "time_cg_s", "time_line_search_s", "cg_residual", "cg_iters", "backtrack_iters",
                "line_search_kl", "first_fraction")
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = {"ppo": (args.ppo_cfg, []), "trpo_published": (args.trpo_cfg, PUBLISHED),
                "trpo": (args.trpo_cfg, []), "trpo_lean": (args.trpo_cfg, LEAN),
-               "trpo_64": (args.trpo_cfg, TRPO_64), "trpo_32": (args.trpo_cfg, TRPO_32)}
+               "trpo_64": (args.trpo_cfg, published_solve("trpo_64")),
+               "trpo_32": (args.trpo_cfg, published_solve("trpo_32"))}
     result: dict = {"threads": None, "variants": {}}
     for name in args.variants:
         path, extra = configs[name]
