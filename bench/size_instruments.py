@@ -3,7 +3,7 @@ template detector's whitening γ, beside the forced-argmax template matcher that
 
     python -m bench.size_instruments --out DIR [--sizes 16 32 64] [--gammas 0 0.25 0.5 0.75 1]
 
-For every tile size: both detectors calibrated on the train tiles (`evaluation.sizes.build_instruments`) and validated
+For every tile size: each detector calibrated on the train tiles (`evaluation.sizes.build_instruments`) and validated
 on the held-out tiles, their phase-scrambled copies and smooth noise (`validate_instrument`). At 32 px also: the
 template detector at each whitening γ (its threshold recalibrated each time), and the forced argmax of the plain NCC
 over the simple-bowl templates (the matcher before the detector: it calls every tile a crater). Writes

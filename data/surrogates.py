@@ -26,20 +26,26 @@ SMOOTH_SIGMA_PX = 1.0
 
 
 def random_phases(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """φ (*shape) float64: the phases of the 2-d FFT of standard normal noise over the last two dims. Each is
-    uniform on (−π, π], independent of the others up to the Hermitian symmetry φ(−f) = −φ(f) a real image needs
-    (the self-conjugate frequencies get 0 or π)."""
-    return torch.angle(torch.fft.fft2(torch.randn(shape, generator=generator, dtype=torch.float64)))
+    """φ (*shape[:-1], W // 2 + 1) float64: the phases of the half-spectrum (`rfft2`) of standard normal noise of
+    `shape` over its last two dims. Each is uniform on (−π, π], independent of the others up to the Hermitian
+    symmetry φ(−f) = −φ(f) a real image needs (the self-conjugate frequencies get 0 or π); the other half follows
+    from that symmetry, so a real image needs only this one."""
+    return torch.angle(torch.fft.rfft2(torch.randn(shape, generator=generator, dtype=torch.float64)))
 
 
-def phase_scramble(images: Tensor, generator: torch.Generator, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def phase_scramble(images: Tensor, generator: torch.Generator, *, dtype: torch.dtype = torch.float32,
+                   copies: int | None = None) -> Tensor:
     """s = F⁻¹(|F x| e^{iφ}) of tiles (…, H, W), e.g. (N, C, H, W), as `dtype`; φ random per tile, the mean (f = 0)
-    kept."""
+    kept. With `copies` = S, S surrogates of each tile, (…, S, H, W), from one transform of the tile: the same
+    draws as scrambling the tiles repeated S times along a new dim before the last two."""
     x = images.detach().cpu().double()
-    spectrum = torch.fft.fft2(x)                                         # (N, C, H, W) complex
-    phases = random_phases(tuple(x.shape), generator)
+    spectrum = torch.fft.rfft2(x)                                        # (…, H, W // 2 + 1) complex
+    if copies is not None:
+        spectrum = spectrum.unsqueeze(-3)                                # (…, 1, H, W // 2 + 1)
+    shape = (*x.shape[:-2], *((copies,) if copies is not None else ()), *x.shape[-2:])
+    phases = random_phases(shape, generator)
     phases[..., 0, 0] = torch.angle(spectrum[..., 0, 0])
-    return torch.fft.ifft2(spectrum.abs() * torch.exp(1j * phases)).real.to(dtype)
+    return torch.fft.irfft2(torch.polar(spectrum.abs(), phases), s=x.shape[-2:]).to(dtype)
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, *, channels: int = 1,

@@ -149,7 +149,7 @@ class RimDetector:
         out_p, out_z, out_r = [], [], []
         for x in x_all.split(batch_size):
             c = self.coherence(x, w)                                           # (n, n_R)
-            copies = phase_scramble(x[:, None].expand(-1, self.surrogates, -1, -1), g, dtype=torch.float64)
+            copies = phase_scramble(x, g, dtype=torch.float64, copies=self.surrogates)  # (n, S, H, W)
             cs = self.coherence(copies, w)                                     # (n, S, n_R)
             mu, sd = cs.mean(1), cs.std(1).clamp_min(1e-12)
             z = (c - mu) / sd

@@ -9,7 +9,7 @@ Two entry points:
   real), the texture-only row (the held-out tiles phase-scrambled, scored like a model) and, when the
   run's reward artifact has a realism scorer, the mean realism logit per model and the scorer's validation on the
   held-out tiles and craterless surrogates (`realism_validation`); measure crater sizes
-  with both detectors, validated on the held-out tiles and craterless surrogates (evaluation/sizes.py),
+  with each detector, validated on the held-out tiles, craterless surrogates and broken rims (evaluation/sizes.py),
   and fine detail; write sample grids, the largest detected craters, size-frequency figures, the power
   spectrum, one t-SNE per extractor, training curves and report.json/.md/.html.
 * `evaluate_folders(real_dir, generated_dir, out)`: any two image folders, no model: the generated row
@@ -536,7 +536,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     timings["metrics_s"] = time.perf_counter() - t0
     report: dict = {"title": f"craterdiff evaluation: {cfg.name}",
                     "models": {m: {ex: _aggregate(rs) for ex, rs in per.items()} for m, per in scores.per_seed.items()}}
-    # 3. crater sizes by both detectors, each against the held-out tiles measured by the same detector; fine detail
+    # 3. crater sizes by each detector, against the held-out tiles measured by the same detector; fine detail
     t0 = time.perf_counter()
     sets = {m: [s[seed] for seed in ev.seeds] for m, s in samples.items()}
     sets[CEILING] = [sp.train_at(seed) for seed in ev.seeds]

@@ -1,4 +1,4 @@
-"""Crater sizes: two detectors, validated on real and craterless tiles, and the size-frequency figures.
+"""Crater sizes: three detectors, validated on real, craterless and broken-rim tiles, and the size-frequency figures.
 
 A planetary scientist judges a crater population by its size-frequency distribution (SFD) first, and an
 instrument that always returns a diameter measures texture where there is no crater. So every size

@@ -31,6 +31,12 @@ def test_phase_scramble_keeps_the_amplitude_spectrum_and_draws_uniform_phases():
     # the same generator state gives the same surrogates; the structure is gone (the tiles' pixels, each about
     # its own mean, no longer correlate with the surrogates')
     torch.testing.assert_close(phase_scramble(x, torch.Generator().manual_seed(0)), s)
+    # S copies of each tile from one transform are the draws of the tiles repeated S times
+    many = phase_scramble(x[:4, 0], torch.Generator().manual_seed(1), dtype=torch.float64, copies=5)  # (4, 5, H, W)
+    repeated = phase_scramble(x[:4, 0, None].expand(-1, 5, -1, -1), torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
+    assert many.shape == (4, 5, 32, 32)
+    torch.testing.assert_close(many, repeated, atol=1e-12, rtol=0)
     centre = lambda t: (t - t.mean((2, 3), keepdim=True)).flatten().numpy()  # noqa: E731
     r = np.corrcoef(centre(x), centre(s))[0, 1]
     assert abs(r) < 0.1
