@@ -78,3 +78,24 @@ def test_bench_trpo_solve_refuses_a_malformed_setting(tmp_path, capsys):
     for bad in ("32:eight:fd", "16:8:fd:random"):
         with pytest.raises(SystemExit, match=r"not STATES:CG_ITERS:METHOD\[:DRAW\]"):
             trpo_solve.main(["--out", str(tmp_path), "--settings", bad])
+
+
+def test_bench_microbatch_same_update_at_each_size(tmp_path, capsys):
+    """The sizes run the same optimizer steps on the same trajectories: the first update's gradient norm, loss and
+    KL agree to rounding; a size that does not divide an optimizer step's trajectories is refused."""
+    from bench import microbatch
+
+    shrink = [*SHRINK, "rl.gradient_accumulation=2", f"reward.artifact={tmp_path / 'reward'}"]
+    args = ["--out", str(tmp_path), "--cfg", "configs/default.yaml", "--repeats", "1", "--microbatch", "2", "4", "8",
+            *(a for s in shrink for a in ("--set", s))]
+    microbatch.main(args)
+    r = json.loads((tmp_path / "microbatch.json").read_text())
+    assert r["trajectories_per_optimizer_step"] == 8 and set(r["per_microbatch"]) == {"2", "4", "8"}
+    for m in ("4", "8"):
+        assert r["first_grad_norm_relative_difference"][m] < 1e-4
+        for k in ("loss", "kl"):
+            assert r["first_iteration"][m][k] == pytest.approx(r["first_iteration"]["2"][k], rel=1e-4, abs=1e-7)
+        assert r["per_microbatch"][m]["iteration_vs_first"] > 0
+    with pytest.raises(SystemExit):
+        microbatch.main([*args[:7], "3", "4", *args[10:]])
+    assert "must divide the 8 trajectories" in capsys.readouterr().err
