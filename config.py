@@ -203,6 +203,10 @@ class RewardConfig:
     size_bandwidth_scale: float = _f(
         1.0, "size reward's RBF bandwidth = this x the median pairwise distance of the reference's log10 sizes; "
              "applied when the artifact is loaded, like the weights", gt=0.0)
+    size_detector: Literal["templates", "arcs"] = _f(
+        "templates", "crater detector of the size reward: the template detector (reward/templates.py) or the "
+                     "opposite-arcs rim test (reward/rims.py, which fits nothing: then templates judge it); the "
+                     "artifact holds the reference sizes by both, and a run's choice is applied when it is loaded")
     coverage_softness: float = _f(
         0.01, "edge width of the coverage reward's balls, as a fraction of each radius (0.1 saturates on craterless "
              "tiles, 0.01 is nearly hard coverage: docs/results/README.md); saved in the artifact, and a run's "

@@ -1,4 +1,4 @@
-"""Which rim statistic, the whole ring or two opposite arcs of it? The rim detector (`evaluation/rims.py`) with each
+"""Which rim statistic, the whole ring or two opposite arcs of it? The rim detector (`reward/rims.py`) with each
 statistic, calibrated on the train tiles and validated as every report validates it (`validate_instrument`), on the
 held-out tiles, their phase-scrambled copies, smooth noise and, as broken rims, the held-out tiles with their
 quadrants shuffled (`data.surrogates.quadrant_shuffle`, one set per shuffle seed), to which the craterless goals are
@@ -25,7 +25,7 @@ import torch
 from data.datasets import load_mars_craters
 from bench.grid_duplicates import grid_tiles
 from data.surrogates import craterless_sets, quadrant_shuffle
-from evaluation.rims import fit_rim_detector
+from reward.rims import fit_rim_detector
 from evaluation.sizes import LARGE_KM, WINDOW_KM, SizeInstrument, share_called, validate_instrument
 from utils import apply_threads
 

@@ -9,11 +9,12 @@ detected craters against the catalogue's, Spearman ρ of D), their phase-scrambl
 `VALIDATION_GOALS`). The rim detectors and the template matcher share no fitted part, so each can judge a reward
 built on the other:
 
-* `rims`: the rim-coherence detector of evaluation/rims.py on the whole ring (one scale κ fitted on the train
+* `rims`: the rim-coherence detector of reward/rims.py on the whole ring (one scale κ fitted on the train
   diameters); it calls a crater's pieces a crater more often than the goal allows;
-* `arcs`: the same test asking for the rim on two opposite arcs (`evaluation.rims.ARCS`), which pieces fail;
+* `arcs`: the same test asking for the rim on two opposite arcs (`reward.rims.ARCS`), which pieces fail;
 * `templates`: the matched filter of reward/templates.py (sun direction and threshold from the train tiles
-  and their surrogates, no diameters), which the `size` reward uses.
+  and their surrogates, no diameters), which the `size` reward uses unless `reward.size_detector: arcs` puts it on
+  `arcs` (with κ = 1: the reward compares sizes measured alike); the other family then judges it.
 
 Notation: D diameters in km, (n,), NaN where nothing was found; P, Q histograms of log10 D on fixed bins;
 W1 the 1-Wasserstein distance of the detected craters' log10 D; N(≥D) the cumulative count; R the relative
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from reward.metrics import knn_radii
-from evaluation.rims import ARCS, RimDetector, fit_rim_detector
+from reward.rims import ARCS, RimDetector, fit_rim_detector
 from reward.templates import TemplateMatcher, calibrated_matcher
 from utils import first_line
 

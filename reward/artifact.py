@@ -7,6 +7,7 @@ Artifact directory:
 | `reward.yaml` | format, extractor (name, input size, path, seed, dim), weights, bandwidth, GP noise, PCA and kNN settings, OT settings, the coverage reward's ball edge, reference description, realism metrics, SHA-256 of every file below |
 | `reference_features.npy` | φ(Y), (m, D) float64, loaded with allow_pickle=False |
 | `reference_sizes.npy` | s(Y), (m,) float64: the reference craters' log10 sizes by the template detector (reward/templates.py), `NO_CRATER_LOG10` where it finds none |
+| `reference_sizes_arcs.npy` | the same by the opposite-arcs rim test (reward/rims.py, `ARCS`, κ = 1: the reward compares sizes measured alike, so the scale cancels) |
 | `pca.npz` | the PCA fitted on φ(Y) (mean, components, explained variance), allow_pickle=False |
 | `realism.safetensors` | the realism CNN (only when trained) |
 
@@ -31,7 +32,8 @@ from reward.features import FeatureExtractor, build_extractor, extract_features
 from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, knn_radii, median_bandwidth, \
     mmd2_unbiased_loo, ot_rewards, pairwise_sq_dists, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
-from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
+from reward.rims import ARCS, RimDetector
+from reward.templates import LOG10_STEP, NO_CRATER_LOG10, Detections, TemplateMatcher, calibrated_matcher
 from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 3
@@ -39,7 +41,9 @@ DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "si
 COVERAGE_K = 5
 """k of the reference points' k-NN radii in the `coverage` component (as in the density/coverage metrics)."""
 COMPONENTS = DIVERSITY_COMPONENTS + ("realism",)
-FILES = ("reference_features.npy", "reference_sizes.npy", "pca.npz", "realism.safetensors")
+FILES = ("reference_features.npy", "reference_sizes.npy", "reference_sizes_arcs.npy", "pca.npz", "realism.safetensors")
+SIZE_DETECTORS = ("templates", "arcs")
+"""The size reward's crater detectors (`reward.size_detector`)."""
 
 
 @dataclass
@@ -61,8 +65,9 @@ class RewardModel:
 
     Set-level components are computed on the whole batch against the reference features φ(Y);
     each sample is credited its leave-one-out marginal (OT: minus the cost it carries). The `size`
-    component is the MMD of the batch's log crater sizes s = log10 d̂(x) (template matching, `sizer`)
-    to the reference's, a 1-d space in which only the crater's size counts.
+    component is the MMD of the batch's log crater sizes s = log10 d̂(x) to the reference's, a 1-d space in
+    which only the crater's size counts, by the detector `size_detector` names: the template detector `sizer`,
+    or the opposite-arcs rim test (`arcs_reference`, the reference's sizes by it, and `arcs_bandwidth`).
 
     Only the components in `computed` are computed: those with a positive weight and those named
     in `log` (None: every component the artifact can give, for inspecting a model by hand).
@@ -72,13 +77,26 @@ class RewardModel:
                  weights: dict[str, float], mi_noise: float, knn_k: int, ot_method: str, ot_reg: float,
                  sizer: TemplateMatcher, size_reference: Tensor, size_bandwidth: float,
                  ot_match: str = "full", realism: RealismCNN | None = None, info: dict | None = None,
-                 log: Iterable[str] | None = None, coverage_softness: float = RewardConfig.coverage_softness):
+                 log: Iterable[str] | None = None, coverage_softness: float = RewardConfig.coverage_softness,
+                 arcs_reference: Tensor | None = None, arcs_bandwidth: float | None = None,
+                 size_detector: str = "templates", size_bandwidth_scale: float = 1.0):
         self.extractor = extractor
         self.reference = reference.double()  # φ(Y): (m, D)
         self.bandwidth = float(bandwidth)
-        self.sizer = sizer
-        self.size_reference = size_reference.double()  # log10 d̂(Y): (m,)
-        self.size_bandwidth = float(size_bandwidth)
+        if size_detector not in SIZE_DETECTORS:
+            raise CraterdiffError(f"unknown size detector {size_detector!r}; choose one of {', '.join(SIZE_DETECTORS)}")
+        if size_detector == "arcs" and arcs_reference is None:
+            raise CraterdiffError("reward.size_detector: arcs but the artifact holds no reference sizes by arcs; "
+                                  "rebuild it (scripts.train_reward_model)")
+        self.sizer, self.size_detector = sizer, size_detector
+        self.template_reference, self.template_bandwidth = size_reference.double(), float(size_bandwidth)
+        self.arcs_reference = None if arcs_reference is None else arcs_reference.double()
+        self.arcs_bandwidth = None if arcs_bandwidth is None else float(arcs_bandwidth)
+        arcs = size_detector == "arcs"
+        self.size_reference = self.arcs_reference if arcs else self.template_reference  # log10 d̂(Y): (m,)
+        self.size_bandwidth_scale = float(size_bandwidth_scale)
+        self.size_bandwidth = self.size_bandwidth_scale * (self.arcs_bandwidth if arcs else self.template_bandwidth)
+        self.size_instrument = RimDetector(**ARCS) if arcs else sizer
         self.pca = pca
         self.reference_pca = pca.project(self.reference)  # (m, k)
         ref_dists = pairwise_sq_dists(self.reference, self.reference).clamp_min(0).sqrt()  # (m, m)
@@ -115,9 +133,9 @@ class RewardModel:
         return extract_features(self.extractor, images, batch_size=batch_size).double()
 
     def sizes(self, images: Tensor) -> Tensor:
-        """s (n,) float64: log10 d̂(x), the crater diameter the template detector finds as a fraction of the tile
+        """s (n,) float64: log10 d̂(x), the crater diameter the size detector finds as a fraction of the tile
         width, or NO_CRATER_LOG10 where it finds none (texture alone then matches no reference size)."""
-        return detected_log_sizes(self.sizer, images)
+        return detected_log_sizes(self.size_instrument, images)
 
     def realism_logits(self, images: Tensor) -> Tensor:
         """(n,) logits of the realism scorer (higher = more like the reference craters)."""
@@ -190,9 +208,9 @@ class RewardModel:
 # Build
 # ----------------------------------------------------------------------------------------------
 
-def detected_log_sizes(sizer: TemplateMatcher, images: Tensor) -> Tensor:
+def detected_log_sizes(sizer: TemplateMatcher | RimDetector, images: Tensor) -> Tensor:
     """s (n,) float64: log10 d̂ where the detector finds a crater, NO_CRATER_LOG10 elsewhere."""
-    det = sizer.detect(images)
+    det: Detections = sizer.detect(images)
     return torch.where(det.found, det.log10_fraction, torch.full_like(det.log10_fraction, NO_CRATER_LOG10))
 
 
@@ -221,7 +239,8 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
     size_ref = detected_log_sizes(sizer, reference_images)
     # the median heuristic, floored at one template step: references of one crater size (a procedural set
     # with a fixed diameter) would otherwise give h = 0
-    size_bandwidth = max(float(torch.pdist(size_ref[:, None]).median()), LOG10_STEP)
+    size_bandwidth = size_median_bandwidth(size_ref)
+    arcs_ref = detected_log_sizes(RimDetector(**ARCS), reference_images)
     realism, realism_info = None, {"enabled": False}
     if r.realism.enabled:
         from reward.realism import train_realism
@@ -238,7 +257,14 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
                        weights=vars(r.weights).copy(), mi_noise=r.mi_noise, knn_k=r.knn_k,
                        ot_method=r.ot_method, ot_reg=r.ot_reg, sizer=sizer, size_reference=size_ref,
                        size_bandwidth=size_bandwidth, ot_match=r.ot_match, realism=realism, info=info,
-                       coverage_softness=r.coverage_softness)
+                       coverage_softness=r.coverage_softness, arcs_reference=arcs_ref,
+                       arcs_bandwidth=size_median_bandwidth(arcs_ref), size_detector=r.size_detector)
+
+
+def size_median_bandwidth(s: Tensor) -> float:
+    """h = max(median_{i<j} |s_i - s_j|, LOG10_STEP): the median heuristic on the log sizes s (m,), floored at one
+    template step, since references of one crater size (a procedural set with a fixed diameter) would give h = 0."""
+    return max(float(torch.pdist(s[:, None]).median()), LOG10_STEP)
 
 
 def _plain(v):
@@ -262,7 +288,9 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
     path = Path(path)
     with atomic_directory(path) as tmp:
         np.save(tmp / "reference_features.npy", model.reference.numpy())
-        np.save(tmp / "reference_sizes.npy", model.size_reference.numpy())
+        np.save(tmp / "reference_sizes.npy", model.template_reference.numpy())
+        if model.arcs_reference is not None:
+            np.save(tmp / "reference_sizes_arcs.npy", model.arcs_reference.numpy())
         np.savez(tmp / "pca.npz", mean=model.pca.mean.numpy(), components=model.pca.components.numpy(),
                  explained_variance=model.pca.explained_variance.numpy(),
                  total_variance=np.float64(model.pca.total_variance))
@@ -283,7 +311,8 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
             "coverage": {"softness": model.coverage_softness},
             "size": {"light_azimuth_deg": model.sizer.azimuth_deg, "light_elevation_deg": model.sizer.elevation_deg,
                      "z_threshold": model.sizer.threshold, "light_peak_ncc": model.info.get("size_light_peak_ncc"),
-                     "bandwidth": model.size_bandwidth},
+                     "bandwidth": model.template_bandwidth, "arcs_bandwidth": model.arcs_bandwidth,
+                     "detector": model.size_detector},
             "reference": model.info.get("reference", {}),
             "realism": model.info.get("realism", {"enabled": False}),
             "sha256": {f: _sha256(tmp / f) for f in FILES if (tmp / f).is_file()},
@@ -303,11 +332,12 @@ def artifact_dir(path: str | Path) -> Path:
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
                   weights: Mapping[str, float] | None = None, ot_match: str | None = None,
                   log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0,
-                  coverage_softness: float | None = None) -> RewardModel:
+                  coverage_softness: float | None = None, size_detector: str | None = None) -> RewardModel:
     """Rebuild the frozen reward model saved by `save_artifact`, exactly.
 
     `weights` replaces the component weights saved in the artifact and `ot_match` its OT matching (None
-    keeps the saved value); `size_bandwidth_scale` multiplies the size reward's saved bandwidth and
+    keeps the saved value); `size_detector` picks the size reward's detector (`SIZE_DETECTORS`; the artifact
+    holds the reference sizes by each; None keeps the saved choice); `size_bandwidth_scale` multiplies that detector's saved bandwidth and
     `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`; None keeps the saved one, or the
     config's fallback for an artifact that saved none). Every
     component is computed from the same frozen features, reference and scorer, so none of them needs a
@@ -344,6 +374,8 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     try:
         reference = torch.from_numpy(np.load(path / "reference_features.npy", allow_pickle=False))
         size_reference = torch.from_numpy(np.load(path / "reference_sizes.npy", allow_pickle=False))
+        arcs_path = path / "reference_sizes_arcs.npy"
+        arcs_reference = torch.from_numpy(np.load(arcs_path, allow_pickle=False)) if arcs_path.is_file() else None
         size = meta["size"]
         sizer = TemplateMatcher(azimuth_deg=float(size["light_azimuth_deg"]),
                                 elevation_deg=float(size["light_elevation_deg"]), threshold=float(size["z_threshold"]))
@@ -365,7 +397,10 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
                        weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
-                       size_reference=size_reference, size_bandwidth=size_bandwidth_scale * float(size["bandwidth"]),
+                       size_reference=size_reference, size_bandwidth=float(size["bandwidth"]),
                        ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log,
                        coverage_softness=coverage_softness if coverage_softness is not None else
-                       float(meta.get("coverage", {}).get("softness", RewardConfig.coverage_softness)))
+                       float(meta.get("coverage", {}).get("softness", RewardConfig.coverage_softness)),
+                       arcs_reference=arcs_reference, arcs_bandwidth=size.get("arcs_bandwidth"),
+                       size_detector=size_detector or size.get("detector", "templates"),
+                       size_bandwidth_scale=size_bandwidth_scale)

@@ -22,7 +22,7 @@ crater with probability about α, and a large template no longer wins on a tile 
 d is the diameter as a fraction of the tile width (the Mars tiles are a fixed window, so D km = d ·
 window_km). The calibrated quantities are the sun direction, chosen on the train images without their
 diameters (`calibrate_light`), and z*, from surrogates of the train images. Nothing is fitted to
-catalogue diameters, so it shares no fitted part with the rim detector of evaluation/rims.py, and each can
+catalogue diameters, so it shares no fitted part with the rim detector of reward/rims.py, and each can
 judge a reward built on the other. Written by hand: no library matches a bank of rendered crater templates
 with a surrogate null in torch.
 

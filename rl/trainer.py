@@ -96,12 +96,13 @@ class Finetuner:
             tqdm.write(f"no reward artifact at {path}: building it first")
             build_reward_artifact(self.cfg, path)
         distributed.barrier()
-        # The config's weights, logged components, OT matching rule, size bandwidth scale and coverage softness, so --set
+        # The config's weights, logged components, OT matching rule, size detector and bandwidth scale and coverage softness, so --set
         # reward.weights.X=... takes effect on an existing artifact; only the weighted and logged components are computed.
         return load_artifact(path, expect_extractor=self.cfg.reward.features.name, device=self.device,
                              weights=vars(self.cfg.reward.weights), ot_match=self.cfg.reward.ot_match,
                              log=self.cfg.reward.log, size_bandwidth_scale=self.cfg.reward.size_bandwidth_scale,
-                             coverage_softness=self.cfg.reward.coverage_softness)
+                             coverage_softness=self.cfg.reward.coverage_softness,
+                             size_detector=self.cfg.reward.size_detector)
 
     def advantages(self, rewards: torch.Tensor, traj, prompts: list[str] | None = None) -> torch.Tensor:
         """(B,) rewards -> (B,) advantages, or (T, B) with GAE; `prompts`: each reward's prompt."""

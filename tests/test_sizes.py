@@ -1,4 +1,4 @@
-"""Crater sizes (evaluation/sizes.py, evaluation/rims.py): the radial-profile features and their symmetries, both
+"""Crater sizes (evaluation/sizes.py, reward/rims.py): the radial-profile features and their symmetries, both
 detectors validated on the held-out split and on craterless surrogates, procedural craters of known diameter
 ranked by size, and every size-frequency figure against brute force or a hand computation."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from data.surrogates import craterless_sets
 from evaluation.metrics import prdc
-from evaluation.rims import RimDetector, arc_sectors, opposite_coherence, ring_coherence, ring_weights, sector_masks
+from reward.rims import RimDetector, arc_sectors, opposite_coherence, ring_coherence, ring_weights, sector_masks
 from evaluation.sizes import (HIST_EDGES_LOG10, R_BIN_EDGES_KM, VALIDATION_GOALS, build_instruments,
                               cumulative_counts, kl_histograms, r_plot, share_large, size_figures, size_histogram,
                               share_called, subset_coverage, validate_instrument, wasserstein_log10)

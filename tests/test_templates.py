@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from data.surrogates import phase_scramble
 from reward.metrics import mmd2_unbiased_loo
+from utils import CraterdiffError
 from reward.templates import (LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrate_light, matched_z, ncc, parabolic_offset,
                               render_templates, template_diameters, whitening)
 
@@ -117,21 +119,28 @@ def test_templates_are_standardised_and_ordered_by_size():
     torch.testing.assert_close(t.pow(2).mean((2, 3)), torch.ones(4, 48, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
-def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path):
+@pytest.mark.parametrize("detector", ["templates", "arcs"])
+def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path, detector):
     """In a batch of small craters against a reference of all sizes, the few large craters carry the
-    highest `size` credit, and the component is the 1-d LOO MMD of the log sizes."""
-    from reward.artifact import build_reward_model, save_artifact
+    highest `size` credit, and the component is the 1-d LOO MMD of the log sizes, by either detector."""
+    from reward.artifact import build_reward_model, detected_log_sizes, load_artifact, save_artifact
+    from reward.rims import ARCS, RimDetector
     import reward
     from config import load_config
     from .conftest import ROOT
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["reward.features.name=pixels", "reward.realism.enabled=false",
-                                                         "reward.weights.size=1.0"])
+                                                         "reward.weights.size=1.0", f"reward.size_detector={detector}"])
     ref = torch.cat([_crater(float(d), seed=i) for i, d in enumerate(np.geomspace(0.15, 0.75, 40))])
     model = build_reward_model(cfg, reference_images=ref, fake_images=None)
     batch = torch.cat([_crater(0.17, seed=100 + i) for i in range(12)] + [_crater(0.7, seed=200 + i) for i in range(2)])
     out = model(batch)
     s = model.sizes(batch)
+    if detector == "arcs":  # the rim test with κ = 1 on both sides, its reference bandwidth by the median heuristic
+        torch.testing.assert_close(s, detected_log_sizes(RimDetector(**ARCS), batch))
+        torch.testing.assert_close(model.size_reference, detected_log_sizes(RimDetector(**ARCS), ref))
+        assert model.size_bandwidth == pytest.approx(max(float(torch.pdist(model.size_reference[:, None]).median()),
+                                                         float(np.diff(np.log10(template_diameters()))[0])))
     expected = mmd2_unbiased_loo(s[:, None], model.size_reference[:, None], bandwidth=model.size_bandwidth)
     torch.testing.assert_close(out.components["size"], expected.rewards)
     assert out.values["size"] == pytest.approx(float(expected.value))
@@ -141,6 +150,17 @@ def test_size_component_credits_the_sizes_the_batch_lacks(tmp_path):
     assert (loaded.sizer.azimuth_deg, loaded.sizer.elevation_deg) == (model.sizer.azimuth_deg,
                                                                      model.sizer.elevation_deg)
     assert torch.equal(loaded(batch).components["size"], out.components["size"])
+    # one artifact serves both detectors; one without the arcs sizes is refused for arcs in one line
+    other = "templates" if detector == "arcs" else "arcs"
+    switched = load_artifact(tmp_path / "reward", weights={"size": 1.0}, size_detector=other)
+    assert switched.size_detector == other and not torch.equal(switched.size_reference, model.size_reference)
+    (tmp_path / "reward" / "reference_sizes_arcs.npy").unlink()
+    meta = yaml.safe_load((tmp_path / "reward" / "reward.yaml").read_text())
+    del meta["sha256"]["reference_sizes_arcs.npy"]
+    (tmp_path / "reward" / "reward.yaml").write_text(yaml.safe_dump(meta))
+    assert load_artifact(tmp_path / "reward", size_detector="templates").size_detector == "templates"
+    with pytest.raises(CraterdiffError, match="no reference sizes by arcs; rebuild it"):
+        load_artifact(tmp_path / "reward", size_detector="arcs")
 
 
 def test_references_of_one_crater_size_still_build():
