@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ from utils import (PROJECT_ROOT, CraterdiffError, atomic_write_text, list_checkp
 # Hand-written rather than OmegaConf: we need one-line errors that name the key, the file and the
 # closest valid key, `Literal` enums and numeric ranges, which OmegaConf structured configs do not
 # report in that form.
+
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's seeds are 32-bit."""
+RUN_NAME = re.compile(r"[\w.+-]+")
+"""A run name: one path component (letters, digits, _ . + -), so runs/<name> stays inside runs/."""
+
 
 def _f(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,
        lt: float | None = None, le: float | None = None):
@@ -417,7 +424,7 @@ class EvalConfig:
 class Config:
     """Root of a craterdiff config; one subtree per stage."""
     name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
-    seed: int = _f(0, "seed for Python, NumPy and torch", ge=0)
+    seed: int = _f(0, "seed for Python, NumPy and torch", ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "'auto' takes CUDA when present")
     precision: Literal["fp32", "fp16", "bf16"] = _f(
         "fp32", "autocast dtype of the UNet (and SD VAE) passes: pretraining, both RL passes, evaluation sampling. "
@@ -577,7 +584,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: key '{e.key}' is set twice (lines {e.first} and {e.second}); keep one") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
     except OSError as e:
@@ -597,6 +606,28 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
             raise ConfigError(f"{path}: key 'base' must be a path to another config file")
         data = _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
     return data
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that sets one key twice (YAML keeps the last silently)."""
+
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(str(key), seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -649,7 +680,25 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     for item in overrides:
         data = _apply_override(data, item)
         where = f"{path} (with --set)"
-    return config_from_dict(data, where=where)
+    cfg = config_from_dict(data, where=where)
+    check_paths(cfg, where)
+    return cfg
+
+
+def check_paths(cfg: Config, where: str) -> None:
+    """The run name is one path component, and a relative path the config names (resolved against the project
+    root) stays inside the project: `--set name=../../x` or `reward.artifact=../..` would write elsewhere unseen.
+    An absolute path is the user's explicit choice and is taken as given."""
+    if not RUN_NAME.fullmatch(cfg.name) or cfg.name in (".", ".."):
+        raise ConfigError(f"{where}: key 'name' must be one plain name (letters, digits, _ . + -), got {cfg.name!r}; "
+                          f"use --out to put the run elsewhere")
+    for key, value in (("reward.artifact", cfg.reward.artifact), ("model.pretrained", cfg.model.pretrained)):
+        if value is None or Path(value).expanduser().is_absolute():
+            continue
+        resolved = (PROJECT_ROOT / value).resolve()
+        if not resolved.is_relative_to(PROJECT_ROOT.resolve()):
+            raise ConfigError(f"{where}: key '{key}' ({value!r}) leads outside the project directory; give an "
+                              f"absolute path if that is meant")
 
 
 def config_to_dict(cfg: Any) -> dict:

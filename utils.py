@@ -219,6 +219,20 @@ def _umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create directory `path` if needed and prove it takes a file, before any work is done; a CraterdiffError
+    naming `what` (e.g. "--out") otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise CraterdiffError(f"{what} '{path}' is not a writable directory ({e.strerror or type(e).__name__}); "
+                              f"pick another with {what}") from None
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file so that readers see either the old or the new content, never a mix."""
     path = Path(path)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config import load_config
+from config import MAX_SEED, load_config
 from ddpm.pipeline import load_pipeline, load_step_scales
 from ddpm.sampling import sample_model
-from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, resolve_device, run_main, save_image_grid, save_images,
-                   script_parser, seed_everything)
+from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, ensure_writable_dir, resolve_device, run_main,
+                   save_image_grid, save_images, script_parser, seed_everything)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1:
         raise CraterdiffError(f"--n must be at least 1, got {args.n}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise CraterdiffError(f"--seed must be 0 to {MAX_SEED}, got {args.seed}")
     cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
+    out = ensure_writable_dir(Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples", "--out")
     apply_threads(cfg.num_threads)
     ckpt = Path(args.ckpt)
     model_dir = ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt
@@ -35,7 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     images = sample_model(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
                           step_scales=load_step_scales(model_dir, s.num_steps))
     c, size = unet.config.in_channels, unet.config.sample_size
-    out = Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples"
     save_images(images, out)
     grid = save_image_grid(images, out / "grid.png", scale=2)
     print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")

@@ -23,7 +23,7 @@ from config import load_config
 from reward.artifact import build_reward_model, save_artifact
 from data.datasets import load_image_folder
 from data.procedural import procedural_set
-from scripts import finetune, pretrain_ddpm
+from scripts import finetune, pretrain_ddpm, sample
 from utils import PROJECT_ROOT, list_checkpoints, run_main
 
 from .conftest import error_line, smoke_argv
@@ -86,9 +86,9 @@ def _truncated_checkpoint(env: Env) -> list[str]:
     return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
 
 
-def _unwritable_out(env: Env) -> list[str]:
-    """--out inside a read-only directory: chmod 0o500, or (as root, which ignores permissions) a
-    mkdir that fails there the way it would."""
+def _locked(env: Env) -> Path:
+    """TMP/locked, a read-only directory: chmod 0o500, or (as root, which ignores permissions) a mkdir that fails
+    there the way it would."""
     locked = env.tmp / "locked"
     locked.mkdir()
     if os.geteuid() == 0:
@@ -102,7 +102,19 @@ def _unwritable_out(env: Env) -> list[str]:
     else:
         locked.chmod(0o500)
         env.request.addfinalizer(lambda: locked.chmod(0o700))
+    return locked
+
+
+def _unwritable_out(env: Env) -> list[str]:
+    """--out inside a read-only directory."""
+    _locked(env)
     return _args(env, out="locked/run")
+
+
+def _sample(env: Env, *extra: str, out: Path | None = None) -> list[str]:
+    """scripts.sample of two images of the shipped model into `out` (TMP/samples), then `extra`."""
+    return ["--ckpt", str(PROJECT_ROOT / "ddpm" / "pretrained" / "mars32"), "--n", "2",
+            "--out", str(out or env.tmp / "samples"), *extra]
 
 
 def _disk_full_at_second_checkpoint(env: Env) -> list[str]:
@@ -198,6 +210,18 @@ CASES = [
          ("disk full while writing", "samples", "free space, then rerun with --resume")),
     Case("resume-with-nothing-to-resume", finetune.main, lambda env: _args(env, extra=("--resume",)),
          ("--resume: no complete checkpoint", "start without --resume")),
+    Case("seed-too-large", finetune.main, lambda env: _args(env, "seed=1180591620717411303424"),
+         ("key 'seed' must be <= 4294967295", "got 1180591620717411303424")),
+    Case("key-set-twice", pretrain_ddpm.main, lambda env: _config_file(env, "rl:\n  iterations: 2\n  iterations: 3\n"),
+         ("mine.yaml", "key 'iterations' is set twice (lines 3 and 4)", "keep one")),
+    Case("run-name-with-a-path", finetune.main, lambda env: _args(env, "name=../../../../tmp/escaped"),
+         ("key 'name' must be one plain name", "'../../../../tmp/escaped'", "use --out")),
+    Case("artifact-path-leaving-the-project", finetune.main, lambda env: _args(env, "reward.artifact=../../.."),
+         ("key 'reward.artifact' ('../../..') leads outside the project directory", "give an absolute path")),
+    Case("sample-seed-too-large", sample.main, lambda env: _sample(env, "--seed", str(2**70)),
+         ("--seed must be 0 to 4294967295", str(2**70))),
+    Case("sample-into-a-read-only-folder", sample.main, lambda env: _sample(env, out=_locked(env) / "samples"),
+         ("--out", "locked/samples' is not a writable directory", "pick another with --out")),
 ]
 
 
