@@ -22,7 +22,8 @@ Sets:
 * `levers`: the default, the detector-reward default before it, and screens toward the goals (checked against
   `DEFAULT_GOALS`): on the detector-reward default a narrower size kernel, KL to the base model at every step (two
   strengths), the soft-coverage reward, twice the size weight, and the last two together; on the default two PPO
-  epochs per batch and the size reward on the opposite-arcs rim test (`size_arcs`). Variants without a finished
+  epochs per batch and the size reward on the opposite-arcs rim test (`size_arcs`; `size_arcs_bw0.37` with its kernel
+  narrowed to the detected references' spread). Variants without a finished
   run at a seed are left out of the evaluation, so `--no-train --train-seeds 0 1 2` evaluates the 3-seed variants
   beside single-seed screens.
 * `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 or 32
@@ -81,7 +82,7 @@ SETS = {
     "sizes": ("mmd_mi", "size3_lr1e-4", "size3_final_lr1e-4", "size3_final_sigma_lr1e-4",
               "size3_final_sigma_lr1e-4_it50", "size3_final_sigma_lr1e-4_it75", "size3_final_sigma_lr1e-4_it100",
               "default"),
-    "levers": ("default", "ppo_epochs2", "size_arcs", "detector_default", "size_bw0.35", "kl_base_0.1",
+    "levers": ("default", "ppo_epochs2", "size_arcs", "size_arcs_bw0.37", "detector_default", "size_bw0.35", "kl_base_0.1",
                "kl_base_0.02", "coverage1", "size6", "size6_coverage1"),
 }
 """Each set's variants, in the order of its tables."""

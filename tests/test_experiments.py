@@ -225,10 +225,11 @@ def test_lever_variants_are_one_or_two_overrides_of_the_default_they_screen():
     assert vs[0].name == "default" and _same(load_config(vs[0].cfg), default)
     assert _same(load_config(EXPERIMENTS / "levers" / "detector_default.yaml"), pre_coverage)
     for v in vs:
-        if v.name in ("default", "ppo_epochs2", "size_arcs", "detector_default"):
+        if v.name in ("default", "ppo_epochs2", "size_arcs", "size_arcs_bw0.37", "detector_default"):
             continue
         # screened on the default before the coverage credit: one lever, or two that each helped
         assert 1 <= len(_changed(pre_coverage, load_config(v.cfg))) <= 2, v.name
     assert _changed(default, load_config(EXPERIMENTS / "levers" / "ppo_epochs2.yaml")) == {"rl.ppo.epochs"}
     arcs = load_config(EXPERIMENTS / "levers" / "size_arcs.yaml")
     assert _changed(default, arcs) == {"reward.size_detector"} and arcs.reward.size_detector == "arcs"
+    assert _changed(arcs, load_config(EXPERIMENTS / "levers" / "size_arcs_bw0.37.yaml")) == {"reward.size_bandwidth_scale"}
