@@ -624,6 +624,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error names it
             if key in seen:
                 raise DuplicateKeyError(str(key), seen[key], line)
             seen[key] = line
