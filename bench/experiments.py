@@ -23,9 +23,8 @@ Sets:
   `DEFAULT_GOALS`): on the detector-reward default a narrower size kernel, KL to the base model at every step (two
   strengths), the soft-coverage reward, twice the size weight, and the last two together; on the default two PPO
   epochs per batch and the size reward on the opposite-arcs rim test (`size_arcs`; `size_arcs_bw0.37` with its kernel
-  narrowed to the detected references' spread). Variants without a finished
-  run at a seed are left out of the evaluation, so `--no-train --train-seeds 0 1 2` evaluates the 3-seed variants
-  beside single-seed screens.
+  narrowed to the detected references' spread). Variants without a finished run at a seed are left out of the
+  evaluation, so `--no-train --train-seeds 0 1 2` evaluates the 3-seed variants beside single-seed screens.
 * `main`: the base model against PPO, TRPO (`configs/trpo.yaml`; `trpo_64` and `trpo_32` with the solve of 64 or 32
   uniformly drawn states and 10 or 8 CG iterations; `trpo_size` with the default's crater-size reward for 50
   iterations) and the SAC-style actor-critic (`configs/sac.yaml`, soft λ-returns; `sac_td0`: the one-step soft
@@ -82,8 +81,8 @@ SETS = {
     "sizes": ("mmd_mi", "size3_lr1e-4", "size3_final_lr1e-4", "size3_final_sigma_lr1e-4",
               "size3_final_sigma_lr1e-4_it50", "size3_final_sigma_lr1e-4_it75", "size3_final_sigma_lr1e-4_it100",
               "default"),
-    "levers": ("default", "ppo_epochs2", "size_arcs", "size_arcs_bw0.37", "detector_default", "size_bw0.35", "kl_base_0.1",
-               "kl_base_0.02", "coverage1", "size6", "size6_coverage1"),
+    "levers": ("default", "ppo_epochs2", "size_arcs", "size_arcs_bw0.37", "detector_default", "size_bw0.35",
+               "kl_base_0.1", "kl_base_0.02", "coverage1", "size6", "size6_coverage1"),
 }
 """Each set's variants, in the order of its tables."""
 HEADLINE = [("efficientnet_lite0", "coverage"), ("efficientnet_lite0", "recall"), ("efficientnet_lite0", "precision"),
@@ -95,8 +94,9 @@ SIZE_HEADLINE = [("detect_rate_rims", None), ("detect_rate_templates", None), ("
                  ("share_ge100_arcs", None), ("share_ge150_arcs", None), ("w1_log10_arcs", None),
                  ("coverage_ge100", "efficientnet_lite0")]
 """report["sizes"]["models"][model] figures: (key, extractor or None); summary keys sizes/<key>. "_rims" is the
-rim-coherence detector, the independent instrument; "_arcs" the same asking for the rim on two opposite arcs (reports
-since 2026-12-07); "_templates" the `size` reward's template detector."""
+rim-coherence detector on the whole ring; "_arcs" the same asking for the rim on two opposite arcs (reports since
+2026-12-07); "_templates" the template detector. The `size` reward uses templates unless `reward.size_detector: arcs`;
+the default's goals read `SIZE_JUDGES`."""
 SIZE_GOALS = {"share_ge100_rims": ("share_ge100_rims", "w1_log10_rims"),
               "share_ge100_templates": ("share_ge100_templates", "w1_log10_templates")}
 """Per instrument: its share key -> (the held-out craters' own share in report["sizes"]["heldout"], its W1 key)."""

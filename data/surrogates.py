@@ -77,9 +77,9 @@ def quadrant_shuffle(images: Tensor, generator: torch.Generator) -> Tensor:
 
 
 CRATERLESS = ("phase-scrambled held-out", "smooth noise")
+"""The names of the craterless validation sets, in report order."""
 BROKEN = "quadrant-shuffled held-out"
 """The broken-rims validation set: pieces of rims, no whole crater (the craterless goals apply to it too)."""
-"""The names of the craterless validation sets, in report order."""
 
 
 def craterless_sets(heldout: Tensor, *, seed: int = 0) -> dict[str, Tensor]:

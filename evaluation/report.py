@@ -369,8 +369,9 @@ def _size_table(report: Mapping) -> tuple[list[str], list[list[str]], str] | Non
             "fitted to the train diameters); `arcs` is the same test asking for the rim on two opposite arcs, so "
             "a crater's pieces (the quadrant-shuffled row of the validation) do not count; `templates` is the "
             "matched filter against rendered craters with a closed-form phase-randomisation null (fitted to no "
-            "diameters), which the `size` reward uses, so `rims` and `arcs` are the independent judges of a run "
-            "trained on it. W1 and KL compare the detected craters' "
+            "diameters). The `size` reward uses `templates` (or `arcs` with `reward.size_detector: arcs`); the "
+            "other family, sharing no fitted part with it, judges a run trained on it. W1 and KL compare the "
+            "detected craters' "
             "sizes with the held-out tiles' detected craters by the same instrument; coverage ≥ 100 km is "
             "coverage restricted to the held-out craters whose catalogue diameter is at least 100 km.")
     return header, rows, line

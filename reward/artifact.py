@@ -33,7 +33,7 @@ from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, kn
     mmd2_unbiased_loo, ot_rewards, pairwise_sq_dists, soft_coverage_loo
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.rims import ARCS, RimDetector
-from reward.templates import LOG10_STEP, NO_CRATER_LOG10, Detections, TemplateMatcher, calibrated_matcher
+from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
 from utils import CraterdiffError, atomic_directory
 
 REWARD_ARTIFACT_VERSION = 3
@@ -210,7 +210,7 @@ class RewardModel:
 
 def detected_log_sizes(sizer: TemplateMatcher | RimDetector, images: Tensor) -> Tensor:
     """s (n,) float64: log10 d̂ where the detector finds a crater, NO_CRATER_LOG10 elsewhere."""
-    det: Detections = sizer.detect(images)
+    det = sizer.detect(images)
     return torch.where(det.found, det.log10_fraction, torch.full_like(det.log10_fraction, NO_CRATER_LOG10))
 
 
@@ -237,8 +237,6 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
     pca = fit_pca(ref, k=min(r.pca_dim, m - 1, ref.shape[1]))
     sizer, peak = calibrated_matcher(reference_images, seed=cfg.seed)
     size_ref = detected_log_sizes(sizer, reference_images)
-    # the median heuristic, floored at one template step: references of one crater size (a procedural set
-    # with a fixed diameter) would otherwise give h = 0
     size_bandwidth = size_median_bandwidth(size_ref)
     arcs_ref = detected_log_sizes(RimDetector(**ARCS), reference_images)
     realism, realism_info = None, {"enabled": False}
@@ -337,8 +335,8 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
 
     `weights` replaces the component weights saved in the artifact and `ot_match` its OT matching (None
     keeps the saved value); `size_detector` picks the size reward's detector (`SIZE_DETECTORS`; the artifact
-    holds the reference sizes by each; None keeps the saved choice); `size_bandwidth_scale` multiplies that detector's saved bandwidth and
-    `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`; None keeps the saved one, or the
+    holds the reference sizes by each; None keeps the saved choice); `size_bandwidth_scale` multiplies that
+    detector's saved bandwidth and `coverage_softness` sets the coverage reward's ball edge (`soft_coverage_loo`; None keeps the saved one, or the
     config's fallback for an artifact that saved none). Every
     component is computed from the same frozen features, reference and scorer, so none of them needs a
     rebuild (the reward ablation reuses one artifact). `log`:
