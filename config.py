@@ -788,13 +788,85 @@ def check_eval(ev: EvalConfig) -> None:
             raise CraterdiffError(f"{key} has duplicates: {list(seq)}")
 
 
+RESUME_FREE = {
+    "finetune": ("name", "num_threads", "tensorboard", "rl.iterations", "rl.checkpoint_every", "rl.keep_checkpoints",
+                 "rl.sample_every", "pretrain", "dataset", "eval"),
+    "pretrain": ("name", "num_threads", "tensorboard", "sampler", "pretrain.checkpoint_every",
+                 "pretrain.keep_checkpoints", "pretrain.sample_every", "pretrain.log_every", "pretrain.export_dir",
+                 "rl", "reward", "dataset", "eval"),
+}
+"""Keys (or subtrees) a resumed run of each stage may change without --apply-changes: how long it runs, what it logs,
+and the settings of the other stages."""
+
+FIXED_ON_RESUME = ("seed", "model", "data.image_size", "data.channels", "pretrain.init_from", "rl.algorithm",
+                   "rl.policy_mode", "rl.lora", "rl.latent", "rl.schedule", "rl.trpo.mode", "rl.trpo.penalty_beta",
+                   "rl.advantages.gae", "rl.critic.width", "rl.sac.learn_noise_scale", "rl.sac.target_entropy_offset")
+"""Keys no resumed run can change, even with --apply-changes: the checkpoint holds the RNG state (seed), weights of
+the shapes these set, or what was derived from them once at the start (the initial penalty β, SAC's target entropy)."""
+
+
+def _under(key: str, prefixes: typing.Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'rl': {'lr': 1}} -> {'rl.lr': 1}."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: Config, cfg: Config, stage: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, new value)} for every setting of `cfg` that differs from the run's `saved` config, except
+    those RESUME_FREE lets `stage` change."""
+    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and not _under(k, RESUME_FREE[stage])}
+
+
+def check_resume(run: Path, cfg: Config, stage: str, *, apply_changes: bool) -> dict[str, tuple[Any, Any]]:
+    """The settings a resume changes (see resume_changes), checked against the run's saved config.yaml: refused in one
+    line naming them unless `apply_changes`; keys in FIXED_ON_RESUME are refused either way."""
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        if apply_changes:
+            return {}
+        raise CraterdiffError(f"--resume: '{saved_path}' is missing, so the run's settings cannot be compared; pass "
+                              f"--apply-changes to resume with the given config")
+    changes = resume_changes(load_config(saved_path), cfg, stage)
+    listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items())
+    fixed = [k for k in changes if _under(k, FIXED_ON_RESUME)]
+    if fixed:
+        raise CraterdiffError(f"--resume: {', '.join(fixed)} cannot change on resume (the checkpoint holds what they "
+                              f"set); resume with the values in '{saved_path}', or start a new run with --out NEW_DIR")
+    if changes and not apply_changes:
+        raise CraterdiffError(f"--resume: the settings differ from the run's '{saved_path}': {listed}; drop those "
+                              f"--set overrides, or pass --apply-changes to apply them from here on")
+    return changes
+
+
+def record_resume_changes(run: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the changes a resume applied, and the checkpoint it resumed from, to RUN/resume_changes.yaml."""
+    path = run / "resume_changes.yaml"
+    history = yaml.safe_load(path.read_text()) if path.is_file() else []
+    checkpoint = list_checkpoints(run / "checkpoints")[-1].name
+    history.append({"resumed_from": checkpoint, "changed": {k: {"from": old, "to": new}
+                                                            for k, (old, new) in changes.items()}})
+    atomic_write_text(path, yaml.safe_dump(history, sort_keys=False))
+
+
 def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_checkpoints: bool = True,
-                    config_name: str = "config.yaml", write: bool = True) -> Path:
+                    config_name: str = "config.yaml", write: bool = True, stage: str = "finetune",
+                    apply_changes: bool = False) -> Path:
     """Create the run directory (default runs/<name>) and save the resolved config in it.
 
     With `guard_checkpoints` (training scripts): without --resume, a directory that already holds
-    checkpoints is refused rather than clobbered, and with --resume it must hold one; the temporary
-    directories of atomic writes a killed run left in it (model/, reward/, checkpoints) are removed.
+    checkpoints is refused rather than clobbered, and with --resume it must hold one and the config may differ from
+    the saved one only as check_resume allows for `stage` (applied changes are recorded by record_resume_changes); the
+    temporary directories of atomic writes a killed run left in it (model/, reward/, checkpoints) are removed.
     `write=False` makes the same checks and writes nothing (the non-main processes of a multi-process run).
     """
     run = Path(out) if out else PROJECT_ROOT / "runs" / cfg.name
@@ -805,6 +877,9 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
     if not resume and ckpts:
         raise CraterdiffError(f"run directory '{run}' already has checkpoints; pass --resume to continue "
                               f"it or --out NEW_DIR to start a new run")
+    if apply_changes and not resume:
+        raise CraterdiffError("--apply-changes applies to a resumed run only; add --resume or drop it")
+    changes = check_resume(run, cfg, stage, apply_changes=apply_changes) if resume and guard_checkpoints else {}
     if not write:
         return run
     try:
@@ -818,6 +893,8 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
     if guard_checkpoints:  # a training run owns its directory: no other writer's temporaries can be in it
         remove_temporaries(run)
         remove_temporaries(run / "checkpoints")
+    if changes:
+        record_resume_changes(run, changes)
     save_config(cfg, run / config_name)
     return run
 

@@ -360,6 +360,15 @@ def load_state(path: str | Path) -> dict:
                                                           "an earlier one")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore an optimizer's moments and step counts from `state`, keeping the hyperparameters (learning rate, weight
+    decay...) it was built with from the config, so that a resume with --apply-changes takes the new ones."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)
+
+
 def torch_load_safely(path: Path, what: str, *, fix: str) -> Any:
     """torch.load(weights_only=True): tensors and plain values only, so loading runs no code.
 
@@ -465,7 +474,7 @@ def _fmt(v: Any) -> Any:
 def script_parser(description: str, *, cfg_required: bool = True, resume: bool = False,
                   out_help: str = "run directory (default runs/<config name>)") -> argparse.ArgumentParser:
     """The arguments every script shares: --cfg, --set, --out (`out_help` says what it is for this script); --resume
-    for those that checkpoint (`resume`)."""
+    and --apply-changes for those that checkpoint (`resume`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--cfg", required=cfg_required, help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -473,6 +482,9 @@ def script_parser(description: str, *, cfg_required: bool = True, resume: bool =
     p.add_argument("--out", default=None, help=out_help)
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+        p.add_argument("--apply-changes", action="store_true",
+                       help="with --resume: apply settings that differ from the run's config.yaml (recorded in "
+                            "resume_changes.yaml) instead of refusing them")
     return p
 
 

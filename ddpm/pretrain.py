@@ -27,8 +27,9 @@ from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from data.sources import load_image_set
-from utils import (RunLogger, atomic_checkpoint, autocast, latest_checkpoint, load_state, prune_checkpoints, image_grid,
-                   resolve_device, resolve_path, rng_state, save_state, seed_everything, set_rng_state, setup_precision)
+from utils import (RunLogger, atomic_checkpoint, autocast, image_grid, latest_checkpoint, load_optimizer_state,
+                   load_state, prune_checkpoints, resolve_device, resolve_path, rng_state, save_state, seed_everything,
+                   set_rng_state, setup_precision)
 
 
 def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:
@@ -127,9 +128,15 @@ def load_checkpoint(tr: Trainer, path: Path) -> None:
     state = load_state(path / "training_state.pt")
     trained = UNet2DModel.from_pretrained(path / "train_unet", local_files_only=True, use_safetensors=True)
     tr.unet.load_state_dict(trained.state_dict())
-    tr.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(tr.optimizer, state["optimizer"])
     tr.lr_schedule.load_state_dict(state["lr_schedule"])
+    # the config's peak learning rate, schedule and EMA decay at the restored step (changed by --apply-changes)
+    tr.lr_schedule.base_lrs = [g["initial_lr"] for g in tr.optimizer.param_groups]
+    for group, base, factor in zip(tr.optimizer.param_groups, tr.lr_schedule.base_lrs, tr.lr_schedule.lr_lambdas):
+        group["lr"] = base * factor(tr.lr_schedule.last_epoch)
+    decay = tr.ema.decay
     tr.ema.load_state_dict(state["ema"])
+    tr.ema.decay = decay
     if state.get("scaler"):  # empty when the run was not fp16
         tr.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], tr.generator)

@@ -35,6 +35,7 @@ from rl.advantages import (Critic, clip_advantages, critic_values, discounted_su
 from rl.objectives import reinforce_loss
 from rl.policy import DiffusionPolicy
 from rl.update import Prepared, StepLoss, StepTerm, UpdateBatch, UpdateStats, two_pass
+from utils import load_optimizer_state
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -137,10 +138,10 @@ class SoftActorCritic(nn.Module):
     def load_checkpoint_state(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
         self.target.load_state_dict(state["target"])
-        self.critic_opt.load_state_dict(state["critic_optimizer"])
+        load_optimizer_state(self.critic_opt, state["critic_optimizer"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.alpha_opt.load_state_dict(state["alpha_optimizer"])
+        load_optimizer_state(self.alpha_opt, state["alpha_optimizer"])
         self.target_entropy = float(state["target_entropy"])
 
 

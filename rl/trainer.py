@@ -26,8 +26,8 @@ from rl.ppo import ppo_update, reinforce_update
 from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from rl.update import Update, UpdateBatch, UpdateStats
-from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint, load_state,
-                   peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
+from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint,
+                   load_optimizer_state, load_state, peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
                    set_rng_state, setup_precision)
 
 
@@ -164,10 +164,10 @@ class Finetuner:
                                   f"delete that checkpoint to resume from an earlier one") from None
         self.policy.load_trainable_state({k: v.to(self.device) for k, v in theta.items()})
         if self.optimizer and state["optimizer"]:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         if self.critic and state["critic"]:
             self.critic.load_state_dict(state["critic"])
-            self.critic_opt.load_state_dict(state["critic_optimizer"])
+            load_optimizer_state(self.critic_opt, state["critic_optimizer"])
         if self.sac:
             self.sac.load_checkpoint_state(state["sac"])
         self.tracker.load_state_dict(state["tracker"])

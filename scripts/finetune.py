@@ -1,8 +1,10 @@
-"""Fine-tune the diffusion policy with RL: python -m scripts.finetune --cfg configs/default.yaml [--out DIR] [--resume]
+"""Fine-tune the diffusion policy with RL: python -m scripts.finetune --cfg configs/default.yaml [--out DIR]
+[--resume [--apply-changes]]
 
 Builds the reward artifact first when reward.artifact (default DIR/reward) is missing, then runs
 rl.iterations of sample -> reward -> update. Writes DIR/metrics.csv, DIR/tb/, DIR/samples/,
-DIR/checkpoints/step_N/ and the final model to DIR/model (a diffusers pipeline; LoRA also DIR/adapter).
+DIR/checkpoints/step_N/ and the final model to DIR/model (a diffusers pipeline; LoRA also DIR/adapter). A resume
+refuses settings that differ from DIR/config.yaml unless --apply-changes (config.check_resume).
 
 Several processes: accelerate launch --multi_gpu --num_processes N -m scripts.finetune --cfg ... (on a
 machine without GPUs add --set device=cpu; rl.batch_size is the whole set, split evenly; rl/distributed.py).
@@ -20,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.cfg, args.overrides)
     apply_threads(cfg.num_threads)
     distributed.init(cpu=cfg.device == "cpu")
-    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, write=distributed.is_main())
+    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, write=distributed.is_main(),
+                              apply_changes=args.apply_changes)
     distributed.barrier()
     final = Finetuner(cfg, run_dir).run(resume=args.resume)
     if distributed.is_main():

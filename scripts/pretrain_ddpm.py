@@ -1,4 +1,5 @@
-"""Pretrain the base DDPM: python -m scripts.pretrain_ddpm --cfg configs/pretrain.yaml [--out DIR] [--resume]"""
+"""Pretrain the base DDPM: python -m scripts.pretrain_ddpm --cfg configs/pretrain.yaml [--out DIR]
+[--resume [--apply-changes]]"""
 from __future__ import annotations
 
 from config import load_config, prepare_run_dir
@@ -10,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__, resume=True).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     apply_threads(cfg.num_threads)
-    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume)
+    run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, stage="pretrain", apply_changes=args.apply_changes)
     final = pretrain(cfg, run_dir, resume=args.resume)
     print(f"saved the EMA model to {final}")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
+from config import load_config, save_config
 from reward.artifact import build_reward_model, save_artifact
 from data.datasets import load_image_folder
 from data.procedural import procedural_set
@@ -84,6 +84,23 @@ def _truncated_checkpoint(env: Env) -> list[str]:
     state = list_checkpoints(run / "checkpoints")[-1] / "training_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
+
+
+def _resume_tiny_run(env: Env, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """A copy of the tiny pretraining run, resumed with `overrides` on top of its own settings."""
+    shutil.copytree(env.request.getfixturevalue("tiny_run"), env.tmp / "run")
+    return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), *overrides,
+                 extra=("--resume", *extra))
+
+
+def _resume_finetune_run(env: Env, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """A fine-tuning run directory on smoke.yaml (its saved config and one complete checkpoint; the check comes
+    before anything is loaded), resumed with `overrides`."""
+    run = env.tmp / "run"
+    save_config(load_config(SMOKE), run / "config.yaml")
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "checkpoints" / "step_1" / "COMPLETE").touch()
+    return _args(env, *overrides, extra=("--resume", *extra))
 
 
 def _locked(env: Env) -> Path:
@@ -220,6 +237,17 @@ CASES = [
          ("key 'reward.artifact' ('../../..') leads outside the project directory", "give an absolute path")),
     Case("sample-seed-too-large", sample.main, lambda env: _sample(env, "--seed", str(2**70)),
          ("--seed must be 0 to 4294967295", str(2**70))),
+    Case("resume-with-changed-settings", pretrain_ddpm.main, lambda env: _resume_tiny_run(env, "pretrain.lr=0.5"),
+         ("--resume: the settings differ from the run's", "config.yaml': pretrain.lr (0.002 -> 0.5)",
+          "pass --apply-changes to apply them")),
+    Case("resume-with-another-seed", pretrain_ddpm.main,
+         lambda env: _resume_tiny_run(env, "seed=5", extra=("--apply-changes",)),
+         ("--resume: seed cannot change on resume", "start a new run with --out NEW_DIR")),
+    Case("resume-with-another-policy-mode", finetune.main,
+         lambda env: _resume_finetune_run(env, "rl.policy_mode=latent", extra=("--apply-changes",)),
+         ("--resume: rl.policy_mode cannot change on resume", "resume with the values in")),
+    Case("apply-changes-without-resume", finetune.main, lambda env: _args(env, extra=("--apply-changes",)),
+         ("--apply-changes applies to a resumed run only", "add --resume")),
     Case("sample-into-a-read-only-folder", sample.main, lambda env: _sample(env, out=_locked(env) / "samples"),
          ("--out", "locked/samples' is not a writable directory", "pick another with --out")),
 ]

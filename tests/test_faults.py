@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from config import load_config, prepare_run_dir
+from config import load_config, prepare_run_dir, save_config
 from bench import faults
 from bench.faults import SCRIPTS, bench_script, tensorboard_scalars
 from utils import RunLogger, atomic_checkpoint, latest_checkpoint
@@ -48,6 +48,7 @@ def test_relaunch_removes_what_killed_writes_left(tmp_path, smoke_cfg):
     """A process killed inside utils.atomic_directory leaves its hidden temporary directory (here one of
     the final model and one of a checkpoint whose COMPLETE marker was written but not yet renamed)."""
     cfg = load_config(smoke_cfg)
+    save_config(cfg, tmp_path / "config.yaml")  # what the killed run's start saved
     with atomic_checkpoint(tmp_path / "checkpoints", 1) as tmp:
         (tmp / "state").write_text("step 1")
     for stale in (tmp_path / ".tmp-model-x1", tmp_path / "checkpoints" / ".tmp-step_2-x2"):

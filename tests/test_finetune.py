@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from config import load_config, prepare_run_dir
 from bench.faults import metric_rows
 from rl.trainer import Finetuner
-from utils import CraterdiffError
+from utils import CraterdiffError, latest_checkpoint
 
 from .conftest import ROOT, algorithm_overrides, run_script
 
@@ -42,6 +42,19 @@ def test_resume_is_exact(tmp_path, tiny_base, algo):
     if algo == "sac":  # α and ζ moved, so the resumed run had to restore the temperature and the noise scales
         assert "log_noise_scale" in a
         assert len({r["alpha"] for r in rows}) > 1 and len({r["noise_scale_max"] for r in rows}) > 1
+
+
+def test_resume_with_apply_changes_takes_the_new_learning_rate(tmp_path, tiny_base):
+    cfg = _cfg(tiny_base, "rl.checkpoint_every=1", "rl.advantages.gae=true")
+    assert Finetuner(cfg, prepare_run_dir(tmp_path, cfg, resume=False)).run(resume=False, stop_at=1) is None
+    changed = _cfg(tiny_base, "rl.checkpoint_every=1", "rl.advantages.gae=true", "rl.lr=0.5", "rl.critic.lr=0.25")
+    with pytest.raises(CraterdiffError, match=r"rl\.lr \(0\.0001 -> 0\.5\)"):
+        prepare_run_dir(tmp_path, changed, resume=True)
+    ft = Finetuner(changed, prepare_run_dir(tmp_path, changed, resume=True, apply_changes=True))
+    ft.load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert [g["lr"] for g in ft.optimizer.param_groups] == [0.5]
+    assert [g["lr"] for g in ft.critic_opt.param_groups] == [0.25]
+    assert ft.optimizer.state and all(int(s["step"]) >= 1 for s in ft.optimizer.state.values())  # from the checkpoint
 
 
 def test_nonfinite_rewards_skip_the_update_and_keep_the_weights(tmp_path, tiny_base, monkeypatch):

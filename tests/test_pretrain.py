@@ -5,13 +5,14 @@ import csv
 
 import pytest
 import torch
+import yaml
 from diffusers import UNet2DModel
 
 from config import load_config, prepare_run_dir
-from ddpm.pretrain import ddpm_loss, pretrain, skew_weights, warmup_cosine
+from ddpm.pretrain import build_trainer, ddpm_loss, load_checkpoint, pretrain, skew_weights, warmup_cosine
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import PRESETS, build_unet, count_parameters
-from utils import load_state
+from utils import CraterdiffError, latest_checkpoint, load_state
 
 from .conftest import ROOT
 
@@ -88,3 +89,27 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(pa, pb)
     assert _rows(tmp_path / "full" / "metrics.csv") == _rows(tmp_path / "split" / "metrics.csv")
     assert [r["step"] for r in _rows(tmp_path / "split" / "metrics.csv")] == ["2", "4", "6", "8"]
+
+
+def test_resume_applies_changed_settings_only_when_asked(tmp_path):
+    over = ["pretrain.steps=4", "pretrain.warmup_steps=2", "pretrain.checkpoint_every=100", "pretrain.sample_every=100",
+            "pretrain.log_every=1", "tensorboard=false"]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", over)
+    changed = load_config(ROOT / "configs" / "smoke.yaml", [*over, "pretrain.lr=0.5", "pretrain.ema_decay=0.9"])
+    run = tmp_path / "run"
+    assert pretrain(cfg, prepare_run_dir(run, cfg, resume=False), resume=False, stop_at=2) is None
+    with pytest.raises(CraterdiffError, match=r"pretrain\.lr \(0\.002 -> 0\.5\), pretrain\.ema_decay"):
+        prepare_run_dir(run, changed, resume=True, stage="pretrain")
+    pretrain(changed, prepare_run_dir(run, changed, resume=True, stage="pretrain", apply_changes=True), resume=True)
+    # from the resumed step on, the learning rate is the changed run's own schedule at those steps
+    reference = tmp_path / "changed_from_the_start"
+    pretrain(changed, prepare_run_dir(reference, changed, resume=False), resume=False)
+    lrs = [float(r["lr"]) for r in _rows(run / "metrics.csv")]
+    assert lrs[2:] == [float(r["lr"]) for r in _rows(reference / "metrics.csv")][2:] and lrs[1] < 0.01
+    tr = build_trainer(changed, torch.device("cpu"))
+    load_checkpoint(tr, latest_checkpoint(run / "checkpoints"))
+    assert tr.ema.decay == 0.9 and tr.step == 4
+    assert yaml.safe_load((run / "resume_changes.yaml").read_text()) == [
+        {"resumed_from": "step_2", "changed": {"pretrain.lr": {"from": 0.002, "to": 0.5},
+                                               "pretrain.ema_decay": {"from": 0.999, "to": 0.9}}}]
+    assert load_config(run / "config.yaml").pretrain.lr == 0.5

@@ -52,12 +52,13 @@ def test_the_planted_pickle_really_runs_code(tmp_path):
     assert marker.read_text() == "code ran"
 
 
-# each script's smallest run with a checkpoint at `step`, and the settings that make --resume go on from it
+# each script's smallest run with a checkpoint at `step`, and the arguments that make --resume go on from it (a longer
+# pretraining run stretches its learning-rate schedule: a change applied only when asked)
 RESUMABLE = {
     "finetune": (("reward.features.name=pixels", "reward.realism.enabled=false", "rl.iterations=1",
-                  "rl.batch_size=8", "rl.microbatch=4", "sampler.num_steps=2"), 1, "rl.iterations=2"),
+                  "rl.batch_size=8", "rl.microbatch=4", "sampler.num_steps=2"), 1, ("--set", "rl.iterations=2")),
     "pretrain_ddpm": (("pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.sample_every=100",
-                       "pretrain.batch_size=4"), 2, "pretrain.steps=4"),
+                       "pretrain.batch_size=4"), 2, ("--set", "pretrain.steps=4", "--apply-changes")),
 }
 
 
@@ -69,7 +70,7 @@ def test_resume_refuses_a_pickled_training_state(tmp_path, tiny_base, capsys, sc
     args = smoke_argv(run, "num_threads=1", "tensorboard=false", f"model.pretrained={tiny_base}", *overrides)
     run_main(main, args)
     plant(run / "checkpoints" / f"step_{step}" / "training_state.pt", marker)
-    err = _one_line_error(capsys, main, args + ["--resume", "--set", longer])
+    err = _one_line_error(capsys, main, [*args, "--resume", *longer])
     assert "refused to load checkpoint file" in err and "training_state.pt" in err and "pickled object (exec)" in err
     assert not marker.exists()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import yaml
 from PIL import Image
 
 from .conftest import run_script, script_error
@@ -34,11 +35,14 @@ def test_pretrain_then_sample_smoke(tmp_path, smoke_cfg):
 
     # a second start into the same directory is refused rather than clobbering the run
     script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", run), "--resume", progress_bars=False)
-    # --resume with more steps continues from step 20
-    proc = run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", run, "--resume",
-                      "--set", "pretrain.steps=30")
+    # --resume with more steps (which stretches the learning-rate schedule) is refused unless applied on purpose;
+    # applied, it continues from step 20 and the change is recorded
+    longer = ("--cfg", smoke_cfg, "--out", run, "--resume", "--set", "pretrain.steps=30")
+    script_error(run_script("scripts.pretrain_ddpm", *longer), "pretrain.steps (20 -> 30)", progress_bars=False)
+    proc = run_script("scripts.pretrain_ddpm", *longer, "--apply-changes")
     assert proc.returncode == 0, proc.stderr
     assert (run / "checkpoints" / "step_30" / "COMPLETE").is_file()
+    assert "pretrain.steps" in yaml.safe_load((run / "resume_changes.yaml").read_text())[0]["changed"]
 
     samples = tmp_path / "samples"
     proc = run_script("scripts.sample", "--cfg", smoke_cfg, "--ckpt", run / "model", "--n", 5, "--out", samples)
