@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import errno
+import io
 import json
 import math
 import os
@@ -250,13 +251,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+class DiskFullError(CraterdiffError):
+    """A full disk or quota while `atomic_directory` filled a directory (which it then removed)."""
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path):
     """Yield a temporary sibling directory to fill; on success it replaces `final` in one rename.
 
-    An exception inside the block removes the temporary directory; a killed process leaves it as a
-    hidden `.tmp-*` directory (deleted by `remove_temporaries`). Either way readers see the old
-    directory or the complete new one, never a half-written one.
+    An exception inside the block removes the temporary directory (a full disk then becomes a one-line
+    DiskFullError); a killed process leaves it as a hidden `.tmp-*` directory (deleted by
+    `remove_temporaries`). Either way readers see the old directory or the complete new one, never a
+    half-written one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +277,11 @@ def atomic_directory(final: str | Path):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and disk_full(e):
+            raise DiskFullError(f"disk full while writing '{final}'; the partial copy was removed: free space, "
+                                f"then rerun") from None
         raise
 
 
@@ -290,9 +299,7 @@ def atomic_checkpoint(checkpoint_dir: str | Path, step: int):
         with atomic_directory(Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{step}") as tmp:
             yield tmp
             (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
-    except Exception as e:
-        if not disk_full(e):
-            raise
+    except DiskFullError:
         last = latest_checkpoint(checkpoint_dir)
         then = (f"the last complete checkpoint '{last}' is kept: free space, then rerun with --resume" if last
                 else "there is no earlier checkpoint: free space, then rerun")
@@ -338,6 +345,15 @@ def remove_temporaries(directory: str | Path) -> None:
     for pattern in (".tmp-*", ".old-*"):
         for p in Path(directory).glob(pattern):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    """np.save through a Python file object: numpy's own writer reports a full disk as a bare short write (no errno)
+    or not at all, Python's as OSError(ENOSPC)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def save_state(obj: dict, path: str | Path) -> None:

@@ -34,7 +34,7 @@ from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, kn
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.rims import ARCS, RimDetector
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
-from utils import CraterdiffError, atomic_directory
+from utils import CraterdiffError, atomic_directory, save_array
 
 REWARD_ARTIFACT_VERSION = 3
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size")
@@ -214,6 +214,20 @@ def detected_log_sizes(sizer: TemplateMatcher | RimDetector, images: Tensor) -> 
     return torch.where(det.found, det.log10_fraction, torch.full_like(det.log10_fraction, NO_CRATER_LOG10))
 
 
+def check_reference(images: Tensor) -> None:
+    """A reference a reward can be fitted to: at least 8 images, and at most half of its pairs exact duplicates
+    (more, and the median pairwise distance, the kernels' bandwidth, is 0). images: (m, C, H, W)."""
+    m = images.shape[0]
+    if m < 8:
+        raise CraterdiffError(f"the reward reference needs at least 8 images, got {m}: add reference images")
+    _, counts = torch.unique(images.flatten(1), dim=0, return_counts=True)  # (distinct,)
+    duplicate_pairs, pairs = int((counts * (counts - 1) // 2).sum()), m * (m - 1) // 2
+    if 2 * duplicate_pairs > pairs:
+        raise CraterdiffError(f"the reward reference has {m} images but only {counts.numel()} distinct: most pairs "
+                              f"are duplicates, so the kernel bandwidth (their median distance) would be 0; add "
+                              f"varied images or remove the copies")
+
+
 def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | None, device="cpu",
                        reference_info: dict | None = None, progress: bool = False,
                        extractor: FeatureExtractor | None = None) -> RewardModel:
@@ -227,12 +241,11 @@ def build_reward_model(cfg, *, reference_images: Tensor, fake_images: Tensor | N
     r = cfg.reward
     if r.weights.realism > 0 and not r.realism.enabled:
         raise CraterdiffError("reward.weights.realism > 0 needs reward.realism.enabled: true")
+    check_reference(reference_images)
     extractor = extractor or build_extractor(r.features.name, input_size=r.features.input_size,
                                              path=r.features.path, seed=cfg.seed, device=device)
     ref = extract_features(extractor, reference_images, batch_size=r.features.batch_size).double()
     m = ref.shape[0]
-    if m < 8:
-        raise CraterdiffError(f"the reward reference needs at least 8 images, got {m}: add reference images")
     bandwidth = r.bandwidth_scale * float(median_bandwidth(ref))
     pca = fit_pca(ref, k=min(r.pca_dim, m - 1, ref.shape[1]))
     sizer, peak = calibrated_matcher(reference_images, seed=cfg.seed)
@@ -285,10 +298,10 @@ def save_artifact(model: RewardModel, path: str | Path) -> Path:
     """Write the artifact directory atomically; see the module docstring for its files."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        np.save(tmp / "reference_features.npy", model.reference.numpy())
-        np.save(tmp / "reference_sizes.npy", model.template_reference.numpy())
+        save_array(tmp / "reference_features.npy", model.reference.numpy())
+        save_array(tmp / "reference_sizes.npy", model.template_reference.numpy())
         if model.arcs_reference is not None:
-            np.save(tmp / "reference_sizes_arcs.npy", model.arcs_reference.numpy())
+            save_array(tmp / "reference_sizes_arcs.npy", model.arcs_reference.numpy())
         np.savez(tmp / "pca.npz", mean=model.pca.mean.numpy(), components=model.pca.components.numpy(),
                  explained_variance=model.pca.explained_variance.numpy(),
                  total_variance=np.float64(model.pca.total_variance))

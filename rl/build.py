@@ -7,7 +7,7 @@ import torch
 
 from config import Config
 from ddpm.pipeline import load_step_scales
-from reward.artifact import RewardModel
+from reward.artifact import RewardModel, check_reference
 from reward.build import build_and_save, n_base_images, needs_base_images, reward_extractor
 from rl.modes import load_head, saved_head
 from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
@@ -45,6 +45,7 @@ def build_reward_artifact(cfg: Config, out: Path) -> RewardModel:
     device = resolve_device(cfg.device)
     extractor = reward_extractor(cfg, device)
     reference = load_image_set(cfg.data, "train")
+    check_reference(reference.images)  # before the base model is sampled
     base = (base_model_images(cfg, n_base_images(cfg, reference), seed=cfg.seed + 1, device=device)
             if needs_base_images(cfg) else None)
     return build_and_save(cfg, out, base_images=base, reference=reference, extractor=extractor)

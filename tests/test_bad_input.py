@@ -8,6 +8,7 @@ sizes are the one input here that must be accepted.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,12 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
+import reward.artifact
 from config import load_config, save_config
 from reward.artifact import build_reward_model, save_artifact
 from data.datasets import load_image_folder
 from data.procedural import procedural_set
-from scripts import finetune, pretrain_ddpm, sample
-from utils import PROJECT_ROOT, list_checkpoints, run_main
+from scripts import finetune, pretrain_ddpm, sample, train_reward_model
+from utils import PROJECT_ROOT, list_checkpoints, run_main, save_array
 
 from .conftest import error_line, smoke_argv
 
@@ -155,6 +157,17 @@ def _disk_full_writing_samples(env: Env) -> list[str]:
     return _args(env, *TINY_PRETRAIN)
 
 
+def _reward_build_on_a_full_disk(env: Env) -> list[str]:
+    """The reward artifact's arrays are written to /dev/full, which fails every write with ENOSPC as a full
+    filesystem does (numpy's own writer turned that into an errno-less short write, or lost it)."""
+    env.monkeypatch.setattr(reward.artifact, "save_array", lambda path, array: save_array("/dev/full", array))
+    return _args(env, "reward.features.name=pixels", "reward.realism.enabled=false")
+
+
+def _no_partial_artifact(env: Env) -> None:
+    assert not (env.tmp / "run" / "reward").exists() and not list((env.tmp / "run").glob(".tmp-*"))
+
+
 def _only_step_1_remains(env: Env) -> None:
     """The failed save left no partial directory: step_1 is the only entry, and it is complete."""
     ckpts = env.tmp / "run" / "checkpoints"
@@ -169,6 +182,13 @@ def _other_extractor_artifact(env: Env) -> list[str]:
                                fake_images=None)
     path = save_artifact(model, env.tmp / "pixels_reward")
     return _args(env, f"reward.artifact={path}")
+
+
+def _png(seed: int) -> bytes:
+    """A 40 px grayscale PNG of noise."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 CORRUPT = {"a.png": b"\x89PNG\r\n\x1a\n not really", "b.jpg": b"\xff\xd8\xff garbage", "c.tif": b""}
@@ -212,6 +232,9 @@ CASES = [
     Case("only-corrupt-images", pretrain_ddpm.main,
          lambda env: _args(env, "data.source=folder", _folder(env, "corrupt", CORRUPT)),
          ("holds 3 image files but none could be read", "replace the corrupt files")),
+    Case("reference-of-identical-images", train_reward_model.main,
+         lambda env: _args(env, "data.source=folder", _folder(env, "same", {f"{i}.png": _png(0) for i in range(20)})),
+         ("reward reference has 20 images but only 1 distinct", "bandwidth", "would be 0", "add varied images")),
     Case("missing-base-model", finetune.main, lambda env: _args(env, f"model.pretrained={env.tmp / 'no_model'}"),
          ("no DDPM model at", "no_model", "set model.pretrained to a saved model directory")),
     Case("reward-artifact-of-other-extractor", finetune.main, _other_extractor_artifact,
@@ -225,6 +248,9 @@ CASES = [
          after=_only_step_1_remains),
     Case("disk-full-while-writing-samples", pretrain_ddpm.main, _disk_full_writing_samples,
          ("disk full while writing", "samples", "free space, then rerun with --resume")),
+    Case("disk-full-while-saving-the-reward-artifact", train_reward_model.main, _reward_build_on_a_full_disk,
+         ("disk full while writing", "run/reward'", "the partial copy was removed", "free space, then rerun"),
+         after=_no_partial_artifact),
     Case("resume-with-nothing-to-resume", finetune.main, lambda env: _args(env, extra=("--resume",)),
          ("--resume: no complete checkpoint", "start without --resume")),
     Case("seed-too-large", finetune.main, lambda env: _args(env, "seed=1180591620717411303424"),

@@ -7,7 +7,8 @@ import torch
 
 import reward
 from config import load_config
-from reward.artifact import build_reward_model, save_artifact
+from reward.artifact import build_reward_model, check_reference, save_artifact
+from reward.metrics import median_bandwidth
 from reward.composite import composite_reward, zscore
 from data.procedural import procedural_set
 from utils import CraterdiffError
@@ -263,3 +264,25 @@ def test_the_reward_stage_is_handed_its_base_model_images(tmp_path, monkeypatch)
     monkeypatch.setattr(rl.build, "base_model_images", stand_in)
     model = rl.build.build_reward_artifact(cfg, tmp_path / "c")
     assert asked == [12] and (tmp_path / "c" / "reward.yaml").is_file()
+
+
+@pytest.mark.parametrize("m", [8, 9, 12])
+def test_reference_check_refuses_exactly_the_sets_whose_median_distance_is_zero(m):
+    """Every split of m images into groups of copies (a few distinct sizes each), against the median heuristic."""
+    rng, outcomes = np.random.default_rng(m), set()
+    for copies in ([m], [m - 1, 1], [6, 2] + [1] * (m - 8), [5, 3] + [1] * (m - 8), [4, 4] + [1] * (m - 8),
+                   [m // 2 + 1] + [1] * (m - m // 2 - 1), [m // 2] + [1] * (m - m // 2), [2] * (m // 2) + [1] * (m % 2)):
+        distinct = torch.from_numpy(rng.normal(size=(len(copies), 1, 4, 4)))
+        images = torch.cat([distinct[i].expand(c, 1, 4, 4) for i, c in enumerate(copies)])
+        try:
+            median_bandwidth(images.flatten(1))
+            zero = False
+        except ValueError:
+            zero = True
+        outcomes.add(zero)
+        if zero:
+            with pytest.raises(CraterdiffError, match=f"has {m} images but only {len(copies)} distinct"):
+                check_reference(images)
+        else:
+            check_reference(images)
+    assert outcomes == {True, False}
