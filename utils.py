@@ -72,9 +72,7 @@ def save_images(images: torch.Tensor, out_dir: str | Path, *, prefix: str = "", 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, arr in enumerate(to_uint8(images)):
-        p = out / f"{prefix}{start + i:05d}.png"
-        _pil(arr).save(p)
-        paths.append(p)
+        paths.append(save_png(_pil(arr), out / f"{prefix}{start + i:05d}.png"))
     return paths
 
 
@@ -102,8 +100,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, **kwargs) -> Path:
     """Save `image_grid(images, **kwargs)` as a PNG at `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, **kwargs).save(path)
-    return path
+    return save_png(image_grid(images, **kwargs), path)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -234,21 +231,62 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so that readers see either the old or the new content, never a mix."""
+def png_bytes_at_most(channels: int, height: int, width: int) -> int:
+    """An upper bound on one 8-bit PNG's size: the raw pixels, one filter byte a row, and the chunks' overhead
+    (zlib never grows data by more than a few bytes per 16 KB block)."""
+    raw = height * (width * channels + 1)
+    return raw + raw // 1000 + 256
+
+
+def check_free_space(directory: Path, needed: int, what: str, fix: str) -> None:
+    """A one-line CraterdiffError, before any work, when `what` (`needed` bytes) cannot fit in `directory`."""
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise CraterdiffError(f"{what} take up to {_bytes(needed)} but '{directory}' has {_bytes(free)} free; {fix}")
+
+
+def _bytes(n: float) -> str:
+    """1.16e12 -> '1.16 TB' (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | Path) -> typing.Iterator[Path]:
+    """Yield the path of a new hidden file beside `path` (same suffix) to write; on success one rename puts it at
+    `path`. Readers see the old file or the complete new one, and whatever was at `path`, a planted symlink
+    included, is replaced rather than written through."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
+    os.close(fd)
     try:
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it private (0600); give it normal file rights
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:
+            e.filename = str(path)  # the error names the file meant, not the removed temporary
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through `replaced_file`, synced to disk before the rename."""
+    with replaced_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PIL image as PNG through `replaced_file`."""
+    with replaced_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 class DiskFullError(CraterdiffError):
@@ -392,20 +430,28 @@ def torch_load_safely(path: Path, what: str, *, fix: str) -> Any:
     corrupt, with `fix` as what to do. Both are one-line CraterdiffErrors.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol other than its own: not the user's to act on
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler names the callable a hostile or foreign pickle asks for
+        # torch's weights-only unpickler names the callable a hostile or foreign pickle asks for, or the opcode it
+        # refused; its advice to load with weights_only=False is never passed on
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:
             raise CraterdiffError(f"refused to load {what} '{path}': it holds a pickled object ({found[1]}) that "
                                   f"could run code; only tensors and plain values are loaded ({fix})") from None
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(e))
+        if refused:
+            raise CraterdiffError(f"cannot load {what} '{path}' ({refused[1][:120]}: not a file of tensors and plain "
+                                  f"values); it is corrupt or truncated, or was made to run code: {fix}") from None
         raise _corrupt(path, what, fix, e) from None
     except Exception as e:  # a truncated or garbled file
         raise _corrupt(path, what, fix, e) from None
 
 
 def _corrupt(path: Path, what: str, fix: str, e: Exception) -> CraterdiffError:
-    return CraterdiffError(f"cannot load {what} '{path}' ({first_line(e, 160)}); it is corrupt or truncated: {fix}")
+    reason = "not a file of tensors" if "weights_only" in str(e) else first_line(e, 160)
+    return CraterdiffError(f"cannot load {what} '{path}' ({reason}); it is corrupt or truncated: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,12 +488,10 @@ class RunLogger:
                                         purge_step=0 if resume_step is None else resume_step + 1)
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with replaced_file(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.keys, restval="")
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         row = {"step": step, **{k: _fmt(v) for k, v in scalars.items()}}

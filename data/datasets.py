@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -100,6 +101,23 @@ def list_image_files(root: Path, *, recursive: bool = True) -> list[Path]:
     pattern = root.rglob("*") if recursive else root.glob("*")
     files = [p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+"""PIL modes read as one channel."""
+
+
+def folder_format(root: Path) -> tuple[int, int, int] | None:
+    """The most common (width, height, channels) of the image files under `root`, from their headers (channels 1 for
+    GRAY_MODES, else 3); None if no file there can be opened."""
+    formats = Counter()
+    for path in list_image_files(root) if root.is_dir() else []:
+        try:
+            with Image.open(path) as img:
+                formats[(img.width, img.height, 1 if img.mode in GRAY_MODES else 3)] += 1
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            continue
+    return formats.most_common(1)[0][0] if formats else None
 
 
 def load_image_folder(

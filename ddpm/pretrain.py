@@ -28,8 +28,8 @@ from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from data.sources import load_image_set
 from utils import (RunLogger, atomic_checkpoint, autocast, image_grid, latest_checkpoint, load_optimizer_state,
-                   load_state, prune_checkpoints, resolve_device, resolve_path, rng_state, save_state, seed_everything,
-                   set_rng_state, setup_precision)
+                   load_state, prune_checkpoints, resolve_device, resolve_path, rng_state, save_png, save_state,
+                   seed_everything, set_rng_state, setup_precision)
 
 
 def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:
@@ -201,7 +201,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
             if tr.step % p.sample_every == 0 or tr.step == p.steps:
                 grid = image_grid(sample_grid(tr, cfg, device), scale=2)
                 (run_dir / "samples").mkdir(exist_ok=True)
-                grid.save(run_dir / "samples" / f"step_{tr.step}.png")
+                save_png(grid, run_dir / "samples" / f"step_{tr.step}.png")
                 log.add_image("samples", grid, tr.step)
             if tr.step % p.checkpoint_every == 0 or tr.step == p.steps or tr.step == stop_at:
                 save_checkpoint(tr, ckpt_dir, keep=p.keep_checkpoints)

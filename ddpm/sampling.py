@@ -7,7 +7,7 @@ Step k takes x_t = s_k to x_prev = s_{k+1}; `Trajectory` stores the T+1 states o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -132,33 +132,36 @@ def sample_trajectory(
 
 
 @torch.no_grad()
-def sample_images(output_fn: OutputFn, schedule: DDIMSchedule, *, n: int, batch_size: int, shape: tuple[int, int, int],
-                  eta: float, generator: torch.Generator, device: torch.device | str = "cpu",
+def image_batches(output_fn: OutputFn, schedule: DDIMSchedule, *, n: int, batch_size: int,
+                  shape: tuple[int, int, int], eta: float, generator: torch.Generator, device: torch.device | str = "cpu",
                   clip_range: float | None = 1.0, progress: bool = False, step_scales: Tensor | None = None
-                  ) -> Tensor:
-    """Draw n images (n, C, H, W) in [-1, 1] in batches, keeping no trajectory (`step_scales`: see
-    `sample_trajectory`)."""
+                  ) -> Iterator[Tensor]:
+    """Draw n images in batches, yielding each (b, C, H, W) in [-1, 1] on the CPU as it is done and keeping no
+    trajectory (`step_scales`: see `sample_trajectory`)."""
     from tqdm.auto import tqdm
 
-    out = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
         b = min(batch_size, n - start)
         # sigma_floor only enters the log-probs, which are discarded here.
         traj = sample_trajectory(output_fn, schedule, shape=(b, *shape), eta=eta, sigma_floor=1.0,
                                  generator=generator, device=device, keep_on="device", clip_range=clip_range,
                                  step_scales=step_scales)
-        out.append(traj.images.cpu())
-    return torch.cat(out)
+        yield traj.images.cpu()
 
 
-def sample_model(unet, train_config, sampler, *, n: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu", progress: bool = False, step_scales: Tensor | None = None
-                 ) -> Tensor:
-    """n images (n, C, H, W) in [-1, 1] from a UNet2DModel with the settings of a `SamplerConfig`
-    (and a SAC run's per-step std factors `step_scales`, if it saved any)."""
+def model_image_batches(unet, train_config, sampler, *, n: int, generator: torch.Generator,
+                        device: torch.device | str = "cpu", progress: bool = False, step_scales: Tensor | None = None
+                        ) -> Iterator[Tensor]:
+    """n images from a UNet2DModel with the settings of a `SamplerConfig` (and a SAC run's per-step std factors
+    `step_scales`, if it saved any), in batches of sampler.batch_size: see `image_batches`."""
     c, size = unet.config.in_channels, unet.config.sample_size
-    return sample_images(unet_output_fn(unet), sampler_schedule(train_config, sampler), n=n,
+    return image_batches(unet_output_fn(unet), sampler_schedule(train_config, sampler), n=n,
                          batch_size=sampler.batch_size, shape=(c, size, size), eta=sampler.eta,
                          generator=generator, device=device,
                          clip_range=sampler.clip_range if sampler.clip_sample else None, progress=progress,
                          step_scales=step_scales)
+
+
+def sample_model(unet, train_config, sampler, **kwargs) -> Tensor:
+    """All of `model_image_batches(unet, train_config, sampler, **kwargs)` as one (n, C, H, W) tensor in [-1, 1]."""
+    return torch.cat(list(model_image_batches(unet, train_config, sampler, **kwargs)))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils import atomic_write_text
+from utils import atomic_write_text, replaced_file
 
 __all__ = ["tsne_plot", "training_curves", "size_plots", "largest_craters_grid", "spectrum_plot", "write_report",
            "format_metric", "TABLE_METRICS", "FID_CAVEAT", "SIZE_METRICS"]
@@ -82,7 +82,8 @@ def _save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    with replaced_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 

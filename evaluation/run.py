@@ -623,17 +623,34 @@ def score_folders(real_dir: Path, generated_dir: Path, out: Path, extractors: Ma
     return models, coverage, counts, images
 
 
+def check_same_format(real_dir: Path, generated_dir: Path) -> None:
+    """The two folders' most common image size and channel count agree (data.datasets.folder_format): otherwise every
+    metric would also measure the resizing and the colour conversion."""
+    from data.datasets import folder_format
+
+    real, gen = folder_format(real_dir), folder_format(generated_dir)
+    if real and gen and real != gen:
+        def name(f): return f"{f[0]}x{f[1]} {'grayscale' if f[2] == 1 else 'colour'}"
+        raise CraterdiffError(f"--real images are {name(real)} but --generated ones {name(gen)} (the most common of "
+                              f"each): every metric would also measure the resizing and colour conversion; save both "
+                              f"at one size and mode, or pass --allow-mismatch to score them anyway")
+
+
 def evaluate_folders(real_dir: Path, generated_dir: Path, out: Path, *, features: Sequence[str],
-                     ev: EvalConfig = EvalConfig(), device: str = "auto", seed: int = 0) -> dict:
-    """Score the images of `generated_dir` against those of `real_dir` (all of each, any size, RGB or
-    grayscale: loaded as 3 channels at each extractor's input size) in every extractor of
-    `features`; one row ("generated"). Writes grids, t-SNE (if `ev.tsne`) and the report to `out`."""
+                     ev: EvalConfig = EvalConfig(), device: str = "auto", seed: int = 0,
+                     allow_mismatch: bool = False) -> dict:
+    """Score the images of `generated_dir` against those of `real_dir` (all of each, loaded as 3 channels
+    at each extractor's input size; sets of another size or channel count only with `allow_mismatch`) in
+    every extractor of `features`; one row ("generated"). Writes grids, t-SNE (if `ev.tsne`) and the
+    report to `out`."""
     from data.datasets import load_image_folder
     from reward.features import build_extractor
 
     t_start = time.perf_counter()
     if not features:
         raise CraterdiffError("--features: give at least one extractor name")
+    if not allow_mismatch:
+        check_same_format(real_dir, generated_dir)
     dev = resolve_device(device)
     report_dir(out)
     # every extractor first, so that a bad name fails before any image is read

@@ -263,7 +263,7 @@ def _load_pretrained(cls, kind: str, path: Optional[str], default_id: str, *, mo
 
     source = default_id if path is None else str(Path(path).expanduser())
     hint = (f"set reward.features.path to a local {kind} directory (one written by save_pretrained, "
-            "with config.json and the weights)")
+            "with config.json and safetensors weights: pickled .bin weights are never loaded)")
     if Path(source).is_file():
         raise CraterdiffError(f"{kind}: reward.features.path {path!r} is a file, not a model directory; {hint}")
     try:
@@ -278,7 +278,7 @@ def _load_pretrained(cls, kind: str, path: Optional[str], default_id: str, *, mo
         config = adapt_config(config)
     try:
         with _quiet_transformers():
-            model, info = cls.from_pretrained(source, config=config, local_files_only=True,
+            model, info = cls.from_pretrained(source, config=config, local_files_only=True, use_safetensors=True,
                                               output_loading_info=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

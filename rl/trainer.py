@@ -27,8 +27,8 @@ from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from rl.update import Update, UpdateBatch, UpdateStats
 from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint,
-                   load_optimizer_state, load_state, peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_state, seed_everything,
-                   set_rng_state, setup_precision)
+                   load_optimizer_state, load_state, peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_png,
+                   save_state, seed_everything, set_rng_state, setup_precision)
 
 
 UPDATES: dict[str, Update] = {"ppo": ppo_update, "reinforce": reinforce_update, "sac": sac_update,
@@ -265,7 +265,7 @@ class Finetuner:
                 if main and (it % r.sample_every == 0 or it == r.iterations):
                     grid = image_grid(images[:64], scale=2)
                     (self.run_dir / "samples").mkdir(exist_ok=True)
-                    grid.save(self.run_dir / "samples" / f"iter_{it}.png")
+                    save_png(grid, self.run_dir / "samples" / f"iter_{it}.png")
                     log.add_image("samples", grid, it)
                 if it % r.checkpoint_every == 0 or it == r.iterations or it == stop_at:
                     self.save_checkpoint()

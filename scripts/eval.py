@@ -8,7 +8,8 @@
         DIR defaults to <run dir>/eval.
 
     python -m scripts.eval --real DIR --generated DIR --out DIR [--features NAME ...] [--cfg CFG]
-        any two image folders, no model: one row.
+        any two image folders, no model: one row. Folders whose images differ in size or channels are
+        refused unless --allow-mismatch.
 
 The logic lives in evaluation/run.py.
 """
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--generated", default=None, help="folder mode: generated image folder")
     p.add_argument("--features", nargs="+", default=None, metavar="NAME",
                    help="folder mode: feature extractor(s) (default: the first of eval.extractors)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="folder mode: score folders whose images differ in size or channels (refused otherwise)")
     args = p.parse_args(argv)
 
     if args.real or args.generated:
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CraterdiffError("folder mode needs --out DIR for the report")
         if args.extra_models or args.models:
             raise CraterdiffError("--model/--models evaluate models with --cfg; folder mode takes only "
-                                  "--real, --generated, --features")
+                                  "--real, --generated, --features, --allow-mismatch")
         if args.overrides and not args.cfg:
             raise CraterdiffError("--set needs --cfg (folder mode reads eval.* settings from the config)")
         cfg = load_config(args.cfg, args.overrides) if args.cfg else None
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         ev = cfg.eval if cfg else EvalConfig()
         report = evaluate_folders(Path(args.real), Path(args.generated), Path(args.out),
                                   features=args.features or ev.extractors[:1], ev=ev,
-                                  device=cfg.device if cfg else "auto", seed=cfg.seed if cfg else 0)
+                                  device=cfg.device if cfg else "auto", seed=cfg.seed if cfg else 0,
+                                  allow_mismatch=args.allow_mismatch)
         print(f"wrote {Path(args.out) / 'report.html'} ({report['settings']['n_generated']} generated vs "
               f"{report['settings']['n_real']} real images)")
         return
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.cfg:
         raise CraterdiffError("pass --cfg CFG to evaluate models, or --real DIR --generated DIR --out DIR for two "
                           "image folders")
+    if args.allow_mismatch:
+        raise CraterdiffError("--allow-mismatch is for folder mode (--real, --generated); drop it with --cfg")
     if args.features:
         raise CraterdiffError("--features is for folder mode; with --cfg set eval.extractors, e.g. "
                               "--set eval.extractors=[efficientnet_lite0,random_cnn]")

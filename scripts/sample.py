@@ -1,6 +1,7 @@
 """Sample a saved DDPM: python -m scripts.sample --ckpt MODEL_DIR --n 64 --out DIR [--cfg CFG]
 
-Writes DIR/00000.png ... and DIR/grid.png. MODEL_DIR is a saved pipeline (e.g. ddpm/pretrained/mars32,
+Writes DIR/00000.png ... as each batch is drawn, and DIR/grid.png of the first 64; refuses an --n whose PNG files
+would not fit on the disk. MODEL_DIR is a saved pipeline (e.g. ddpm/pretrained/mars32,
 runs/<name>/model) or a pretraining checkpoint (runs/<name>/checkpoints/step_N, which holds `ema/`).
 The sampler settings (steps, eta, clipping) come from --cfg (default: configs/default.yaml).
 """
@@ -8,11 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from config import MAX_SEED, load_config
 from ddpm.pipeline import load_pipeline, load_step_scales
-from ddpm.sampling import sample_model
-from utils import (PROJECT_ROOT, apply_threads, CraterdiffError, ensure_writable_dir, resolve_device, run_main,
-                   save_image_grid, save_images, script_parser, seed_everything)
+from ddpm.sampling import model_image_batches
+from utils import (PROJECT_ROOT, CraterdiffError, apply_threads, check_free_space, ensure_writable_dir, png_bytes_at_most,
+                   resolve_device, run_main, save_image_grid, save_images, script_parser, seed_everything)
+
+GRID = 64
+"""Images in grid.png (the first drawn)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,15 +37,20 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = Path(args.ckpt)
     model_dir = ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt
     unet, scheduler = load_pipeline(model_dir)
+    c, size = unet.config.in_channels, unet.config.sample_size
+    check_free_space(out, args.n * png_bytes_at_most(c, size, size), f"--n {args.n} images of {c}x{size}x{size}",
+                     "lower --n or free space")
     device = resolve_device(cfg.device)
     unet.to(device).eval()
     s = cfg.sampler
     gen = seed_everything(cfg.seed if args.seed is None else args.seed)
-    images = sample_model(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
-                          step_scales=load_step_scales(model_dir, s.num_steps))
-    c, size = unet.config.in_channels, unet.config.sample_size
-    save_images(images, out)
-    grid = save_image_grid(images, out / "grid.png", scale=2)
+    written, first = 0, []
+    for batch in model_image_batches(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
+                                     step_scales=load_step_scales(model_dir, s.num_steps)):
+        save_images(batch, out, start=written)  # each batch on disk as it is drawn: memory stays one batch
+        written += batch.shape[0]
+        first = first or [batch[:GRID]]
+    grid = save_image_grid(torch.cat(first)[:GRID], out / "grid.png", scale=2)
     print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")
 
 

@@ -25,8 +25,9 @@ from config import load_config, save_config
 from reward.artifact import build_reward_model, save_artifact
 from data.datasets import load_image_folder
 from data.procedural import procedural_set
+from scripts import eval as eval_script
 from scripts import finetune, pretrain_ddpm, sample, train_reward_model
-from utils import PROJECT_ROOT, list_checkpoints, run_main, save_array
+from utils import PROJECT_ROOT, list_checkpoints, png_bytes_at_most, run_main, save_array
 
 from .conftest import error_line, smoke_argv
 
@@ -88,6 +89,16 @@ def _truncated_checkpoint(env: Env) -> list[str]:
     return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
 
 
+def _hostile_checkpoint(env: Env) -> list[str]:
+    """A copy of the tiny run whose newest training state is a protocol-0 pickle that would run code (its INST opcode
+    is one torch's weights-only unpickler reports only by number, with advice to load it unsafely)."""
+    run = shutil.copytree(env.request.getfixturevalue("tiny_run"), env.tmp / "run")
+    code = f"open({str(env.tmp / 'ran')!r}, 'w').write('code ran')"
+    (list_checkpoints(run / "checkpoints")[-1] / "training_state.pt").write_bytes(
+        f"(i__builtin__\nexec\n(S{code!r}\ntR.".encode())
+    return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
+
+
 def _resume_tiny_run(env: Env, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
     """A copy of the tiny pretraining run, resumed with `overrides` on top of its own settings."""
     shutil.copytree(env.request.getfixturevalue("tiny_run"), env.tmp / "run")
@@ -130,9 +141,9 @@ def _unwritable_out(env: Env) -> list[str]:
     return _args(env, out="locked/run")
 
 
-def _sample(env: Env, *extra: str, out: Path | None = None) -> list[str]:
-    """scripts.sample of two images of the shipped model into `out` (TMP/samples), then `extra`."""
-    return ["--ckpt", str(PROJECT_ROOT / "ddpm" / "pretrained" / "mars32"), "--n", "2",
+def _sample(env: Env, *extra: str, out: Path | None = None, n: int = 2) -> list[str]:
+    """scripts.sample of `n` images of the shipped model into `out` (TMP/samples), then `extra`."""
+    return ["--ckpt", str(PROJECT_ROOT / "ddpm" / "pretrained" / "mars32"), "--n", str(n),
             "--out", str(out or env.tmp / "samples"), *extra]
 
 
@@ -184,11 +195,19 @@ def _other_extractor_artifact(env: Env) -> list[str]:
     return _args(env, f"reward.artifact={path}")
 
 
-def _png(seed: int) -> bytes:
-    """A 40 px grayscale PNG of noise."""
+def _png(seed: int, shape: tuple[int, ...] = (40, 40)) -> bytes:
+    """A PNG of noise: grayscale for a (height, width) shape, RGB for (height, width, 3)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _folders_of_other_formats(env: Env) -> list[str]:
+    """scripts.eval's folder mode on 64 px grayscale real images and 17x23 RGB generated ones."""
+    _folder(env, "real", {f"{i}.png": _png(i, (64, 64)) for i in range(6)})
+    _folder(env, "generated", {f"{i}.png": _png(i, (23, 17, 3)) for i in range(6)})
+    return ["--real", str(env.tmp / "real"), "--generated", str(env.tmp / "generated"), "--out", str(env.tmp / "ev"),
+            "--features", "pixels"]
 
 
 CORRUPT = {"a.png": b"\x89PNG\r\n\x1a\n not really", "b.jpg": b"\xff\xd8\xff garbage", "c.tif": b""}
@@ -241,6 +260,9 @@ CASES = [
          ("was built with extractor 'pixels' but the config asks for 'efficientnet_lite0'", "rebuild it")),
     Case("truncated-checkpoint", pretrain_ddpm.main, _truncated_checkpoint,
          ("training_state.pt", "corrupt or truncated", "delete that checkpoint directory")),
+    Case("hostile-checkpoint", pretrain_ddpm.main, _hostile_checkpoint,
+         ("cannot load checkpoint file", "training_state.pt", "Unsupported operand", "was made to run code"),
+         after=lambda env: not (env.tmp / "ran").exists() or pytest.fail("the checkpoint's code ran")),
     Case("unwritable-out-dir", pretrain_ddpm.main, _unwritable_out,
          ("cannot write to run directory", "Permission denied", "choose a writable --out")),
     Case("disk-full-while-saving", pretrain_ddpm.main, _disk_full_at_second_checkpoint,
@@ -251,6 +273,8 @@ CASES = [
     Case("disk-full-while-saving-the-reward-artifact", train_reward_model.main, _reward_build_on_a_full_disk,
          ("disk full while writing", "run/reward'", "the partial copy was removed", "free space, then rerun"),
          after=_no_partial_artifact),
+    Case("eval-folders-of-other-sizes-and-channels", eval_script.main, _folders_of_other_formats,
+         ("--real images are 64x64 grayscale but --generated ones 17x23 colour", "pass --allow-mismatch")),
     Case("resume-with-nothing-to-resume", finetune.main, lambda env: _args(env, extra=("--resume",)),
          ("--resume: no complete checkpoint", "start without --resume")),
     Case("seed-too-large", finetune.main, lambda env: _args(env, "seed=1180591620717411303424"),
@@ -274,6 +298,8 @@ CASES = [
          ("--resume: rl.policy_mode cannot change on resume", "resume with the values in")),
     Case("apply-changes-without-resume", finetune.main, lambda env: _args(env, extra=("--apply-changes",)),
          ("--apply-changes applies to a resumed run only", "add --resume")),
+    Case("sample-more-than-the-disk-holds", sample.main, lambda env: _sample(env, n=10**12),
+         ("--n 1000000000000 images of 1x32x32 take up to 1.31 PB", "free; lower --n or free space")),
     Case("sample-into-a-read-only-folder", sample.main, lambda env: _sample(env, out=_locked(env) / "samples"),
          ("--out", "locked/samples' is not a writable directory", "pick another with --out")),
 ]
@@ -312,6 +338,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(case, tmp_path, monkeypatch, r
     line = error_line(capsys.readouterr().err)
     for fragment in case.expect:
         assert fragment in line, line
+    assert "weights_only" not in line, line  # never the advice to load a refused file unsafely
     if case.after:
         case.after(env)
 
@@ -328,3 +355,12 @@ def test_pretraining_on_images_of_mixed_modes_and_sizes_succeeds(tiny_run):
     assert [p.name for p in list_checkpoints(tiny_run / "checkpoints")] == ["step_1", "step_2"]
     with Image.open(tiny_run / "samples" / "step_2.png") as grid:
         assert grid.mode == "RGB"
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 64), (17, 23, 3), (64, 64, 3)])
+def test_png_size_bound_holds_for_incompressible_images(shape, tmp_path):
+    """utils.png_bytes_at_most, which scripts.sample's disk check multiplies by --n, against real PNGs of noise."""
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)).save(path)
+    channels = shape[2] if len(shape) == 3 else 1
+    assert shape[0] * shape[1] * channels < path.stat().st_size <= png_bytes_at_most(channels, shape[0], shape[1])

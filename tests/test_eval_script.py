@@ -64,11 +64,12 @@ def test_folder_mode_end_to_end(tmp_path):
 
     real, gen = tmp_path / "real", tmp_path / "gen"
     save_images(procedural_set(14, size=24, channels=1, seed=0), real)
-    noise = torch.rand(12, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1   # RGB, other size
+    noise = torch.rand(12, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1   # RGB, other size:
+    # a mismatch scored only when asked (--allow-mismatch; the refusal is a row of tests/test_bad_input.py)
     save_images(noise, gen / "nested")
     out = tmp_path / "report"
     proc = run_script("scripts.eval", "--real", real, "--generated", gen, "--out", out,
-                      "--features", "pixels", "random_cnn", timeout=120)
+                      "--features", "pixels", "random_cnn", "--allow-mismatch", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     # the generated folder and the texture-only row (the real folder phase-scrambled), scored alike

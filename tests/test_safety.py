@@ -101,6 +101,24 @@ def test_feature_weights_with_pickled_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_transformers_extractor_with_pickled_weights_is_refused(tmp_path):
+    """A CLIP directory whose weights are a pickle (`pytorch_model.bin`) instead of safetensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from reward.features import build_extractor
+    from utils import CraterdiffError
+
+    model, marker = tmp_path / "clip", tmp_path / "ran"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(model)
+    (model / "model.safetensors").unlink()
+    plant(model / "pytorch_model.bin", marker)
+    with pytest.raises(CraterdiffError, match=r"clip: cannot load the weights .*safetensors weights: pickled \.bin"):
+        build_extractor("clip", path=str(model))
+    assert not marker.exists()
+
+
 def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -154,3 +172,22 @@ def test_smoke_pipeline_runs_with_networking_blocked(tmp_path):
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "eval" / "report.json").is_file()
     assert not log.exists(), log.read_text()
+
+
+def test_symlinks_planted_in_the_run_directory_are_replaced_not_followed(tmp_path, tiny_base):
+    """A run's sample grids and metrics.csv are written beside their path and renamed over it: a symlink waiting at
+    RUN/samples/step_2.png or RUN/metrics.csv is replaced, and the file it points to is left as it was."""
+    from scripts import pretrain_ddpm
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    for name in ("samples/step_2.png", "metrics.csv"):
+        (outside / Path(name).name).write_text("precious")
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).symlink_to(outside / Path(name).name)
+    run_main(pretrain_ddpm.main, smoke_argv(run, "num_threads=1", "tensorboard=false", "pretrain.steps=2",
+                                            "pretrain.sample_every=2", "pretrain.log_every=1"))
+    for name in ("samples/step_2.png", "metrics.csv"):
+        assert not (run / name).is_symlink() and (outside / Path(name).name).read_text() == "precious"
+    assert (run / "samples" / "step_2.png").read_bytes().startswith(b"\x89PNG")
+    assert not [p for p in (run / "samples").iterdir() if p.name.startswith(".tmp-")]
