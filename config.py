@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from utils import (PROJECT_ROOT, CraterdiffError, atomic_write_text, list_checkpoints, remove_temporaries)
+from basics import PROJECT_ROOT, CraterdiffError, atomic_write_text, list_checkpoints, remove_temporaries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -840,8 +840,9 @@ def check_resume(run: Path, cfg: Config, stage: str, *, apply_changes: bool) -> 
     listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items())
     fixed = [k for k in changes if _under(k, FIXED_ON_RESUME)]
     if fixed:
-        raise CraterdiffError(f"--resume: {', '.join(fixed)} cannot change on resume (the checkpoint holds what they "
-                              f"set); resume with the values in '{saved_path}', or start a new run with --out NEW_DIR")
+        raise CraterdiffError(f"--resume: {', '.join(fixed)} cannot change on resume (the checkpoint was made with the "
+                              f"saved values); resume with the values in '{saved_path}', or start a new run with "
+                              f"--out NEW_DIR")
     if changes and not apply_changes:
         raise CraterdiffError(f"--resume: the settings differ from the run's '{saved_path}': {listed}; drop those "
                               f"--set overrides, or pass --apply-changes to apply them from here on")

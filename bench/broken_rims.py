@@ -23,7 +23,8 @@ from data.datasets import load_mars_craters
 from data.surrogates import phase_scramble, quadrant_shuffle
 from evaluation.sizes import HUGE_KM, LARGE_KM, build_instruments, share_called
 from evaluation.run import parse_model_args
-from utils import CraterdiffError, resolve_path
+from basics import CraterdiffError
+from utils import resolve_path
 
 
 def main(argv=None) -> None:

@@ -65,7 +65,8 @@ import numpy as np
 
 from config import load_config
 from evaluation.run import BASE, CEILING, TEXTURE, ModelSpec, evaluate_run
-from utils import PROJECT_ROOT, apply_threads, resolve_path
+from basics import PROJECT_ROOT
+from utils import apply_threads, resolve_path
 
 DEFAULT_CFG = PROJECT_ROOT / "configs" / "default.yaml"
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiments"
@@ -141,7 +142,7 @@ def train(variant: Variant, seed: int, run_dir: Path, artifact: Path, *, threads
     """Fine-tune (or resume, or reuse) one run; returns its accumulated wall time in seconds."""
     from rl.trainer import Finetuner
     from config import prepare_run_dir
-    from utils import latest_checkpoint, list_checkpoints
+    from basics import latest_checkpoint, list_checkpoints
 
     timing = run_dir / "timing.json"
     spent = json.loads(timing.read_text())["train_s"] if timing.is_file() else 0.0

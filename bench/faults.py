@@ -49,7 +49,8 @@ import torch
 from safetensors.torch import load_file
 
 import utils
-from utils import CHECKPOINT_PREFIX, PROJECT_ROOT, load_state
+from basics import CHECKPOINT_PREFIX, PROJECT_ROOT
+from utils import load_state
 
 SCRIPTS = {"finetune": "scripts.finetune", "pretrain_ddpm": "scripts.pretrain_ddpm"}
 FINAL_DIRS = ("model", "adapter")  # where the scripts put the final weights (adapter/: LoRA only)

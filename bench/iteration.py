@@ -28,7 +28,8 @@ from config import load_config
 from rl.policy import FROZEN_UNET_MODES
 from rl.trainer import Finetuner
 from rl.update import kl_base_coefficients
-from utils import PROJECT_ROOT, apply_threads
+from basics import PROJECT_ROOT
+from utils import apply_threads
 
 
 def time_call(fn, repeats: int = 5) -> float:

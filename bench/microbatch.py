@@ -24,7 +24,8 @@ import torch
 from bench.iteration import TIMES, medians
 from config import load_config
 from rl.trainer import Finetuner
-from utils import PROJECT_ROOT, apply_threads
+from basics import PROJECT_ROOT
+from utils import apply_threads
 
 
 FIRST = ("loss", "kl", "grad_norm")

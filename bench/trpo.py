@@ -38,7 +38,8 @@ from rl.trainer import Finetuner
 from rl.fisher import fisher_operator
 from rl.states import draw_weights, state_subsamples
 from rl.trpo import policy_gradient
-from utils import PROJECT_ROOT, apply_threads
+from basics import PROJECT_ROOT
+from utils import apply_threads
 
 PUBLISHED = ["rl.trpo.fvp=double_vjp", "rl.trpo.kl_states=64", "rl.trpo.cg_iters=10", "rl.trpo.backtrack=geometric",
              "rl.trpo.probe_states=0", "rl.trpo.state_draw=uniform"]

@@ -34,7 +34,8 @@ from rl.fisher import FVP_METHODS, fisher_operator
 from rl.states import STATE_DRAWS, draw_weights, state_subsamples
 from rl.trainer import Finetuner
 from rl.trust_region import conjugate_gradient, flat_params, set_flat_params
-from utils import PROJECT_ROOT, apply_threads
+from basics import PROJECT_ROOT
+from utils import apply_threads
 
 SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd_forward:curvature",
             "16:8:fd_forward:curvature", "16:10:fd_forward:curvature")

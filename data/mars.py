@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 MARS_RADIUS_KM: float = 3389.5
 _WRAP_PAD: int = 16

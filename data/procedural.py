@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 PEAK_SIGMA: float = 0.18
 """Width (standard deviation) of the Gaussian central peak, in units of R."""

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from config import DataConfig
-from utils import CraterdiffError, resolve_path
+from basics import CraterdiffError
+from utils import resolve_path
 
 Split = Literal["train", "heldout"]
 

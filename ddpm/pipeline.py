@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from utils import CraterdiffError, atomic_directory, first_line
+from basics import CraterdiffError, first_line
+from utils import atomic_directory
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
 NOISE_SCALE_FILE = "noise_scale.json"

@@ -27,9 +27,10 @@ from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import build_unet, count_parameters
 from data.sources import load_image_set
-from utils import (RunLogger, atomic_checkpoint, autocast, image_grid, latest_checkpoint, load_optimizer_state,
-                   load_state, prune_checkpoints, resolve_device, resolve_path, rng_state, save_png, save_state,
-                   seed_everything, set_rng_state, setup_precision)
+from basics import latest_checkpoint
+from utils import (RunLogger, atomic_checkpoint, autocast, image_grid, load_optimizer_state, load_state,
+                   prune_checkpoints, resolve_device, resolve_path, rng_state, save_png, save_state, seed_everything,
+                   set_rng_state, setup_precision)
 
 
 def skew_weights(diameters_km: Tensor, *, diameter_km: float, small_fraction: float | None) -> Tensor:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils import CraterdiffError, atomic_directory, first_line, resolve_path
+from basics import CraterdiffError, first_line
+from utils import atomic_directory, resolve_path
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

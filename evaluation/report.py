@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils import atomic_write_text, replaced_file
+from basics import atomic_write_text, replaced_file
 
 __all__ = ["tsne_plot", "training_curves", "size_plots", "largest_craters_grid", "spectrum_plot", "write_report",
            "format_metric", "TABLE_METRICS", "FID_CAVEAT", "SIZE_METRICS"]

@@ -41,7 +41,8 @@ from evaluation.report import largest_craters_grid, size_plots, spectrum_plot, t
 from evaluation.sizes import (HUGE_KM, LARGE_KM, SizeInstrument, build_instruments, folder_diameters,
                               share_called, share_large, size_figures, subset_coverage, validate_instrument)
 from evaluation.texture import mean_gradient, radial_power_spectrum, spectrum_deviation
-from utils import PROJECT_ROOT, CraterdiffError, resolve_device, resolve_path, save_image_grid
+from basics import PROJECT_ROOT, CraterdiffError
+from utils import resolve_device, resolve_path, save_image_grid
 
 __all__ = ["CEILING", "TEXTURE", "BASE", "FINETUNED", "ModelSpec", "parse_model_args", "resolve_models", "summarize",
            "pool_sizes", "texture_check", "realism_validation", "REALISM_GOAL", "evaluate_run", "evaluate_folders", "default_run_dir"]

@@ -33,7 +33,7 @@ from torch import Tensor
 from reward.metrics import knn_radii
 from reward.rims import ARCS, RimDetector, fit_rim_detector
 from reward.templates import TemplateMatcher, calibrated_matcher
-from utils import first_line
+from basics import first_line
 
 WINDOW_KM = 320.0
 """Side of the embedded Mars tiles on the ground (data/mars_craters/README.md): D km = d · WINDOW_KM."""

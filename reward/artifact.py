@@ -34,7 +34,8 @@ from reward.metrics import PCA, fid_loo, fit_pca, gp_mi_loo, knn_entropy_loo, kn
 from reward.realism import RealismCNN, load_realism, realism_logits, save_realism
 from reward.rims import ARCS, RimDetector
 from reward.templates import LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrated_matcher
-from utils import CraterdiffError, atomic_directory, save_array
+from basics import CraterdiffError
+from utils import atomic_directory, save_array
 
 REWARD_ARTIFACT_VERSION = 3
 DIVERSITY_COMPONENTS = ("mmd", "mi", "knn_entropy", "fid", "ot", "coverage", "size")

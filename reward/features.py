@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reward.profiles import RINGS, radial_profile_features
-from utils import CraterdiffError, torch_load_safely
+from basics import CraterdiffError
+from utils import torch_load_safely
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from utils import CraterdiffError, first_line
+from basics import CraterdiffError, first_line
 
 REALISM_FILENAME = "realism.safetensors"
 """File name of the scorer inside a reward artifact directory."""

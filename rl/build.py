@@ -11,7 +11,8 @@ from reward.artifact import RewardModel, check_reference
 from reward.build import build_and_save, n_base_images, needs_base_images, reward_extractor
 from rl.modes import load_head, saved_head
 from rl.policy import FROZEN_UNET_MODES, DiffusionPolicy
-from utils import CraterdiffError, autocast, resolve_device, resolve_path, setup_precision
+from basics import CraterdiffError
+from utils import autocast, resolve_device, resolve_path, setup_precision
 
 
 def base_model_path(cfg: Config) -> Path:

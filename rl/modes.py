@@ -39,7 +39,7 @@ from config import LatentSettings, ScheduleSettings
 from ddpm.ddim import DDIMStep, gaussian_logprob
 from ddpm.sampling import Trajectory, sample_trajectory
 from rl.policy import DiffusionPolicy
-from utils import CraterdiffError, first_line
+from basics import CraterdiffError, first_line
 
 HEAD_DIR = "policy_head"  # beside the frozen model in RUN/model/: config.json + head.safetensors
 

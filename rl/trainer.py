@@ -26,9 +26,10 @@ from rl.ppo import ppo_update, reinforce_update
 from rl.sac import SoftActorCritic, sac_update
 from rl.trpo import PenaltyState, kl_penalty_update, trpo_update
 from rl.update import Update, UpdateBatch, UpdateStats
-from utils import (CraterdiffError, RunLogger, atomic_checkpoint, image_grid, latest_checkpoint,
-                   load_optimizer_state, load_state, peak_mem_mb, prune_checkpoints, resolve_device, rng_state, save_png,
-                   save_state, seed_everything, set_rng_state, setup_precision)
+from basics import CraterdiffError, latest_checkpoint
+from utils import (RunLogger, atomic_checkpoint, image_grid, load_optimizer_state, load_state, peak_mem_mb,
+                   prune_checkpoints, resolve_device, rng_state, save_png, save_state, seed_everything, set_rng_state,
+                   setup_precision)
 
 
 UPDATES: dict[str, Update] = {"ppo": ppo_update, "reinforce": reinforce_update, "sac": sac_update,

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from basics import CraterdiffError, run_main, script_parser
 from config import EvalConfig, load_config
-from evaluation.run import default_run_dir, evaluate_folders, evaluate_run, parse_model_args, resolve_models
-from utils import CraterdiffError, apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.overrides and not args.cfg:
             raise CraterdiffError("--set needs --cfg (folder mode reads eval.* settings from the config)")
         cfg = load_config(args.cfg, args.overrides) if args.cfg else None
+        # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+        from evaluation.run import evaluate_folders
+        from utils import apply_threads
         if cfg is not None:
             apply_threads(cfg.num_threads)
         ev = cfg.eval if cfg else EvalConfig()
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         raise CraterdiffError("--features is for folder mode; with --cfg set eval.extractors, e.g. "
                               "--set eval.extractors=[efficientnet_lite0,random_cnn]")
     cfg = load_config(args.cfg, args.overrides)
+    from evaluation.run import default_run_dir, evaluate_run, parse_model_args, resolve_models  # heavy: see above
+    from utils import apply_threads
     apply_threads(cfg.num_threads)
     run_dir = default_run_dir(cfg)
     models = resolve_models(cfg, run_dir, extra=parse_model_args(args.extra_models), only=args.models)

@@ -11,15 +11,21 @@ machine without GPUs add --set device=cpu; rl.batch_size is the whole set, split
 """
 from __future__ import annotations
 
-from config import load_config, prepare_run_dir
-from rl import distributed
-from rl.trainer import Finetuner
-from utils import apply_threads, run_main, script_parser
+import os
+
+from basics import run_main, script_parser
+from config import check_finetune, load_config, prepare_run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__, resume=True).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
+    check_finetune(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's process count (rl.distributed)
+    # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+    from rl import distributed
+    from rl.trainer import Finetuner
+    from utils import apply_threads
+
     apply_threads(cfg.num_threads)
     distributed.init(cpu=cfg.device == "cpu")
     run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, write=distributed.is_main(),

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from basics import CraterdiffError, run_main, script_parser
 from config import load_config
-from data.datasets import load_image_folder
-from data.mars import build_crater_set
-from utils import CraterdiffError, resolve_path, run_main, save_image_grid, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(d.percentiles) != 2 or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100:
         raise CraterdiffError(f"{args.cfg}: dataset.percentiles must be two increasing values in [0, 100], "
                               f"got {list(d.percentiles)}")
+    # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+    from data.datasets import load_image_folder
+    from data.mars import build_crater_set
+    from utils import resolve_path, save_image_grid
+
     out = Path(args.out) if args.out else resolve_path(d.out_dir)
     rows = build_crater_set(out, window_km=d.window_km, sizes=d.sizes, max_diameter_frac=d.max_diameter_frac,
                             heldout_fraction=d.heldout_fraction, seed=d.split_seed, max_abs_lat=d.max_abs_lat,

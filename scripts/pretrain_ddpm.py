@@ -2,14 +2,17 @@
 [--resume [--apply-changes]]"""
 from __future__ import annotations
 
+from basics import run_main, script_parser
 from config import load_config, prepare_run_dir
-from ddpm.pretrain import pretrain
-from utils import apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__, resume=True).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
+    # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+    from ddpm.pretrain import pretrain
+    from utils import apply_threads
+
     apply_threads(cfg.num_threads)
     run_dir = prepare_run_dir(args.out, cfg, resume=args.resume, stage="pretrain", apply_changes=args.apply_changes)
     final = pretrain(cfg, run_dir, resume=args.resume)

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from basics import (PROJECT_ROOT, CraterdiffError, check_free_space, ensure_writable_dir, png_bytes_at_most, run_main,
+                    script_parser)
 from config import MAX_SEED, load_config
-from ddpm.pipeline import load_pipeline, load_step_scales
-from ddpm.sampling import model_image_batches
-from utils import (PROJECT_ROOT, CraterdiffError, apply_threads, check_free_space, ensure_writable_dir, png_bytes_at_most,
-                   resolve_device, run_main, save_image_grid, save_images, script_parser, seed_everything)
 
 GRID = 64
 """Images in grid.png (the first drawn)."""
@@ -33,6 +29,13 @@ def main(argv: list[str] | None = None) -> None:
         raise CraterdiffError(f"--seed must be 0 to {MAX_SEED}, got {args.seed}")
     cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
     out = ensure_writable_dir(Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples", "--out")
+    # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+    import torch
+
+    from ddpm.pipeline import load_pipeline, load_step_scales
+    from ddpm.sampling import model_image_batches
+    from utils import apply_threads, resolve_device, save_image_grid, save_images, seed_everything
+
     apply_threads(cfg.num_threads)
     ckpt = Path(args.ckpt)
     model_dir = ckpt / "ema" if (ckpt / "ema" / "unet").is_dir() else ckpt
@@ -48,9 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     for batch in model_image_batches(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
                                      step_scales=load_step_scales(model_dir, s.num_steps)):
         save_images(batch, out, start=written)  # each batch on disk as it is drawn: memory stays one batch
+        if written < GRID:
+            first.append(batch[:GRID - written])
         written += batch.shape[0]
-        first = first or [batch[:GRID]]
-    grid = save_image_grid(torch.cat(first)[:GRID], out / "grid.png", scale=2)
+    grid = save_image_grid(torch.cat(first), out / "grid.png", scale=2)
     print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")
 
 

@@ -5,15 +5,18 @@ reward.yaml, reference_features.npy, pca.npz, realism.safetensors. `reward.load(
 """
 from __future__ import annotations
 
+from basics import run_main, script_parser
 from config import load_config, prepare_run_dir
-from reward.build import artifact_path
-from rl.build import build_reward_artifact
-from utils import apply_threads, run_main, script_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
+    # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
+    from reward.build import artifact_path
+    from rl.build import build_reward_artifact
+    from utils import apply_threads
+
     apply_threads(cfg.num_threads)
     run_dir = prepare_run_dir(args.out, cfg, resume=False, guard_checkpoints=False, config_name="config_reward.yaml")
     out = artifact_path(cfg, run_dir)

@@ -98,6 +98,11 @@ TIMEOUT_SCALE = float(os.environ.get("CRATERDIFF_TIMEOUT_SCALE", "3"))
 launch still stops, and prints where it hung."""
 
 
+def guard(seconds: float) -> float:
+    """A subprocess's guard time on this machine: `seconds` × TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
 def run_script(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` from the project root, as a fork of tests/zygote.py, which has the
     libraries imported already (~5 s a launch saved); returns the completed process. The guard is

@@ -32,7 +32,7 @@ def block(log: str) -> None:
 def main(argv: list[str]) -> int:
     log, rest = argv[0], argv[1:]
     block(log)
-    from utils import run_main
+    from basics import run_main
 
     runs, current = [], []
     for a in rest:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data.datasets import IMAGE_EXTENSIONS, load_image, load_image_folder, load_mars_craters
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 
 def _gradient(h: int, w: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from bench.faults import metric_rows  # metrics.csv less its wall-clock and memory columns
-from utils import run_main
+from basics import run_main
 
 from .conftest import smoke_argv
 

@@ -207,7 +207,7 @@ def test_eval_errors_are_one_line(tmp_path, smoke_cfg):
 
 def test_model_arguments_are_checked():
     from evaluation.run import parse_model_args, resolve_models
-    from utils import CraterdiffError
+    from basics import CraterdiffError
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     assert parse_model_args(["ppo=runs/a/model", "trpo = runs/b/model"]) == {"ppo": Path("runs/a/model"),

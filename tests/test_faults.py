@@ -17,9 +17,10 @@ import pytest
 from config import load_config, prepare_run_dir, save_config
 from bench import faults
 from bench.faults import SCRIPTS, bench_script, tensorboard_scalars
-from utils import RunLogger, atomic_checkpoint, latest_checkpoint
+from basics import latest_checkpoint
+from utils import RunLogger, atomic_checkpoint
 
-from .conftest import ForkedLaunch
+from .conftest import ForkedLaunch, guard
 
 
 def forked_start(module, args, *, trace, pause_step, log, threads):
@@ -77,6 +78,6 @@ def test_start_runs_the_traced_child_in_a_fresh_interpreter_of_its_own_group(tmp
     log = tmp_path / "launch.log"
     proc = faults.start("timeit", ["-n", "1", "-r", "1", "import os; print('group', os.getpgid(0), os.getpid())"],
                         trace=tmp_path / "trace.jsonl", pause_step=None, log=log, threads=1)
-    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert proc.wait(timeout=guard(120)) == 0, log.read_text()
     group, pid = re.search(r"group (\d+) (\d+)", log.read_text()).groups()
     assert group == pid == str(proc.pid)

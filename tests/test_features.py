@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from reward import features as feat
 from reward.features import EXTRACTORS, FeatureExtractor, build_extractor, extract_features
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

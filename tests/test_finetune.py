@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from config import load_config, prepare_run_dir
 from bench.faults import metric_rows
 from rl.trainer import Finetuner
-from utils import CraterdiffError, latest_checkpoint
+from basics import CraterdiffError, latest_checkpoint
 
 from .conftest import ROOT, algorithm_overrides, run_script
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, algorithm_overrides
+from .conftest import ROOT, algorithm_overrides, guard
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None
                                 and shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
@@ -29,7 +29,7 @@ def launch(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=guard(timeout))
 
 
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
@@ -60,7 +60,7 @@ def slurm_job(tmp_path, *args: str, gpus_per_node: int = 2) -> subprocess.Comple
            "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
            "GPUS_PER_NODE": str(gpus_per_node), "PYTHON": sys.executable}
     return subprocess.run(["bash", str(ROOT / "jobs" / "finetune.slurm"), *map(str, args)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=guard(400))
 
 
 def test_finetune_script_under_the_slurm_job_and_resume(tmp_path):
@@ -79,7 +79,7 @@ def test_finetune_script_under_the_slurm_job_and_resume(tmp_path):
     # a checkpoint written by two processes is refused by one, with the fix in the message
     single = subprocess.run([sys.executable, "-m", "scripts.finetune", "--cfg", str(ROOT / "configs" / "smoke.yaml"),
                              "--out", str(tmp_path), "--resume", *FAST, "--set", "rl.iterations=4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, capture_output=True, text=True, timeout=guard(300),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert single.returncode == 2 and "written by 2 process(es)" in single.stderr
 
@@ -91,7 +91,7 @@ def test_accelerate_cpu_launcher_says_it_started_one_process(tmp_path):
     cmd = [exe, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "scripts.finetune", "--cfg", str(ROOT / "configs" / "smoke.yaml"),
            "--out", str(tmp_path), *FAST, "--set", "rl.iterations=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=guard(400),
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate launch --cpu started one process" in proc.stderr

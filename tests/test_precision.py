@@ -14,7 +14,8 @@ from rl.fisher import fisher_vector_product
 from rl.states import state_subsample
 from rl.trpo import old_means
 from rl.update import UpdateBatch
-from utils import CraterdiffError, setup_precision
+from basics import CraterdiffError
+from utils import setup_precision
 
 from .conftest import ROOT, algorithm_overrides
 from .test_rl import rl_cfg, tiny_policy

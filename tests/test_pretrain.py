@@ -12,7 +12,8 @@ from config import load_config, prepare_run_dir
 from ddpm.pretrain import build_trainer, ddpm_loss, load_checkpoint, pretrain, skew_weights, warmup_cosine
 from ddpm.schedulers import make_train_scheduler
 from ddpm.unet import PRESETS, build_unet, count_parameters
-from utils import CraterdiffError, latest_checkpoint, load_state
+from basics import CraterdiffError, latest_checkpoint
+from utils import load_state
 
 from .conftest import ROOT
 

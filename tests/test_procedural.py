@@ -17,7 +17,7 @@ from data.procedural import (
     render_crater,
     sample_factors,
 )
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 QUIET = CraterFactors(noise=0.0)  # no terrain noise: renders depend on the factors alone
 

@@ -21,7 +21,7 @@ from reward.realism import (
     save_realism,
     train_realism,
 )
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 SIZE, N = 16, 48
 # Small and fast: about 0.5 s per training on one free core. Chosen so that every seed tried

@@ -11,7 +11,7 @@ from reward.artifact import build_reward_model, check_reference, save_artifact
 from reward.metrics import median_bandwidth
 from reward.composite import composite_reward, zscore
 from data.procedural import procedural_set
-from utils import CraterdiffError
+from basics import CraterdiffError
 
 from .conftest import ROOT, run_script, script_error
 

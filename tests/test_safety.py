@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import run_main
+from basics import run_main
 
-from .conftest import ROOT, error_line, smoke_argv
+from .conftest import ROOT, error_line, guard, smoke_argv
 
 SOURCE_DIRS = ("bench", "ddpm", "reward", "rl", "scripts")
 
@@ -92,7 +92,7 @@ def test_model_with_pickled_weights_is_refused(tmp_path, tiny_base, capsys):
 
 def test_feature_weights_with_pickled_code_are_refused(tmp_path):
     from reward.features import build_extractor
-    from utils import CraterdiffError
+    from basics import CraterdiffError
 
     marker = tmp_path / "ran"
     path = plant(tmp_path / "efficientnet.pt", marker)
@@ -106,7 +106,7 @@ def test_transformers_extractor_with_pickled_weights_is_refused(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from reward.features import build_extractor
-    from utils import CraterdiffError
+    from basics import CraterdiffError
 
     model, marker = tmp_path / "clip", tmp_path / "ran"
     CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -167,7 +167,7 @@ def test_smoke_pipeline_runs_with_networking_blocked(tmp_path):
             "--model", f"finetuned={run / 'model'}", "--out", tmp_path / "eval"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_"))}
     proc = subprocess.run([sys.executable, "-m", "tests.no_network", str(log), *map(str, argv)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=guard(600))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "eval" / "report.json").is_file()

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
+import pytest
 import yaml
 from PIL import Image
 
-from .conftest import run_script, script_error
+from .conftest import ROOT, guard, run_script, script_error
 
 
 def test_make_dataset_smoke(tmp_path, smoke_cfg):
@@ -77,3 +80,24 @@ def test_script_errors_are_one_line(tmp_path, smoke_cfg):
     script_error(run_script("scripts.pretrain_ddpm", "--cfg", smoke_cfg, "--out", tmp_path / "d",
                                "--set", "data.source=folder", "--set", f"data.root={tmp_path / 'absent'}"),
                     "does not exist", progress_bars=False)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("finetune", ["--cfg", "configs/smoke.yaml", "--set", "rl.lr=-1"]),
+    ("finetune", ["--cfg", "configs/smoke.yaml", "--set", "sampler.eta=0"]),
+    ("pretrain_ddpm", ["--cfg", "configs/smoke.yaml", "--set", "pretrain.stepz=3"]),
+    ("train_reward_model", ["--cfg", "configs/absent.yaml"]),
+    ("eval", ["--cfg", "configs/smoke.yaml", "--set", "eval.n=many"]),
+    ("sample", ["--ckpt", "ddpm/pretrained/mars32", "--n", "0"]),
+    ("make_dataset", ["--cfg", "configs/smoke.yaml", "--set", "dataset.percentiles=[9,1]"]),
+])
+def test_config_and_argument_errors_come_before_torch_is_imported(script, args):
+    """Each script parses its config and arguments before it imports torch (seconds on a cold start): Python's
+    import log (-X importtime) of a refused call lists no torch module."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", f"scripts.{script}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=guard(120))
+    log = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in log[1:]]
+    assert "config" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "diffusers", "numpy")]

@@ -9,7 +9,7 @@ import torch
 
 from ddpm.stable_diffusion import (build_tiny_sd, decode_latents, encode_prompts, load_stable_diffusion, read_prompts,
                                    to_channels)
-from utils import PROJECT_ROOT, CraterdiffError
+from basics import PROJECT_ROOT, CraterdiffError
 
 
 @pytest.fixture(scope="module")

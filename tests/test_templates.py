@@ -12,7 +12,7 @@ from data.datasets import load_mars_craters
 from data.procedural import CraterFactors, render_crater
 from data.surrogates import phase_scramble
 from reward.metrics import mmd2_unbiased_loo
-from utils import CraterdiffError
+from basics import CraterdiffError
 from reward.templates import (LOG10_STEP, NO_CRATER_LOG10, TemplateMatcher, calibrate_light, matched_z, ncc, parabolic_offset,
                               render_templates, template_diameters, whitening)
 
