@@ -1,4 +1,4 @@
-"""The package layering of docs/design.md, "Layout": utils ← config ← data ← ddpm ← reward ← rl ← evaluation ←
+"""The package layering of docs/design.md, "Layout": basics ← utils ← config ← data ← ddpm ← reward ← rl ← evaluation ←
 scripts/bench. Every import in the toolkit's source (function-level ones included) is read from the
 AST: a module may import its own package or a layer to its left, never one to its right."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"utils": 0, "config": 1, "data": 2, "ddpm": 3, "reward": 4, "rl": 5, "evaluation": 6, "scripts": 7, "bench": 7}
+LAYERS = {"basics": 0, "utils": 1, "config": 2, "data": 3, "ddpm": 4, "reward": 5, "rl": 6, "evaluation": 7, "scripts": 8,
+          "bench": 8}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -24,7 +25,7 @@ def imported_packages(path: Path) -> set[str]:
 
 
 def source_files() -> list[Path]:
-    files = [ROOT / "utils.py", ROOT / "config.py"]
+    files = [ROOT / "basics.py", ROOT / "utils.py", ROOT / "config.py"]
     for pkg in LAYERS:
         if (ROOT / pkg).is_dir():
             files += sorted((ROOT / pkg).rglob("*.py"))
