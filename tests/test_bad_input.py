@@ -102,6 +102,20 @@ def _hostile_checkpoint(env: Env) -> list[str]:
     return _args(env, *_tiny_on_mixed(env.request.getfixturevalue("mixed_folder")), extra=("--resume",))
 
 
+def _clip_with_pickled_weights(env: Env) -> list[str]:
+    """A CLIP directory (config.json as save_pretrained writes it) whose weights are a pickle, pytorch_model.bin,
+    instead of safetensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    clip = env.tmp / "clip"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(clip)
+    (clip / "model.safetensors").unlink()
+    torch.save({"vision_model.post_layernorm.weight": torch.ones(16)}, clip / "pytorch_model.bin")
+    return _args(env, "reward.features.name=clip", f"reward.features.path={clip}")
+
+
 def _resume_tiny_run(env: Env, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
     """A copy of the tiny pretraining run, resumed with `overrides` on top of its own settings."""
     shutil.copytree(env.request.getfixturevalue("tiny_run"), env.tmp / "run")
@@ -266,6 +280,8 @@ CASES = [
     Case("hostile-checkpoint", pretrain_ddpm.main, _hostile_checkpoint,
          ("cannot load checkpoint file", "training_state.pt", "Unsupported operand", "was made to run code"),
          after=lambda env: not (env.tmp / "ran").exists() or pytest.fail("the checkpoint's code ran")),
+    Case("feature-model-with-pickled-weights", train_reward_model.main, _clip_with_pickled_weights,
+         ("clip: cannot load the weights in", "no file named model.safetensors", "pickled .bin weights are never loaded")),
     Case("unwritable-out-dir", pretrain_ddpm.main, _unwritable_out,
          ("cannot write to run directory", "Permission denied", "choose a writable --out")),
     Case("disk-full-while-saving", pretrain_ddpm.main, _disk_full_at_second_checkpoint,
