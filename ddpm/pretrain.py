@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from config import Config
+from config import Config, PretrainConfig
 from ddpm.pipeline import load_pipeline, save_pipeline
 from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
@@ -152,6 +152,25 @@ def sample_grid(tr: Trainer, cfg: Config, device: torch.device, *, n: int = 64, 
                             generator=torch.Generator().manual_seed(seed), device=device)
 
 
+def train_step(tr: Trainer, images: Tensor, weights: Tensor, p: PretrainConfig, device: torch.device
+               ) -> tuple[Tensor, Tensor]:
+    """One optimizer step of L_simple on a batch drawn from `images` (N, C, H, W) by `weights` (N,), then the LR
+    schedule and the EMA; returns (loss, gradient norm before clipping)."""
+    idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
+    with autocast(device, tr.amp_dtype):
+        loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.scaler.scale(loss).backward()
+    tr.scaler.unscale_(tr.optimizer)  # clip the true gradients
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
+    tr.scaler.step(tr.optimizer)  # skipped if the fp16 gradients overflowed
+    tr.scaler.update()
+    tr.lr_schedule.step()
+    tr.ema.step(tr.unet.parameters())
+    tr.step += 1
+    return loss, grad_norm
+
+
 def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = None) -> Path | None:
     """Train the DDPM for `pretrain.steps` steps; return the directory of the final EMA pipeline.
 
@@ -178,18 +197,7 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
     t0, (loss_sum, loss_n) = time.perf_counter(), tr.loss_window
     try:
         while tr.step < p.steps:
-            idx = torch.multinomial(weights, p.batch_size, replacement=True, generator=tr.generator)
-            with autocast(device, tr.amp_dtype):
-                loss = ddpm_loss(tr.unet, images[idx.to(device)], tr.scheduler, generator=tr.generator)
-            tr.optimizer.zero_grad(set_to_none=True)
-            tr.scaler.scale(loss).backward()
-            tr.scaler.unscale_(tr.optimizer)  # clip the true gradients
-            grad_norm = torch.nn.utils.clip_grad_norm_(tr.unet.parameters(), p.grad_clip)
-            tr.scaler.step(tr.optimizer)  # skipped if the fp16 gradients overflowed
-            tr.scaler.update()
-            tr.lr_schedule.step()
-            tr.ema.step(tr.unet.parameters())
-            tr.step += 1
+            loss, grad_norm = train_step(tr, images, weights, p, device)
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(1)
             if tr.step % p.log_every == 0 or tr.step == p.steps:

@@ -224,6 +224,47 @@ def _read_metrics_csv(path: Path) -> dict[str, np.ndarray]:
     return cols
 
 
+def _curve_panels(cols: dict[str, np.ndarray]) -> list[tuple[str, list[str]]]:
+    """(title, columns) of each panel of `training_curves` that the metrics have columns for."""
+    def has(*keys: str) -> list[str]:
+        return [k for k in keys if k in cols]
+
+    components = sorted(k for k in cols if k.startswith("reward_") and k not in ("reward_mean", "reward_std"))
+    values = sorted(k for k in cols if k.startswith("value_"))
+    panels = [("reward", has("reward_mean")), ("reward components (mean per-sample credit)", components),
+              ("set-level values, relative change from the first step", values), ("KL", has("kl")),
+              ("clip fraction", has("clip_frac")), ("grad norm", has("grad_norm", "grad_norm_clipped")),
+              ("time per iteration (s)", has("time_sample_s", "time_reward_s", "time_update_s")),
+              ("TRPO line search", has("step_size", "backtrack_iters", "accepted"))]
+    return [(title, keys) for title, keys in panels if keys]
+
+
+def _plot_panel(ax, name: str, keys: list[str], cols: dict[str, np.ndarray]) -> None:
+    """One panel of `training_curves`: the reward with its ± std band, set-level values relative to their first
+    step, the time split stacked, anything else as lines."""
+    step = cols["step"]
+    if name == "reward":
+        ax.plot(step, cols["reward_mean"], label="reward_mean")
+        if "reward_std" in cols:
+            lo, hi = cols["reward_mean"] - cols["reward_std"], cols["reward_mean"] + cols["reward_std"]
+            ax.fill_between(step, lo, hi, alpha=0.25, label="± std")
+    elif name.startswith("set-level"):
+        for k in keys:
+            v = cols[k]
+            first = v[np.isfinite(v)][0]
+            ax.plot(step, (v - first) / abs(first) if first != 0 else v, label=k.removeprefix("value_"))
+    elif name.startswith("time"):
+        parts = [np.nan_to_num(cols[k]) for k in keys]
+        ax.stackplot(step, *parts, labels=[k.removeprefix("time_").removesuffix("_s") for k in keys], alpha=0.8)
+    else:
+        for k in keys:
+            ax.plot(step, cols[k], label=k)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("iteration", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="best")
+
+
 def training_curves(metrics_csv: str | Path, path: str | Path, *, title: str | None = None) -> Path | None:
     """Plot a fine-tuning run's metrics.csv: reward mean (± std) and its components (reward_<c>),
     each component's set-level statistic (value_<c>: MMD², OT cost, ...) as relative change from the
@@ -233,28 +274,7 @@ def training_curves(metrics_csv: str | Path, path: str | Path, *, title: str | N
     the file has no step column or no rows.
     """
     cols = _read_metrics_csv(Path(metrics_csv))
-    if "step" not in cols:
-        return None
-    step = cols["step"]
-
-    def has(*keys: str) -> list[str]:
-        return [k for k in keys if k in cols]
-
-    components = sorted(k for k in cols if k.startswith("reward_") and k not in ("reward_mean", "reward_std"))
-    panels = []
-    if has("reward_mean"):
-        panels.append(("reward", ["reward_mean"]))
-    if components:
-        panels.append(("reward components (mean per-sample credit)", components))
-    values = sorted(k for k in cols if k.startswith("value_"))
-    if values:
-        panels.append(("set-level values, relative change from the first step", values))
-    for title_, keys in (("KL", has("kl")), ("clip fraction", has("clip_frac")),
-                         ("grad norm", has("grad_norm", "grad_norm_clipped")),
-                         ("time per iteration (s)", has("time_sample_s", "time_reward_s", "time_update_s")),
-                         ("TRPO line search", has("step_size", "backtrack_iters", "accepted"))):
-        if keys:
-            panels.append((title_, keys))
+    panels = _curve_panels(cols) if "step" in cols else []
     if not panels:
         return None
     plt = _mpl()
@@ -262,26 +282,7 @@ def training_curves(metrics_csv: str | Path, path: str | Path, *, title: str | N
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 2.9 * nrow), dpi=100, squeeze=False)
     for ax, (name, keys) in zip(axes.flat, panels):
-        if name == "reward":
-            ax.plot(step, cols["reward_mean"], label="reward_mean")
-            if "reward_std" in cols:
-                lo, hi = cols["reward_mean"] - cols["reward_std"], cols["reward_mean"] + cols["reward_std"]
-                ax.fill_between(step, lo, hi, alpha=0.25, label="± std")
-        elif name.startswith("set-level"):
-            for k in keys:
-                v = cols[k]
-                first = v[np.isfinite(v)][0]
-                ax.plot(step, (v - first) / abs(first) if first != 0 else v, label=k.removeprefix("value_"))
-        elif name.startswith("time"):
-            parts = [np.nan_to_num(cols[k]) for k in keys]
-            ax.stackplot(step, *parts, labels=[k.removeprefix("time_").removesuffix("_s") for k in keys], alpha=0.8)
-        else:
-            for k in keys:
-                ax.plot(step, cols[k], label=k)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="best")
+        _plot_panel(ax, name, keys, cols)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:

@@ -341,6 +341,50 @@ def artifact_dir(path: str | Path) -> Path:
     return path
 
 
+def _checked_meta(path: Path, expect_extractor: str | None) -> dict:
+    """The artifact's reward.yaml, after checking its format, its extractor against `expect_extractor` and every
+    file's checksum; each problem a one-line CraterdiffError."""
+    meta_path = path / "reward.yaml"
+    if not meta_path.is_file():
+        raise CraterdiffError(f"no reward artifact at '{path}' (missing reward.yaml); build one with "
+                              f"python -m scripts.train_reward_model --cfg CFG")
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+        fmt, ex = meta["format"], meta["extractor"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise CraterdiffError(f"reward artifact file '{meta_path}' is corrupted; rebuild the artifact") from None
+    if fmt != REWARD_ARTIFACT_VERSION:
+        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads "
+                              f"{REWARD_ARTIFACT_VERSION}; rebuild it")
+    if expect_extractor is not None and ex["name"] != expect_extractor:
+        raise CraterdiffError(f"reward artifact '{path}' was built with extractor '{ex['name']}' but the config asks "
+                              f"for '{expect_extractor}'; rebuild it (scripts.train_reward_model) or set "
+                              f"reward.features.name: {ex['name']}")
+    for name, digest in meta.get("sha256", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CraterdiffError(f"reward artifact file '{f}' is missing; rebuild the artifact")
+        if _sha256(f) != digest:
+            raise CraterdiffError(f"reward artifact file '{f}' is corrupted (checksum mismatch); rebuild the artifact")
+    return meta
+
+
+def _arrays(path: Path) -> tuple[Tensor, Tensor, Tensor | None, PCA]:
+    """The artifact's reference features (m, d), template-detector sizes (m,), arcs-detector sizes (m,) if saved,
+    and PCA."""
+    def array(name: str) -> Tensor:
+        return torch.from_numpy(np.load(path / name, allow_pickle=False))
+    try:
+        arcs = array("reference_sizes_arcs.npy") if (path / "reference_sizes_arcs.npy").is_file() else None
+        with np.load(path / "pca.npz", allow_pickle=False) as z:
+            pca = PCA(mean=torch.from_numpy(z["mean"]), components=torch.from_numpy(z["components"]),
+                      explained_variance=torch.from_numpy(z["explained_variance"]),
+                      total_variance=float(z["total_variance"]))
+        return array("reference_features.npy"), array("reference_sizes.npy"), arcs, pca
+    except (OSError, ValueError, KeyError) as e:
+        raise CraterdiffError(f"reward artifact '{path}' cannot be read ({type(e).__name__}); rebuild it") from None
+
+
 def load_artifact(path: str | Path, *, expect_extractor: str | None = None, device="cpu",
                   weights: Mapping[str, float] | None = None, ot_match: str | None = None,
                   log: Iterable[str] | None = None, size_bandwidth_scale: float = 1.0,
@@ -360,43 +404,14 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
     mismatch or unreadable), or an artifact built with another extractor than `expect_extractor`.
     """
     path = artifact_dir(path)
-    meta_path = path / "reward.yaml"
-    if not meta_path.is_file():
-        raise CraterdiffError(f"no reward artifact at '{path}' (missing reward.yaml); build one with "
-                              f"python -m scripts.train_reward_model --cfg CFG")
+    meta = _checked_meta(path, expect_extractor)
+    ex, size = meta["extractor"], meta.get("size")
+    reference, size_reference, arcs_reference, pca = _arrays(path)
     try:
-        meta = yaml.safe_load(meta_path.read_text())
-        fmt, ex = meta["format"], meta["extractor"]
-    except (yaml.YAMLError, KeyError, TypeError):
-        raise CraterdiffError(f"reward artifact file '{meta_path}' is corrupted; rebuild the artifact") from None
-    if fmt != REWARD_ARTIFACT_VERSION:
-        raise CraterdiffError(f"reward artifact '{path}' has format {fmt}, this craterdiff reads "
-                              f"{REWARD_ARTIFACT_VERSION}; "
-                              f"rebuild it")
-    if expect_extractor is not None and ex["name"] != expect_extractor:
-        raise CraterdiffError(f"reward artifact '{path}' was built with extractor '{ex['name']}' but the config asks "
-                              f"for '{expect_extractor}'; rebuild it (scripts.train_reward_model) or set "
-                              f"reward.features.name: {ex['name']}")
-    for name, digest in meta.get("sha256", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise CraterdiffError(f"reward artifact file '{f}' is missing; rebuild the artifact")
-        if _sha256(f) != digest:
-            raise CraterdiffError(f"reward artifact file '{f}' is corrupted (checksum mismatch); rebuild the artifact")
-    try:
-        reference = torch.from_numpy(np.load(path / "reference_features.npy", allow_pickle=False))
-        size_reference = torch.from_numpy(np.load(path / "reference_sizes.npy", allow_pickle=False))
-        arcs_path = path / "reference_sizes_arcs.npy"
-        arcs_reference = torch.from_numpy(np.load(arcs_path, allow_pickle=False)) if arcs_path.is_file() else None
-        size = meta["size"]
         sizer = TemplateMatcher(azimuth_deg=float(size["light_azimuth_deg"]),
                                 elevation_deg=float(size["light_elevation_deg"]), threshold=float(size["z_threshold"]))
-        with np.load(path / "pca.npz", allow_pickle=False) as z:
-            pca = PCA(mean=torch.from_numpy(z["mean"]), components=torch.from_numpy(z["components"]),
-                      explained_variance=torch.from_numpy(z["explained_variance"]),
-                      total_variance=float(z["total_variance"]))
-    except (OSError, ValueError, KeyError) as e:
-        raise CraterdiffError(f"reward artifact '{path}' cannot be read ({type(e).__name__}); rebuild it") from None
+    except (KeyError, TypeError, ValueError):
+        raise CraterdiffError(f"reward artifact file '{path / 'reward.yaml'}' is corrupted; rebuild the artifact") from None
     extractor = build_extractor(ex["name"], input_size=ex["input_size"], path=ex.get("path"), seed=ex.get("seed", 0),
                                 device=device)
     if extractor.dim != reference.shape[1]:
@@ -407,7 +422,8 @@ def load_artifact(path: str | Path, *, expect_extractor: str | None = None, devi
             "extractor_path": ex.get("path"), "extractor_seed": ex.get("seed", 0),
             "size_light_peak_ncc": size.get("light_peak_ncc")}
     return RewardModel(extractor=extractor, reference=reference, bandwidth=meta["bandwidth"], pca=pca,
-                       weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"], knn_k=meta["knn_k"],
+                       weights=dict(weights) if weights is not None else meta["weights"], mi_noise=meta["mi_noise"],
+                       knn_k=meta["knn_k"],
                        ot_method=meta["ot"]["method"], ot_reg=meta["ot"]["reg"], sizer=sizer,
                        size_reference=size_reference, size_bandwidth=float(size["bandwidth"]),
                        ot_match=ot_match or meta["ot"].get("match", "full"), realism=realism, info=info, log=log,

@@ -262,18 +262,27 @@ def train_realism(
         model = RealismCNN(channels=real.shape[1], width=width)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
+    _fit(model, opt, real[r_tr], fake[f_tr], epochs=epochs, batch_size=batch_size, generator=gen, progress=progress)
+    model.eval().requires_grad_(False)
+    return model, _metrics(model, (real[r_tr], fake[f_tr]), (real[r_ho], fake[f_ho]), epochs=epochs)
 
+
+def _fit(model: RealismCNN, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor, *, epochs: int, batch_size: int,
+         generator: torch.Generator, progress: bool) -> None:
+    """`epochs` passes of BCE-with-logits over class-balanced augmented batches of the training images (real
+    (N_r, C, H, W) labelled 1, fake (N_f, C, H, W) labelled 0; see train_realism)."""
+    device = next(model.parameters()).device
+    loss_fn = nn.BCEWithLogitsLoss()
     n_r, n_f = batch_size // 2, batch_size - batch_size // 2
-    steps = max(1, -(-max(len(r_tr), len(f_tr)) // max(n_r, n_f)))  # per epoch
+    steps = max(1, -(-max(len(real), len(fake)) // max(n_r, n_f)))  # per epoch
     labels = torch.cat([torch.ones(n_r), torch.zeros(n_f)]).to(device)
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        ir = r_tr[_index_stream(len(r_tr), steps * n_r, gen)].view(steps, n_r)
-        jf = f_tr[_index_stream(len(f_tr), steps * n_f, gen)].view(steps, n_f)
+        ir = _index_stream(len(real), steps * n_r, generator).view(steps, n_r)
+        jf = _index_stream(len(fake), steps * n_f, generator).view(steps, n_f)
         total = 0.0
         for s in range(steps):
-            mb_x = augment(torch.cat([real[ir[s]], fake[jf[s]]]), generator=gen).to(device)
+            mb_x = augment(torch.cat([real[ir[s]], fake[jf[s]]]), generator=generator).to(device)
             loss = loss_fn(model(mb_x), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -283,22 +292,24 @@ def train_realism(
             print(f"realism epoch {epoch + 1}/{epochs}: loss {total / steps:.4f} "
                   f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
+
+def _metrics(model: RealismCNN, train: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor], *,
+             epochs: int) -> RealismMetrics:
+    """Balanced accuracy on the (real, fake) training and held-out images, and the held-out ROC AUC."""
     from sklearn.metrics import roc_auc_score  # here: scikit-learn costs ~0.7 s to import, and scoring needs none
 
-    model.eval().requires_grad_(False)
-    s_tr = realism_logits(model, torch.cat([real[r_tr], fake[f_tr]]))
-    y_tr = torch.cat([torch.ones(len(r_tr)), torch.zeros(len(f_tr))])
-    s_ho = realism_logits(model, torch.cat([real[r_ho], fake[f_ho]]))
-    y_ho = torch.cat([torch.ones(len(r_ho)), torch.zeros(len(f_ho))])
-    metrics = RealismMetrics(
+    def scored(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+        return realism_logits(model, torch.cat([real, fake])), torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
+    s_tr, y_tr = scored(*train)
+    s_ho, y_ho = scored(*heldout)
+    return RealismMetrics(
         heldout_accuracy=_balanced_accuracy(s_ho, y_ho),
         heldout_auc=float(roc_auc_score(y_ho.numpy(), s_ho.double().numpy())),
         train_accuracy=_balanced_accuracy(s_tr, y_tr),
-        n_real_train=len(r_tr), n_fake_train=len(f_tr),
-        n_real_heldout=len(r_ho), n_fake_heldout=len(f_ho),
+        n_real_train=len(train[0]), n_fake_train=len(train[1]),
+        n_real_heldout=len(heldout[0]), n_fake_heldout=len(heldout[1]),
         epochs=epochs,
     )
-    return model, metrics
 
 
 @torch.no_grad()

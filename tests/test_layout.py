@@ -83,3 +83,16 @@ def test_the_closure_finder_sees_a_closure(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f(k):\n    def g():\n        return k\n    return g, lambda: k\n")
     assert nested_functions(f) == ["1: g", "1: lambda"]
+
+
+def test_library_functions_are_at_most_60_lines():
+    """docs/design.md, "Layout": no function of the library or the scripts is longer than 60 lines (a longer one
+    is split by job)."""
+    long = []
+    for path in source_files():
+        if path.parts[len(ROOT.parts)] == "bench":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
