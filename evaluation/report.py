@@ -25,7 +25,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -524,9 +524,11 @@ def _markdown(report: Mapping, images: Mapping[str, Path], out_dir: Path) -> str
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}h3{font-size:1.05em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+.table{overflow-x:auto;max-width:100%;margin:.6em 0}
+table{border-collapse:collapse;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;white-space:nowrap}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left;font-weight:600}
+th{background:#f2f2f2;white-space:normal;min-width:4.5em;vertical-align:bottom}td{background:#fff}
+td:first-child,th:first-child{text-align:left;font-weight:600;position:sticky;left:0;z-index:1}
 tr:nth-child(even) td{background:#fafafa}
 ul{font-size:.9em}figure{display:inline-block;margin:.6em 1em .6em 0;vertical-align:top}
 figcaption{font-size:.85em;color:#555;text-align:center}
@@ -541,22 +543,24 @@ def _data_uri(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table in its own horizontal scroll box (its first column, the model, stays in view): no table widens the
+    page."""
+    e = html.escape
+    return ('<div class="table"><table><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in header)
+            + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table></div>")
+
+
 def _html(report: Mapping, images: Mapping[str, Path]) -> str:
     e = html.escape
     title = e(str(report.get("title", "craterdiff evaluation")))
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{title}</title><style>{_CSS}</style></head><body>", f"<h1>{title}</h1>"]
     for ex, header, rows in _tables(report):
-        parts.append(f"<h2>Features: {e(ex)}</h2><table><thead><tr>"
-                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
-        for r in rows:
-            parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
-        parts.append("</tbody></table>")
+        parts.append(f"<h2>Features: {e(ex)}</h2>" + _html_table(header, rows))
     for title_, above, header, rows in _sections(report):
-        parts.append(f"<h2>{e(title_)}</h2>" + "".join(f"<p>{e(a)}</p>" for a in above) + "<table><thead><tr>"
-                     + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
-        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-        parts.append("</tbody></table>")
+        parts.append(f"<h2>{e(title_)}</h2>" + "".join(f"<p>{e(a)}</p>" for a in above) + _html_table(header, rows))
     parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in _notes(report)) + "</ul>")
     settings = _settings_lines(report)
     if settings:

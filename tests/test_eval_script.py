@@ -84,6 +84,8 @@ def test_folder_mode_end_to_end(tmp_path):
     # noise against craters in pixel space: far from the reference
     assert report["models"]["generated"]["pixels"]["kid_mean"]["mean"] > 0
     assert _check_self_contained(out / "report.html") == 5   # two grids, two t-SNE plots, the power spectrum
+    page = (out / "report.html").read_text()  # every table in its own scroll box: none widens the page
+    assert page.count("<table>") >= 3 and page.count('<div class="table"><table>') == page.count("<table>")
     md = (out / "report.md").read_text()
     assert "| generated |" in md and "| texture_only |" in md and "FID at small n" in md and "## Fine detail" in md
 
