@@ -1,6 +1,6 @@
 """What the scripts and the config need before torch is imported: the error type, the project root, atomic file
 writes, the checkpoint listing, and the scripts' shared arguments and error handling. Standard library only, so that
-a bad config or argument is reported before any heavy import (utils re-exports these for the library).
+a bad config or argument is reported before any heavy import; the library imports these from here too.
 """
 from __future__ import annotations
 
@@ -143,10 +143,14 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 
 def remove_temporaries(directory: str | Path) -> None:
-    """Delete the hidden `.tmp-*` / `.old-*` directories that `atomic_directory` leaves when killed."""
+    """Delete the hidden `.tmp-*` / `.old-*` directories that `atomic_directory` leaves when killed, and the
+    `.tmp-*` files `replaced_file` leaves."""
     for pattern in (".tmp-*", ".old-*"):
         for p in Path(directory).glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

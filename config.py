@@ -827,23 +827,24 @@ def resume_changes(saved: Config, cfg: Config, stage: str) -> dict[str, tuple[An
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and not _under(k, RESUME_FREE[stage])}
 
 
-def check_resume(run: Path, cfg: Config, stage: str, *, apply_changes: bool) -> dict[str, tuple[Any, Any]]:
-    """The settings a resume changes (see resume_changes), checked against the run's saved config.yaml: refused in one
-    line naming them unless `apply_changes`; keys in FIXED_ON_RESUME are refused either way."""
-    saved_path = run / "config.yaml"
+def check_resume(run: Path, cfg: Config, stage: str, *, apply_changes: bool,
+                 config_name: str = "config.yaml") -> dict[str, tuple[Any, Any]]:
+    """The settings a resume changes (see resume_changes), checked against the run's saved `config_name`: refused in
+    one line naming them unless `apply_changes`; keys in FIXED_ON_RESUME are refused either way."""
+    saved_path = run / config_name
     if not saved_path.is_file():
         if apply_changes:
             return {}
         raise CraterdiffError(f"--resume: '{saved_path}' is missing, so the run's settings cannot be compared; pass "
                               f"--apply-changes to resume with the given config")
     changes = resume_changes(load_config(saved_path), cfg, stage)
-    listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items())
     fixed = [k for k in changes if _under(k, FIXED_ON_RESUME)]
     if fixed:
         raise CraterdiffError(f"--resume: {', '.join(fixed)} cannot change on resume (the checkpoint was made with the "
                               f"saved values); resume with the values in '{saved_path}', or start a new run with "
                               f"--out NEW_DIR")
     if changes and not apply_changes:
+        listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items())
         raise CraterdiffError(f"--resume: the settings differ from the run's '{saved_path}': {listed}; drop those "
                               f"--set overrides, or pass --apply-changes to apply them from here on")
     return changes
@@ -880,7 +881,8 @@ def prepare_run_dir(out: str | Path | None, cfg: Config, *, resume: bool, guard_
                               f"it or --out NEW_DIR to start a new run")
     if apply_changes and not resume:
         raise CraterdiffError("--apply-changes applies to a resumed run only; add --resume or drop it")
-    changes = check_resume(run, cfg, stage, apply_changes=apply_changes) if resume and guard_checkpoints else {}
+    changes = (check_resume(run, cfg, stage, apply_changes=apply_changes, config_name=config_name)
+               if resume and guard_checkpoints else {})
     if not write:
         return run
     try:

@@ -120,11 +120,18 @@ def overheads(rows: list[dict[str, float]], bound: dict[str, float]) -> dict[str
             "overhead_total": (s + u) / (bound["bound_sample_s"] + bound["bound_update_s"])}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(description: str, cfg: str = "default.yaml") -> argparse.ArgumentParser:
+    """The arguments a benchmark of one config shares: --out DIR (required), --cfg (default configs/`cfg`) and
+    --set overrides; the module docstring as the help text."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--cfg", default=str(PROJECT_ROOT / "configs" / "default.yaml"))
+    p.add_argument("--cfg", default=str(PROJECT_ROOT / "configs" / cfg))
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = bench_parser(__doc__)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -15,16 +15,14 @@ setting). Writes DIR/microbatch.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from bench.iteration import TIMES, medians
+from bench.iteration import TIMES, bench_parser, medians
 from config import load_config
 from rl.trainer import Finetuner
-from basics import PROJECT_ROOT
 from utils import apply_threads
 
 
@@ -65,10 +63,7 @@ def compare(cfg_path: str, overrides: list[str], sizes: list[int], group: int, r
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--cfg", default=str(PROJECT_ROOT / "configs" / "default.yaml"))
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p = bench_parser(__doc__)
     p.add_argument("--microbatch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--repeats", type=int, default=4)
     args = p.parse_args(argv)

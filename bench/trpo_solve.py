@@ -19,7 +19,6 @@ draws, is the figure of merit. Writes DIR/solve.json (every solve and the summar
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -28,13 +27,13 @@ from pathlib import Path
 
 import torch
 
+from bench.iteration import bench_parser
 from config import load_config
 from rl import trpo
 from rl.fisher import FVP_METHODS, fisher_operator
 from rl.states import STATE_DRAWS, draw_weights, state_subsamples
 from rl.trainer import Finetuner
 from rl.trust_region import conjugate_gradient, flat_params, set_flat_params
-from basics import PROJECT_ROOT
 from utils import apply_threads
 
 SETTINGS = ("64:10:fd", "32:8:fd_forward", "32:8:fd_forward:curvature", "24:8:fd_forward:curvature",
@@ -115,10 +114,7 @@ def summarise(rows: list[dict], settings) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--cfg", default=str(PROJECT_ROOT / "configs" / "trpo.yaml"))
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p = bench_parser(__doc__, "trpo.yaml")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--draws", type=int, default=2, help="state subsamples per setting and iteration")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="STATES:CG_ITERS:METHOD; the first is "

@@ -262,9 +262,10 @@ def train_realism(
         model = RealismCNN(channels=real.shape[1], width=width)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    _fit(model, opt, real[r_tr], fake[f_tr], epochs=epochs, batch_size=batch_size, generator=gen, progress=progress)
+    train = real[r_tr], fake[f_tr]
+    _fit(model, opt, *train, epochs=epochs, batch_size=batch_size, generator=gen, progress=progress)
     model.eval().requires_grad_(False)
-    return model, _metrics(model, (real[r_tr], fake[f_tr]), (real[r_ho], fake[f_ho]), epochs=epochs)
+    return model, _metrics(model, train, (real[r_ho], fake[f_ho]), epochs=epochs)
 
 
 def _fit(model: RealismCNN, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor, *, epochs: int, batch_size: int,

@@ -98,6 +98,16 @@ TIMEOUT_SCALE = float(os.environ.get("CRATERDIFF_TIMEOUT_SCALE", "3"))
 launch still stops, and prints where it hung."""
 
 
+def save_tiny_clip(path: Path) -> Path:
+    """A tiny random CLIP vision tower (16-d projections, 32 px), saved as save_pretrained writes it, at `path`."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(path)
+    return path
+
+
 def guard(seconds: float) -> float:
     """A subprocess's guard time on this machine: `seconds` × TIMEOUT_SCALE."""
     return seconds * TIMEOUT_SCALE

@@ -32,7 +32,7 @@ from scripts import finetune, pretrain_ddpm, sample, train_reward_model
 from basics import PROJECT_ROOT, list_checkpoints, png_bytes_at_most, run_main
 from utils import save_array
 
-from .conftest import error_line, smoke_argv
+from .conftest import error_line, save_tiny_clip, smoke_argv
 
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
 TINY_PRETRAIN = ("tensorboard=false", "pretrain.steps=2", "pretrain.checkpoint_every=1", "pretrain.log_every=1")
@@ -105,12 +105,7 @@ def _hostile_checkpoint(env: Env) -> list[str]:
 def _clip_with_pickled_weights(env: Env) -> list[str]:
     """A CLIP directory (config.json as save_pretrained writes it) whose weights are a pickle, pytorch_model.bin,
     instead of safetensors."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    clip = env.tmp / "clip"
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                                   projection_dim=16)).save_pretrained(clip)
+    clip = save_tiny_clip(env.tmp / "clip")
     (clip / "model.safetensors").unlink()
     torch.save({"vision_model.post_layernorm.weight": torch.ones(16)}, clip / "pytorch_model.bin")
     return _args(env, "reward.features.name=clip", f"reward.features.path={clip}")

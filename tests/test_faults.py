@@ -47,7 +47,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, n
 
 def test_relaunch_removes_what_killed_writes_left(tmp_path, smoke_cfg):
     """A process killed inside utils.atomic_directory leaves its hidden temporary directory (here one of
-    the final model and one of a checkpoint whose COMPLETE marker was written but not yet renamed)."""
+    the final model and one of a checkpoint whose COMPLETE marker was written but not yet renamed), one killed inside
+    basics.replaced_file its hidden file."""
     cfg = load_config(smoke_cfg)
     save_config(cfg, tmp_path / "config.yaml")  # what the killed run's start saved
     with atomic_checkpoint(tmp_path / "checkpoints", 1) as tmp:
@@ -55,6 +56,7 @@ def test_relaunch_removes_what_killed_writes_left(tmp_path, smoke_cfg):
     for stale in (tmp_path / ".tmp-model-x1", tmp_path / "checkpoints" / ".tmp-step_2-x2"):
         stale.mkdir()
         (stale / "COMPLETE").write_text('{"step": 2}')
+    (tmp_path / ".tmp-metrics-x3.csv").write_text("step\n")  # a file basics.replaced_file was writing
     prepare_run_dir(tmp_path, cfg, resume=True)
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_1"
     assert not list(tmp_path.rglob(".tmp-*"))

@@ -14,7 +14,7 @@ import torch
 
 from basics import run_main
 
-from .conftest import ROOT, error_line, guard, smoke_argv
+from .conftest import ROOT, error_line, guard, save_tiny_clip, smoke_argv
 
 SOURCE_DIRS = ("bench", "ddpm", "reward", "rl", "scripts")
 
@@ -103,15 +103,10 @@ def test_feature_weights_with_pickled_code_are_refused(tmp_path):
 
 def test_transformers_extractor_with_pickled_weights_is_refused(tmp_path):
     """A CLIP directory whose weights are a pickle (`pytorch_model.bin`) instead of safetensors."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from reward.features import build_extractor
     from basics import CraterdiffError
+    from reward.features import build_extractor
 
-    model, marker = tmp_path / "clip", tmp_path / "ran"
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                                   projection_dim=16)).save_pretrained(model)
+    model, marker = save_tiny_clip(tmp_path / "clip"), tmp_path / "ran"
     (model / "model.safetensors").unlink()
     plant(model / "pytorch_model.bin", marker)
     with pytest.raises(CraterdiffError, match=r"clip: cannot load the weights .*safetensors weights: pickled \.bin"):
