@@ -421,6 +421,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where a run's scalars, sample grids and resolved config go: accelerate's trackers and metrics.csv."""
+    trackers: tuple[Literal["csv", "tensorboard", "wandb"], ...] = _f(
+        ("csv", "tensorboard"), "metrics.csv (the benchmarks read it), TensorBoard under <run>/tb, Weights & Biases "
+                                "under <run>/wandb; tags grouped reward/, policy/ (pretrain/), time/, system/")
+    wandb_project: str = _f("craterdiff", "the W&B project")
+    wandb_mode: Literal["offline", "online"] = _f(
+        "offline", "offline needs no network or account (upload later: wandb sync <run>/wandb/offline-run-*)")
+
+
+@dataclass(frozen=True)
 class Config:
     """Root of a craterdiff config; one subtree per stage."""
     name: str = _f("craterdiff", "run name; the default run directory is runs/<name>")
@@ -431,9 +442,9 @@ class Config:
                 "fp16 (V100) adds dynamic loss scaling; bf16 needs an Ampere or newer GPU (or a CPU). TRPO's "
                 "Fisher products always run in fp32")
     tf32: bool = _f(False, "allow TF32 matmuls and convolutions (Ampere or newer CUDA GPUs; an error on CPU)")
-    tensorboard: bool = _f(True, "write TensorBoard event files under <run>/tb")
     num_threads: Optional[int] = _f(None, "torch CPU threads (null: torch's default; 1 is faster when other "
                                           "jobs share the cores)", ge=1)
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "experiment trackers"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training / reference images"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the diffusion model"})
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "DDIM sampler / policy"})
@@ -789,9 +800,9 @@ def check_eval(ev: EvalConfig) -> None:
 
 
 RESUME_FREE = {
-    "finetune": ("name", "num_threads", "tensorboard", "rl.iterations", "rl.checkpoint_every", "rl.keep_checkpoints",
+    "finetune": ("name", "num_threads", "log", "rl.iterations", "rl.checkpoint_every", "rl.keep_checkpoints",
                  "rl.sample_every", "pretrain", "dataset", "eval"),
-    "pretrain": ("name", "num_threads", "tensorboard", "sampler", "pretrain.checkpoint_every",
+    "pretrain": ("name", "num_threads", "log", "sampler", "pretrain.checkpoint_every",
                  "pretrain.keep_checkpoints", "pretrain.sample_every", "pretrain.log_every", "pretrain.export_dir",
                  "rl", "reward", "dataset", "eval"),
 }

@@ -18,6 +18,7 @@ import pickle
 import random
 import re
 import resource
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from basics import (CHECKPOINT_PREFIX, PROJECT_ROOT, CraterdiffError, _umask_mode, disk_full, first_line,
-                    latest_checkpoint, list_checkpoints, remove_temporaries, replaced_file)
+from basics import (CHECKPOINT_PREFIX, PROJECT_ROOT, CraterdiffError, _umask_mode, atomic_write_text, disk_full,
+                    first_line, latest_checkpoint, list_checkpoints, remove_temporaries, replaced_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,16 +335,42 @@ def _corrupt(path: Path, what: str, fix: str, e: Exception) -> CraterdiffError:
 # Run directory and logging
 # ----------------------------------------------------------------------------------------------
 
-class RunLogger:
-    """Scalars to `metrics.csv` (one row per logged step) and to TensorBoard under `tb/`.
+TRACKERS = ("csv", "tensorboard", "wandb")
+"""What `log.trackers` chooses among: metrics.csv, TensorBoard under <run>/tb, Weights & Biases under <run>/wandb."""
+TAG_GROUPS = (("reward_", "reward/"), ("value_", "reward/value_"), ("time_", "time/"), ("eval_", "eval/"),
+              ("peak_mem", "system/peak_mem"))
+"""metrics.csv column prefix -> the tag group TensorBoard and W&B show it under; other columns go to the stage's own."""
 
-    The CSV header is the union of keys seen so far; a new key rewrites the file with the wider
-    header. On resume, rows after the checkpoint's step are dropped so that the file matches an
-    uninterrupted run; TensorBoard hides them the same way (and, on a fresh start, the events of an
-    earlier attempt that was killed before its first checkpoint).
-    """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+def tracker_tag(key: str, group: str) -> str:
+    """The grouped tag of a metrics.csv column: reward_mmd -> reward/mmd, value_mmd -> reward/value_mmd,
+    time_update_s -> time/update_s, peak_mem_mb -> system/peak_mem_mb, kl -> <group>/kl."""
+    for prefix, tag in TAG_GROUPS:
+        if key.startswith(prefix):
+            return tag + key[len(prefix):]
+    return f"{group}/{key}"
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict[str, bool | int | float | str | None]:
+    """A nested config as the flat {a.b: value} hyperparameters trackers take (sequences written out as text)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+class CSVTracker:
+    """metrics.csv as an accelerate tracker: one row per logged step, the header the union of the keys seen so far
+    (a new key rewrites the file with the wider header). On resume, rows after the checkpoint's step are dropped so
+    that the file matches an uninterrupted run."""
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.csv"
         self.rows: list[dict] = []
         self.keys: list[str] = ["step"]
@@ -355,13 +382,10 @@ class RunLogger:
             self._rewrite()
         elif self.path.exists():
             self.path.unlink()
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # TensorBoard hides events at steps >= purge_step; the checkpoint's own step was logged
-            # before it was saved and is not logged again, so it must stay.
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"),
-                                        purge_step=0 if resume_step is None else resume_step + 1)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
 
     def _rewrite(self) -> None:
         with replaced_file(self.path) as tmp, open(tmp, "w", newline="") as f:
@@ -369,8 +393,8 @@ class RunLogger:
             w.writeheader()
             w.writerows(self.rows)
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        row = {"step": step, **{k: _fmt(v) for k, v in scalars.items()}}
+    def log(self, values: dict, step: int) -> None:
+        row = {"step": step, **{k: _fmt(v) for k, v in values.items()}}
         new = [k for k in row if k not in self.keys]
         self.rows.append(row)
         if new:
@@ -379,20 +403,78 @@ class RunLogger:
         else:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.keys, restval="").writerow(row)
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, float(v), step)
-            self.writer.flush()  # on disk before the next checkpoint: a killed run keeps what that resumes
+
+
+def _wandb_tracker(run_dir: Path, project: str, mode: str, resume: bool):
+    """accelerate's W&B tracker for a run directory, its files under run_dir/wandb; a resumed run continues the W&B
+    run of the same id (kept in run_dir/wandb/run_id)."""
+    import importlib.util
+
+    from accelerate.tracking import WandBTracker
+
+    if importlib.util.find_spec("wandb") is None:
+        raise CraterdiffError("log.trackers has wandb but the wandb package is not installed: pip install wandb, or "
+                          "drop wandb from log.trackers")
+    id_file = run_dir / "wandb" / "run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(6)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(id_file, run_id + "\n")
+    return WandBTracker(project, mode=mode, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
+
+
+class RunLogger:
+    """A run's scalars and sample grids to the chosen trackers, through accelerate's (TensorBoard, W&B) and the CSV one
+    above; the resolved config goes to each as hyperparameters on a fresh start.
+
+    metrics.csv keeps flat column names; TensorBoard and W&B show them grouped (`tracker_tag`). On resume TensorBoard
+    hides the events after the checkpoint's step (and, on a fresh start, those of an earlier attempt killed before its
+    first checkpoint); W&B cannot rewind a run, so steps a killed run logged after its last checkpoint stay there.
+    """
+
+    def __init__(self, run_dir: str | Path, settings=None, *, group: str = "policy", resume_step: int | None = None,
+                 hparams: dict | None = None):
+        """`settings`: a config.LogConfig (None: metrics.csv and TensorBoard); `group`: the tag group of the stage's
+        own columns; `hparams`: the resolved config as a nested dict."""
+        from accelerate.tracking import TensorBoardTracker
+
+        run_dir, self.group = Path(run_dir), group
+        trackers = ("csv", "tensorboard") if settings is None else settings.trackers
+        unknown = sorted(set(trackers) - set(TRACKERS))
+        if unknown:
+            raise CraterdiffError(f"unknown tracker(s) {unknown}; choose among {list(TRACKERS)}")
+        self.csv = CSVTracker(run_dir, resume_step=resume_step) if "csv" in trackers else None
+        self.trackers = []
+        if "tensorboard" in trackers:
+            # TensorBoard hides events at steps >= purge_step; the checkpoint's own step was logged before it was
+            # saved and is not logged again, so it must stay.
+            self.trackers.append(TensorBoardTracker("tb", run_dir, purge_step=0 if resume_step is None
+                                                    else resume_step + 1))
+        if "wandb" in trackers:
+            self.trackers.append(_wandb_tracker(run_dir, settings.wandb_project, settings.wandb_mode,
+                                                resume_step is not None))
+        for t in self.trackers:
+            t.start()
+            if hparams is not None and resume_step is None:
+                t.store_init_configuration(flat_hparams(hparams))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.csv is not None:
+            self.csv.log(scalars, step)
+        grouped = {tracker_tag(k, self.group): float(v) for k, v in scalars.items()}
+        for t in self.trackers:
+            t.log(grouped, step=step)  # TensorBoard flushes: on disk before the next checkpoint, as the CSV is
 
     def add_image(self, tag: str, grid: Image.Image, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
-            self.writer.flush()
+        for t in self.trackers:
+            if t.name == "tensorboard":
+                t.log_images({tag: np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+                t.writer.flush()
+            else:
+                t.log_images({tag: [grid]}, step=step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for t in self.trackers:
+            t.finish()
 
 
 def _fmt(v: Any) -> Any:

@@ -1,6 +1,13 @@
 """Saving and loading a DDPM as a diffusers pipeline directory (`unet/` + `scheduler/`, safetensors).
 
-A saved model loads with diffusers alone: `DDPMPipeline.from_pretrained(path)`.
+A saved model loads with diffusers alone. A pretrained model is a `DDPMPipeline` (its scheduler the training
+schedule); a fine-tuned one is a `DDIMPipeline` whose scheduler is the DDIM chain the policy was trained on
+(trailing spacing, clipping) and whose `sampler.json` holds the call's other arguments, so
+
+    pipe = DDIMPipeline.from_pretrained(path)
+    images = pipe(batch_size=8, generator=torch.Generator().manual_seed(0), **json.load(open(path / "sampler.json")))
+
+samples the trained chain, draw for draw as `scripts.sample` does (a SAC run's learned noise scales: docs/design.md).
 """
 from __future__ import annotations
 
@@ -8,14 +15,46 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from basics import CraterdiffError, first_line
+from ddpm.schedulers import make_ddim_scheduler
 from utils import atomic_directory
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
 NOISE_SCALE_FILE = "noise_scale.json"
 """Beside a saved model: the per-step std factors e^ζ_k a SAC run learned, used wherever it is sampled."""
+SAMPLER_FILE = "sampler.json"
+"""Beside a fine-tuned model: the arguments of the pipeline call that samples the trained chain (steps, η, CFG)."""
+
+
+def save_sampler_call(model_dir: str | Path, sampler, **extra: float) -> None:
+    """Write model_dir/sampler.json: `num_inference_steps` and `eta` of a `SamplerConfig`, plus `extra` call
+    arguments (the Stable Diffusion policy's `guidance_scale`)."""
+    call = {"num_inference_steps": int(sampler.num_steps), "eta": float(sampler.eta), **extra}
+    (Path(model_dir) / SAMPLER_FILE).write_text(json.dumps(call, indent=1))
+
+
+def load_sampler_call(model_dir: str | Path) -> dict | None:
+    """The pipeline-call arguments saved beside a fine-tuned model (None for a model without them)."""
+    path = Path(model_dir) / SAMPLER_FILE
+    if not path.is_file():
+        return None
+    try:
+        call = json.loads(path.read_text())
+        steps, eta = int(call["num_inference_steps"]), float(call["eta"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CraterdiffError(f"cannot read '{path}' ({first_line(e)}); delete it to sample with the config's "
+                              f"sampler settings") from None
+    if steps < 1 or not eta >= 0:
+        raise CraterdiffError(f"'{path}' holds {steps} steps and eta {eta}; delete it or retrain")
+    return call
+
+
+def unet_folder(unet) -> str | None:
+    """The absolute `unet/` folder a UNet was loaded from (None for one built in code): an adapter's recorded base."""
+    source = unet.config.get("_name_or_path") or ""
+    return str((Path(source) / "unet").resolve()) if source and (Path(source) / "unet").is_dir() else None
 
 
 def save_step_scales(model_dir: str | Path, scales: torch.Tensor) -> None:
@@ -44,12 +83,19 @@ def load_step_scales(model_dir: str | Path, num_steps: int) -> torch.Tensor | No
     return scales
 
 
-def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, *,
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, *, sampler=None,
                   step_scales: torch.Tensor | None = None) -> Path:
-    """Write `DDPMPipeline(unet, scheduler)` to `path` atomically (temp dir, then rename), with a SAC
-    run's per-step std factors (`noise_scale.json`) when given."""
+    """Write the model to `path` atomically (temp dir, then rename): `DDPMPipeline(unet, scheduler)`, or with
+    `sampler` (a `SamplerConfig`) the `DDIMPipeline` of that chain and its `sampler.json`; a SAC run's per-step
+    std factors (`noise_scale.json`) when given."""
     with atomic_directory(path) as tmp:
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        if sampler is None:
+            DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        else:
+            ddim = make_ddim_scheduler(scheduler.config, num_steps=sampler.num_steps,
+                                       clip_sample=sampler.clip_sample, clip_range=sampler.clip_range)
+            DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(tmp, safe_serialization=True)
+            save_sampler_call(tmp, sampler)
         if step_scales is not None:
             save_step_scales(tmp, step_scales.cpu())
     return Path(path)

@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from config import Config, PretrainConfig
+from config import Config, PretrainConfig, config_to_dict
 from ddpm.pipeline import load_pipeline, save_pipeline
 from ddpm.sampling import sample_model
 from ddpm.schedulers import make_train_scheduler
@@ -189,7 +189,8 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool, stop_at: int | None = 
         path = latest_checkpoint(ckpt_dir)
         tqdm.write(f"resuming from {path}")
         load_checkpoint(tr, path)
-    log = RunLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=tr.step if resume else None)
+    log = RunLogger(run_dir, cfg.log, group="pretrain", hparams=config_to_dict(cfg),
+                    resume_step=tr.step if resume else None)
     p = cfg.pretrain
     tqdm.write(f"pretraining {cfg.model.preset} UNet ({count_parameters(tr.unet) / 1e6:.2f}M parameters) on "
                f"{len(data)} images for {p.steps} steps (from step {tr.step}) -> {run_dir}")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from config import LoRASettings, SamplerConfig
 from ddpm.ddim import DDIMStep, ddim_sigma, ddim_step_logprob
-from ddpm.pipeline import save_pipeline
+from ddpm.pipeline import save_pipeline, unet_folder
 from ddpm.sampling import Trajectory, concat_trajectories, sample_trajectory
 from ddpm.schedulers import sampler_schedule
 from utils import autocast
@@ -66,6 +66,7 @@ class DiffusionPolicy(nn.Module):
             config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 target_modules=list(lora.target_modules), init_lora_weights=True)
             self.unet = get_peft_model(unet, config)
+            config.base_model_name_or_path = unet_folder(unet)  # recorded in adapter_config.json
         elif mode in FROZEN_UNET_MODES:
             self.unet = unet.requires_grad_(False)
         else:
@@ -286,7 +287,8 @@ class DiffusionPolicy(nn.Module):
         adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
         path = Path(path)
         if pipeline:
-            save_pipeline(self.merged_unet(), self.scheduler, path / "model", step_scales=self.step_scales())
+            save_pipeline(self.merged_unet(), self.scheduler, path / "model", sampler=self.sampler,
+                          step_scales=self.step_scales())
         if self.mode == "lora":
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from config import LoRASettings, SamplerConfig
-from ddpm.pipeline import save_step_scales
+from ddpm.pipeline import save_sampler_call, save_step_scales
 from ddpm.sampling import Trajectory
+from ddpm.schedulers import make_ddim_scheduler
 from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
 from rl.policy import DiffusionPolicy
 
@@ -113,8 +114,9 @@ class StableDiffusionPolicy(DiffusionPolicy):
     # --- saving -----------------------------------------------------------------------------------
 
     def save(self, path: str | Path, *, pipeline: bool = True) -> None:
-        """`path/adapter/` (LoRA) and, with `pipeline`, `path/model/`: a StableDiffusionPipeline with the
-        fine-tuned (merged) UNet and the frozen VAE, text encoder, tokenizer and scheduler."""
+        """`path/adapter/` (LoRA: diffusers' format for `load_lora_weights`, and peft's) and, with `pipeline`,
+        `path/model/`: a StableDiffusionPipeline with the fine-tuned (merged) UNet, the frozen VAE, text encoder and
+        tokenizer, the trained DDIM chain as its scheduler and the call's steps, η and CFG scale in `sampler.json`."""
         from diffusers import StableDiffusionPipeline
 
         from utils import atomic_directory
@@ -122,11 +124,28 @@ class StableDiffusionPolicy(DiffusionPolicy):
         path = Path(path)
         if self.mode == "lora":
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
+            save_diffusers_lora(self.unet, path / "adapter")
         if pipeline:
+            s = self.sampler
+            ddim = make_ddim_scheduler(self.scheduler.config, num_steps=s.num_steps, clip_sample=s.clip_sample,
+                                       clip_range=s.clip_range)
             with atomic_directory(path / "model") as tmp:
                 StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                        unet=self.merged_unet(), scheduler=self.scheduler, safety_checker=None,
+                                        unet=self.merged_unet(), scheduler=ddim, safety_checker=None,
                                         feature_extractor=None, requires_safety_checker=False
                                         ).save_pretrained(tmp, safe_serialization=True)
+                save_sampler_call(tmp, s, guidance_scale=self.guidance_scale)
                 if self.log_noise_scale is not None:
                     save_step_scales(tmp, self.step_scales().cpu())
+
+
+def save_diffusers_lora(peft_unet, directory: Path) -> None:
+    """The UNet's LoRA as diffusers' `pytorch_lora_weights.safetensors` (keys unet.<module>.lora_A/B.weight, the
+    LoraConfig with rank and α in its metadata): `StableDiffusionPipeline.load_lora_weights(directory)` loads it onto
+    the base pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft_unet).items()}
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=peft_unet.peft_config["default"].to_dict())

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from config import Config, check_finetune
+from config import Config, check_finetune, config_to_dict
 from reward.artifact import RewardModel, RewardOutput, load_artifact
 from reward.build import artifact_path
 from rl.advantages import (Critic, PerPromptStatTracker, clip_advantages, critic_values, fit_critic, gae,
@@ -246,7 +246,7 @@ class Finetuner:
         main = distributed.is_main()  # only the main process writes logs, samples and checkpoints
         if main and self.world > 1:
             tqdm.write(f"{self.world} processes on {self.device.type}, {r.batch_size // self.world} trajectories each")
-        log = (RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard,
+        log = (RunLogger(self.run_dir, self.cfg.log, group="policy", hparams=config_to_dict(self.cfg),
                          resume_step=self.state.iteration if resume else None) if main else None)
         bar = tqdm(total=r.iterations, initial=self.state.iteration, desc=f"finetune ({r.algorithm})",
                    dynamic_ncols=True, disable=not main)

@@ -3,7 +3,8 @@
 Writes DIR/00000.png ... as each batch is drawn, and DIR/grid.png of the first 64; refuses an --n whose PNG files
 would not fit on the disk. MODEL_DIR is a saved pipeline (e.g. ddpm/pretrained/mars32,
 runs/<name>/model) or a pretraining checkpoint (runs/<name>/checkpoints/step_N, which holds `ema/`).
-The sampler settings (steps, eta, clipping) come from --cfg (default: configs/default.yaml).
+The sampler settings (steps, eta, clipping) come from --cfg (default: configs/default.yaml), except that a fine-tuned
+model's steps, eta and clipping are those it was trained with (its sampler.json and scheduler) unless --set gives them.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
     import torch
 
-    from ddpm.pipeline import load_pipeline, load_step_scales
+    from ddpm.pipeline import load_pipeline, load_sampler_call, load_step_scales
     from ddpm.sampling import model_image_batches
     from utils import apply_threads, resolve_device, save_image_grid, save_images, seed_everything
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                      "lower --n or free space")
     device = resolve_device(cfg.device)
     unet.to(device).eval()
-    s = cfg.sampler
+    s = trained_sampler(cfg.sampler, load_sampler_call(model_dir), scheduler.config, args.overrides)
     gen = seed_everything(cfg.seed if args.seed is None else args.seed)
     written, first = 0, []
     for batch in model_image_batches(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
@@ -56,6 +57,20 @@ def main(argv: list[str] | None = None) -> None:
         written += batch.shape[0]
     grid = save_image_grid(torch.cat(first), out / "grid.png", scale=2)
     print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")
+
+
+def trained_sampler(sampler, call: dict | None, scheduler_config, overrides: list[str]):
+    """`sampler` with the chain a fine-tuned model was trained on, where --set does not give it: steps and eta from
+    its sampler.json `call` (None: a model without one), clipping from its DDIM scheduler's config."""
+    import dataclasses
+
+    if call is None:
+        return sampler
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    trained = {"num_steps": int(call["num_inference_steps"]), "eta": float(call["eta"]),
+               "clip_sample": bool(scheduler_config.clip_sample), "clip_range": float(scheduler_config.clip_sample_range)}
+    return dataclasses.replace(sampler, **{k: v for k, v in trained.items()
+                                           if f"sampler.{k}" not in given and "sampler" not in given})
 
 
 if __name__ == "__main__":

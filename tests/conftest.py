@@ -208,3 +208,49 @@ def tiny_base(tmp_path_factory):
     save_pipeline(build_unet("tiny", image_size=32, channels=1),
                   make_train_scheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), path)
     return path
+
+
+PLAIN_DIFFUSERS = """
+import json, sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMPipeline
+
+model, n, seed, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pipe = DDIMPipeline.from_pretrained(model)
+call = json.loads((model / "sampler.json").read_text())
+generator = torch.Generator().manual_seed(seed)
+if not (model / "noise_scale.json").is_file():  # the call docs/design.md shows
+    images = pipe(batch_size=n, generator=generator, output_type="np", **call).images
+else:  # a SAC run: the scheduler's own loop, each step's noise times its learned scale
+    scales = json.loads((model / "noise_scale.json").read_text())["scales"]
+    sched, unet = pipe.scheduler, pipe.unet
+    sched.set_timesteps(call["num_inference_steps"])
+    x = torch.randn((n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator)
+    with torch.no_grad():
+        for k, t in enumerate(sched.timesteps):
+            z = torch.randn(x.shape, generator=generator)
+            x = sched.step(unet(x, t).sample, t, x, eta=call["eta"], variance_noise=scales[k] * z).prev_sample
+    images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+np.save(out, images)
+"""
+"""Sampling a fine-tuned RUN/model with diffusers alone, as docs/design.md ("The run directory") shows."""
+
+
+def assert_plain_diffusers_reproduces_sample(model_dir: Path, tmp: Path, *, n: int = 4, seed: int = 7) -> None:
+    """A fresh Python process with diffusers alone draws, for a seed, the images `scripts.sample` writes (8-bit PNGs:
+    within one level)."""
+    import numpy as np
+    from PIL import Image
+
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(model_dir), str(n), str(seed),
+                           str(tmp / "plain.npy")], env=script_env(), capture_output=True, text=True,
+                          timeout=guard(180))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = np.load(tmp / "plain.npy")  # (n, H, W, C) in [0, 1]
+    proc = run_script("scripts.sample", "--ckpt", model_dir, "--n", str(n), "--seed", str(seed), "--out", tmp / "png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = np.stack([np.asarray(Image.open(tmp / "png" / f"{i:05d}.png"), dtype=np.float64) for i in range(n)])
+    assert np.abs(pngs - plain[..., 0] * 255).max() <= 0.5 + 1e-3, "diffusers alone samples another chain"

@@ -35,7 +35,7 @@ from utils import save_array
 from .conftest import error_line, save_tiny_clip, smoke_argv
 
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
-TINY_PRETRAIN = ("tensorboard=false", "pretrain.steps=2", "pretrain.checkpoint_every=1", "pretrain.log_every=1")
+TINY_PRETRAIN = ("log.trackers=[csv]", "pretrain.steps=2", "pretrain.checkpoint_every=1", "pretrain.log_every=1")
 """A two-step pretraining run of the smoke config's tiny UNet, checkpointed at both steps."""
 
 

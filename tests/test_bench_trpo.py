@@ -11,7 +11,7 @@ from bench import trpo as bench_trpo
 
 SHRINK = ["sampler.num_steps=2", "rl.batch_size=8", "rl.microbatch=4", "reward.features.input_size=32",
           "reward.realism.epochs=1", "reward.realism.n_fake=8", "rl.trpo.kl_states=4", "rl.trpo.cg_iters=2",
-          "tensorboard=false"]
+          "log.trackers=[csv]"]
 
 
 def test_bench_trpo_runs_both_algorithms_side_by_side(tmp_path):

@@ -25,7 +25,7 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 def _twice(tmp_path, main, over: list[str]) -> tuple[Path, Path]:
     runs = (tmp_path / "a", tmp_path / "b")
     for run in runs:
-        run_main(main, smoke_argv(run, "num_threads=1", "tensorboard=false", *over))
+        run_main(main, smoke_argv(run, "num_threads=1", "log.trackers=[csv]", *over))
     return runs
 
 

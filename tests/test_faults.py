@@ -71,7 +71,7 @@ def test_tensorboard_after_resume_shows_each_step_once(tmp_path):
     resumed = RunLogger(tmp_path, resume_step=2)  # the checkpoint was at step 2
     resumed.log(3, {"loss": 30.0})
     resumed.close()
-    assert tensorboard_scalars(tmp_path)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert tensorboard_scalars(tmp_path)["policy/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_start_runs_the_traced_child_in_a_fresh_interpreter_of_its_own_group(tmp_path):

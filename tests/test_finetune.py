@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDIMPipeline
 from safetensors.torch import load_file
 
 from config import load_config, prepare_run_dir
@@ -13,13 +14,13 @@ from bench.faults import metric_rows
 from rl.trainer import Finetuner
 from basics import CraterdiffError, latest_checkpoint
 
-from .conftest import ROOT, algorithm_overrides, run_script
+from .conftest import ROOT, algorithm_overrides, assert_plain_diffusers_reproduces_sample, run_script
 
 
 def _cfg(base, *over):
     return load_config(ROOT / "configs" / "smoke.yaml",
                        [f"model.pretrained={base}", "reward.features.name=pixels", "reward.realism.enabled=false",
-                        "tensorboard=false", "rl.iterations=4", "rl.batch_size=8", "rl.microbatch=4",
+                        "log.trackers=[csv]", "rl.iterations=4", "rl.batch_size=8", "rl.microbatch=4",
                         "sampler.num_steps=3", "num_threads=1", *over])
 
 
@@ -112,9 +113,10 @@ REQUIRED_COLUMNS = {"step", "reward_mean", "reward_std", "reward_mmd", "reward_m
 def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
     # the weighted components (mmd, mi, size, coverage) are logged; of the others only those in reward.log are computed
     logged = ["ot", "realism"] if (algo, mode) == ("ppo", "full") else []
+    trackers = "[csv,tensorboard,wandb]" if (algo, mode) == ("ppo", "full") else "[csv,tensorboard]"
     proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", tmp_path,
                       *(a for o in algorithm_overrides(algo) for a in ("--set", o)), "--set", f"rl.policy_mode={mode}",
-                      "--set", f"reward.artifact={smoke_artifact}", "--set", f"reward.log=[{','.join(logged)}]")
+                      "--set", f"reward.artifact={smoke_artifact}", "--set", f"reward.log=[{','.join(logged)}]", "--set", f"log.trackers={trackers}")
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -127,14 +129,21 @@ def test_finetune_script_smoke(tmp_path, smoke_artifact, algo, mode):
               "checkpoints/step_2/training_state.pt", "model/model_index.json"):
         assert (tmp_path / f).is_file(), f
     assert any((tmp_path / "tb").iterdir())
-    pipe = DDPMPipeline.from_pretrained(tmp_path / "model")  # diffusers alone
-    assert pipe.unet.config.sample_size == 32
-    if mode == "lora":
+    assert ("wandb" in trackers) == any((tmp_path / "wandb").glob("offline-run-*/*.wandb"))  # W&B offline
+    pipe = DDIMPipeline.from_pretrained(tmp_path / "model")  # diffusers alone, with the trained DDIM chain
+    assert pipe.unet.config.sample_size == 32 and pipe.scheduler.config.timestep_spacing == "trailing"
+    if (algo, mode) == ("ppo", "full"):
+        assert_plain_diffusers_reproduces_sample(tmp_path / "model", tmp_path)
+    if mode == "lora":  # the adapter loads with peft onto the base it records, and is the merged model
         from peft import PeftModel
         from diffusers import UNet2DModel
-        base = UNet2DModel.from_pretrained(ROOT / "ddpm" / "pretrained" / "mars32" / "unet")
-        lora = PeftModel.from_pretrained(base, tmp_path / "adapter")
-        assert any("lora_A" in n for n, _ in lora.named_parameters())
+        recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert recorded == str((ROOT / "ddpm" / "pretrained" / "mars32" / "unet").resolve())
+        lora = PeftModel.from_pretrained(UNet2DModel.from_pretrained(recorded), tmp_path / "adapter").eval()
+        assert any("lora_B" in n and p.abs().max() > 0 for n, p in lora.named_parameters())  # trained, not B = 0
+        x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 900])
+        with torch.no_grad():
+            torch.testing.assert_close(lora(x, t).sample, pipe.unet(x, t).sample, rtol=1e-4, atol=1e-5)
     if algo == "trpo":
         assert "accepted" in rows[0] and "backtrack_iters" in rows[0] and "cg_residual" in rows[0]
 

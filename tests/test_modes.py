@@ -150,7 +150,7 @@ def test_save_then_load_gives_identical_samples(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["latent", "schedule"])
 def test_finetune_resume_and_eval_scripts(tmp_path, mode):
     fast = ["--set", "reward.features.name=pixels", "--set", "reward.realism.enabled=false", "--set",
-            "tensorboard=false", "--set", f"rl.policy_mode={mode}", "--set", "rl.lr=1e-2"]
+            "log.trackers=[csv]", "--set", f"rl.policy_mode={mode}", "--set", "rl.lr=1e-2"]
     run = tmp_path / "run"
     proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "smoke.yaml", "--out", run, *fast)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from .conftest import ROOT, algorithm_overrides, guard
 pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None
                                 and shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
 
-FAST = ["--set", "reward.features.name=pixels", "--set", "reward.realism.enabled=false", "--set", "tensorboard=false",
+FAST = ["--set", "reward.features.name=pixels", "--set", "reward.realism.enabled=false", "--set", "log.trackers=[csv]",
         "--set", "num_threads=1", "--set", "device=cpu"]
 
 

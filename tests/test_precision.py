@@ -158,7 +158,7 @@ def test_fp16_pretraining_checkpoints_its_loss_scale(tmp_path):
     from utils import load_state
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", ["precision=fp16", "device=cpu", "pretrain.steps=2",
-                                                         "pretrain.sample_every=100", "tensorboard=false"])
+                                                         "pretrain.sample_every=100", "log.trackers=[csv]"])
     assert pretrain(cfg, tmp_path, resume=False, stop_at=1) is None
     state = load_state(tmp_path / "checkpoints" / "step_1" / "training_state.pt")
     assert state["scaler"]["scale"] > 0

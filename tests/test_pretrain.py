@@ -72,7 +72,7 @@ def _rows(path):
 def test_resume_is_exact(tmp_path):
     # Reference: one uninterrupted run of N steps. Candidate: k steps, stop, resume to N.
     over = ["pretrain.steps=8", "pretrain.checkpoint_every=100", "pretrain.sample_every=100",
-            "pretrain.log_every=2", "tensorboard=false"]
+            "pretrain.log_every=2", "log.trackers=[csv]"]
     cfg = load_config(ROOT / "configs" / "smoke.yaml", over)
     full = pretrain(cfg, prepare_run_dir(tmp_path / "full", cfg, resume=False), resume=False)
     assert pretrain(cfg, prepare_run_dir(tmp_path / "split", cfg, resume=False), resume=False, stop_at=3) is None
@@ -94,7 +94,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_resume_applies_changed_settings_only_when_asked(tmp_path):
     over = ["pretrain.steps=4", "pretrain.warmup_steps=2", "pretrain.checkpoint_every=100", "pretrain.sample_every=100",
-            "pretrain.log_every=1", "tensorboard=false"]
+            "pretrain.log_every=1", "log.trackers=[csv]"]
     cfg = load_config(ROOT / "configs" / "smoke.yaml", over)
     changed = load_config(ROOT / "configs" / "smoke.yaml", [*over, "pretrain.lr=0.5", "pretrain.ema_decay=0.9"])
     run = tmp_path / "run"

@@ -17,7 +17,7 @@ from .conftest import ROOT, run_script, script_error
 CONFIGS = ROOT / "configs"
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 # shrinks a profile to seconds on the CPU; everything else (precision, checkpointing, modes) is kept
-SMALL = ["device=cpu", "tf32=false", "tensorboard=false", "data.image_size=32", "sampler.num_steps=2",
+SMALL = ["device=cpu", "tf32=false", "log.trackers=[csv]", "data.image_size=32", "sampler.num_steps=2",
          "sampler.batch_size=8", "reward.features.input_size=32", "reward.realism.n_fake=8", "reward.realism.epochs=1",
          "rl.iterations=1", "rl.batch_size=6", "rl.sample_batch=3", "rl.microbatch=3", "rl.gradient_accumulation=1"]
 

@@ -22,7 +22,7 @@ from rl.sac import (SoftActorCritic, action_entropies, gaussian_entropy, polyak_
                     soft_bellman_target, temperature_loss)
 from rl.update import UpdateBatch
 
-from .conftest import algorithm_overrides, run_script, script_error
+from .conftest import algorithm_overrides, assert_plain_diffusers_reproduces_sample, run_script, script_error
 from .test_rl import rl_cfg
 
 SAMPLER = dict(num_steps=3, eta=1.0, sigma_floor=0.1)
@@ -147,9 +147,10 @@ SAC = [a for o in algorithm_overrides("sac") for a in ("--set", o)]
 def test_finetune_and_eval_scripts_run_sac_on_smoke(tmp_path, smoke_cfg):
     run = tmp_path / "run"
     proc = run_script("scripts.finetune", "--cfg", smoke_cfg, "--out", run, *SAC,
-                      "--set", "reward.realism.enabled=false", "--set", "tensorboard=false")
+                      "--set", "reward.realism.enabled=false", "--set", "log.trackers=[csv]")
     assert proc.returncode == 0, proc.stderr
     assert (run / "model" / "noise_scale.json").is_file()
+    assert_plain_diffusers_reproduces_sample(run / "model", tmp_path)  # the learned noise scales included
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"critic_loss", "alpha", "entropy", "noise_scale_min", "noise_scale_max"} <= set(header)
     proc = run_script("scripts.eval", "--cfg", smoke_cfg, "--out", tmp_path / "eval", "--set", f"eval.run_dir={run}",

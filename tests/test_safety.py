@@ -67,7 +67,7 @@ def test_resume_refuses_a_pickled_training_state(tmp_path, tiny_base, capsys, sc
     main = importlib.import_module(f"scripts.{script}").main
     overrides, step, longer = RESUMABLE[script]
     run, marker = tmp_path / "run", tmp_path / "ran"
-    args = smoke_argv(run, "num_threads=1", "tensorboard=false", f"model.pretrained={tiny_base}", *overrides)
+    args = smoke_argv(run, "num_threads=1", "log.trackers=[csv]", f"model.pretrained={tiny_base}", *overrides)
     run_main(main, args)
     plant(run / "checkpoints" / f"step_{step}" / "training_state.pt", marker)
     err = _one_line_error(capsys, main, [*args, "--resume", *longer])
@@ -180,7 +180,7 @@ def test_symlinks_planted_in_the_run_directory_are_replaced_not_followed(tmp_pat
         (outside / Path(name).name).write_text("precious")
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).symlink_to(outside / Path(name).name)
-    run_main(pretrain_ddpm.main, smoke_argv(run, "num_threads=1", "tensorboard=false", "pretrain.steps=2",
+    run_main(pretrain_ddpm.main, smoke_argv(run, "num_threads=1", "log.trackers=[csv]", "pretrain.steps=2",
                                             "pretrain.sample_every=2", "pretrain.log_every=1"))
     for name in ("samples/step_2.png", "metrics.csv"):
         assert not (run / name).is_symlink() and (outside / Path(name).name).read_text() == "precious"

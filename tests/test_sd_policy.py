@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from config import RLConfig, SamplerConfig, config_from_dict
+from config import LoRASettings, RLConfig, SamplerConfig, config_from_dict
 from ddpm.ddim import ddim_step_logprob
 from ddpm.stable_diffusion import build_tiny_sd, load_stable_diffusion
 from rl.ppo import ppo_update
@@ -71,7 +71,7 @@ def test_ppo_update_trains_only_the_adapters(tiny_sd):
 def test_finetune_script_on_a_tiny_sd(tmp_path, tiny_sd):
     out = tmp_path / "run"
     over = ["--set", f"model.pretrained={tiny_sd}", "--set", "reward.features.name=pixels",
-            "--set", "tensorboard=false"]
+            "--set", "log.trackers=[csv]"]
     proc = run_script("scripts.finetune", "--cfg", ROOT / "configs" / "sd_tiny.yaml", "--out", out, *over)
     assert proc.returncode == 0, proc.stderr
     with open(out / "metrics.csv") as f:
@@ -100,3 +100,41 @@ def test_finetune_script_on_a_tiny_sd(tmp_path, tiny_sd):
     assert {"base", "finetuned"} <= set(report["models"])
     base, tuned = report["models"]["base"]["pixels"], report["models"]["finetuned"]["pixels"]
     assert report["settings"]["n_generated"] == 8 and base != tuned  # same seeds, different weights
+
+
+def test_saved_lora_loads_into_the_base_pipeline_and_samples_the_trained_chain(tmp_path, tiny_sd):
+    """RUN/adapter in diffusers' format: `load_lora_weights` on the base pipeline loads every LoRA weight (rank and α
+    kept), and with RUN/model's scheduler and sampler.json it draws what the merged RUN/model and the policy draw."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    policy = StableDiffusionPolicy(load_stable_diffusion(tiny_sd), SamplerConfig(num_steps=3, clip_sample=False),
+                                   prompts=PROMPTS, guidance_scale=3.0, image_size=32, channels=1, mode="lora",
+                                   lora=LoRASettings(rank=4, alpha=16.0))
+    with torch.no_grad():  # trained adapters: B ≠ 0, so the LoRA changes every output
+        for n, p in policy.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    policy.save(tmp_path)
+    call = json.loads((tmp_path / "model" / "sampler.json").read_text())
+    assert call == {"num_inference_steps": 3, "eta": 1.0, "guidance_scale": 3.0}
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True, safety_checker=None)
+    base.scheduler = DDIMScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler")
+    assert base.scheduler.config.timestep_spacing == "trailing"
+    base.load_lora_weights(tmp_path / "adapter")
+    n_lora = sum("lora_" in n for n, _ in policy.unet.named_parameters())
+    assert n_lora > 0 and sum("lora_" in n for n, _ in base.unet.named_parameters()) == n_lora
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True, safety_checker=None)
+    assert isinstance(merged.scheduler, DDIMScheduler)
+
+    def latents(pipe):
+        return pipe(PROMPTS[1], generator=torch.Generator().manual_seed(5), output_type="latent", **call).images
+
+    ours = policy.sample(1, generator=torch.Generator().manual_seed(5), prompt_ids=torch.tensor([1])).states[-1]
+    torch.testing.assert_close(latents(base), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents(merged), ours, rtol=1e-4, atol=1e-5)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True, safety_checker=None)
+    plain.scheduler = base.scheduler
+    assert not torch.allclose(latents(plain), ours, atol=1e-3)  # the adapter is what makes them agree
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tiny_sd / "unet").resolve())
