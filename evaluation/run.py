@@ -197,11 +197,21 @@ Found = tuple[np.ndarray, np.ndarray]
 """(found (n,) bool, D km (n,) with NaN where nothing was found): one set measured by one instrument."""
 
 
-def measure_sizes(instruments: Mapping[str, SizeInstrument], sets: Mapping[str, Sequence[Tensor]], heldout: Tensor
-                  ) -> dict[str, dict]:
+def measure_sizes(instruments: Mapping[str, SizeInstrument], sets: Mapping[str, Sequence[Tensor]], heldout: Tensor,
+                  *, progress: bool = False) -> dict[str, dict]:
     """{instrument: {"models": {model: [Found per seed]}, "heldout": Found}}."""
-    return {name: {"models": {m: [inst.detect_km(x) for x in xs] for m, xs in sets.items()},
-                   "heldout": inst.detect_km(heldout)} for name, inst in instruments.items()}
+    bar = tqdm(total=len(instruments) * (1 + sum(len(xs) for xs in sets.values())), desc="crater sizes",
+               disable=not progress, leave=False)
+
+    def detect(inst: SizeInstrument, x: Tensor) -> Found:
+        found = inst.detect_km(x)
+        bar.update(1)
+        return found
+
+    measures = {name: {"models": {m: [detect(inst, x) for x in xs] for m, xs in sets.items()},
+                       "heldout": detect(inst, heldout)} for name, inst in instruments.items()}
+    bar.close()
+    return measures
 
 
 def size_report(instruments: Mapping[str, SizeInstrument], measures: Mapping[str, dict], heldout: Tensor,
@@ -414,6 +424,7 @@ def score_sets(sp: EvalSplits, extractors: Mapping, samples: Samples) -> Scores:
     ev, fb = sp.cfg.eval, sp.cfg.reward.features.batch_size
     large = (sp.heldout.diameters_km >= LARGE_KM) if sp.heldout.diameters_km is not None else None
     scores = Scores({m: {} for m in [*samples, CEILING]}, {m: {} for m in [*samples, CEILING]}, {})
+    bar = tqdm(total=len(extractors) * len(ev.seeds), desc="metrics", disable=not sp.progress, leave=False)
     for ex_name, extractor in extractors.items():
         f_held = extract_features(extractor, sp.heldout.images, batch_size=fb)
         f_train = extract_features(extractor, sp.train.images, batch_size=fb)
@@ -430,8 +441,10 @@ def score_sets(sp: EvalSplits, extractors: Mapping, samples: Samples) -> Scores:
                     scores.coverage_large[m].setdefault(ex_name, []).append(subset_coverage(real, g, mask))
             if seed == ev.seeds[0]:
                 scores.tsne_sets[ex_name] = (real, gens)
+            bar.update(1)
         if sp.progress:
             tqdm.write(f"scored {len(samples)} models and the ceiling in {ex_name} features")
+    bar.close()
     return scores
 
 
@@ -451,29 +464,38 @@ def run_figures(sp: EvalSplits, models: Sequence[ModelSpec], samples: Samples, s
     """Sample grids (held-out and each set, first seed), the size figures and largest-crater grids, the power
     spectrum, one t-SNE per extractor and each run's training curves; {caption: file}."""
     out, first = sp.out, sp.cfg.eval.seeds[0]
-    images = {"held-out craters (real)": save_image_grid(sp.heldout_at(first)[:64], out / "samples_heldout.png",
-                                                         scale=2)}
-    for m, s in samples.items():
-        images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
-                                                                 scale=2)
-    if measures is not None:
-        images.update(size_figures_and_grids(measures, sets, sp.heldout.images, sp.heldout_km, groups, out))
-    images["radially averaged power spectrum"] = spectrum_plot(
-        {"held-out (real)": sp.heldout.images, **{m: torch.cat(xs) for m, xs in sets.items()}}, out / "spectrum.png")
-    if sp.cfg.eval.tsne:
-        for ex_name, (real, gens) in scores.tsne_sets.items():
-            images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
-                real, gens, out / f"tsne_{_file_name(ex_name)}.png", seed=int(first),
-                title=f"t-SNE of {ex_name} features (seed {first})")
     curves = {FINETUNED: sp.run_dir / "metrics.csv"}
     for spec in models:
         if spec.name != BASE:
             curves.setdefault(spec.name, spec.path.parent / "metrics.csv")
+    curves = {m: path for m, path in curves.items() if m in samples and path.is_file()}
+    tsne = scores.tsne_sets if sp.cfg.eval.tsne else {}
+    bar = tqdm(total=2 + len(samples) + (measures is not None) + len(tsne) + len(curves), desc="figures",
+               disable=not sp.progress, leave=False)
+    images = {"held-out craters (real)": save_image_grid(sp.heldout_at(first)[:64], out / "samples_heldout.png",
+                                                         scale=2)}
+    bar.update(1)
+    for m, s in samples.items():
+        images[f"samples: {m} (seed {first})"] = save_image_grid(s[first][:64], out / f"samples_{_file_name(m)}.png",
+                                                                 scale=2)
+        bar.update(1)
+    if measures is not None:
+        images.update(size_figures_and_grids(measures, sets, sp.heldout.images, sp.heldout_km, groups, out))
+        bar.update(1)
+    images["radially averaged power spectrum"] = spectrum_plot(
+        {"held-out (real)": sp.heldout.images, **{m: torch.cat(xs) for m, xs in sets.items()}}, out / "spectrum.png")
+    bar.update(1)
+    for ex_name, (real, gens) in tsne.items():
+        images[f"t-SNE, {ex_name} features (seed {first})"] = tsne_plot(
+            real, gens, out / f"tsne_{_file_name(ex_name)}.png", seed=int(first),
+            title=f"t-SNE of {ex_name} features (seed {first})")
+        bar.update(1)
     for m, csv_path in curves.items():
-        if m in samples and csv_path.is_file():
-            p = training_curves(csv_path, out / f"curves_{_file_name(m)}.png", title=f"training: {m} ({csv_path.parent})")
-            if p is not None:
-                images[f"training curves: {m}"] = p
+        p = training_curves(csv_path, out / f"curves_{_file_name(m)}.png", title=f"training: {m} ({csv_path.parent})")
+        if p is not None:
+            images[f"training curves: {m}"] = p
+        bar.update(1)
+    bar.close()
     return images
 
 
@@ -544,7 +566,7 @@ def evaluate_run(cfg: Config, models: Sequence[ModelSpec], *, out: Path | None =
     instruments, measures = instruments_for(sp.train), None
     craterless = craterless_sets(sp.heldout.images)  # the validation sets of the size instruments and the realism scorer
     if instruments is not None:
-        measures = measure_sizes(instruments, sets, sp.heldout.images)
+        measures = measure_sizes(instruments, sets, sp.heldout.images, progress=sp.progress)
         report["sizes"] = size_report(instruments, measures, sp.heldout.images, sp.heldout_km,
                                       {**craterless, **broken_rims(sp.heldout.images)}, scores.coverage_large)
     report["detail"] = detail_report(sets, sp.heldout.images)

@@ -133,9 +133,10 @@ def test_cfg_mode_on_smoke_end_to_end(tmp_path, smoke_cfg):
         args += ["--model", f"base={finetuned}"]
     proc = run_script("scripts.eval", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
     out = tmp_path / "eval"
     report = json.loads((out / "report.json").read_text())
+    for stage in ("sampling base:", "metrics:", "figures:", *(["crater sizes:"] * ("sizes" in report))):
+        assert stage in proc.stderr, stage  # a progress bar for each stage
     assert list(report["models"]) == ["base", "finetuned", "texture_only", "train_split"]
     for model, per in report["models"].items():
         assert set(per) == {"pixels", "random_cnn"}, model
