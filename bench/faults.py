@@ -322,8 +322,9 @@ def checkpoint_write_problems(launch: Launch, checkpoint_dir: Path) -> list[str]
 def is_volatile(column: str) -> bool:
     """Columns that measure the machine, not the training, and so differ between equal runs: wall-clock
     seconds (the trainers' `time_sample_s`, `time_reward_s`, `time_update_s`, pretraining's `time_step_s`)
-    and the process's peak memory (`peak_mem_mb`: peak RSS, which depends on what the process did before)."""
-    return column.startswith("time_") or column == "peak_mem_mb"
+    and the process's peak memory (`peak_mem_mb`: peak RSS, which depends on what the process did before); in
+    metrics.csv and as TensorBoard groups them (`time/…`, `system/peak_mem_mb`)."""
+    return column.startswith(("time_", "time/")) or column in ("peak_mem_mb", "system/peak_mem_mb")
 
 
 def final_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
