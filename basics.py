@@ -34,6 +34,17 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 PROJECT_ROOT = Path(__file__).resolve().parent
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'rl': {'lr': 1}} -> {'rl.lr': 1}: a nested config as dotted keys."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes
 # ----------------------------------------------------------------------------------------------

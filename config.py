@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from basics import PROJECT_ROOT, CraterdiffError, atomic_write_text, list_checkpoints, remove_temporaries
+from basics import PROJECT_ROOT, CraterdiffError, atomic_write_text, flat_keys, list_checkpoints, remove_temporaries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -820,21 +820,10 @@ def _under(key: str, prefixes: typing.Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{'rl': {'lr': 1}} -> {'rl.lr': 1}."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(saved: Config, cfg: Config, stage: str) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, new value)} for every setting of `cfg` that differs from the run's `saved` config, except
     those RESUME_FREE lets `stage` change."""
-    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    old, new = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(cfg))
     return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and not _under(k, RESUME_FREE[stage])}
 
 

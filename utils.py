@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from basics import (CHECKPOINT_PREFIX, PROJECT_ROOT, CraterdiffError, _umask_mode, atomic_write_text, disk_full,
-                    first_line, latest_checkpoint, list_checkpoints, remove_temporaries, replaced_file)
+                    first_line, flat_keys, latest_checkpoint, list_checkpoints, remove_temporaries, replaced_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,10 +335,7 @@ def _corrupt(path: Path, what: str, fix: str, e: Exception) -> CraterdiffError:
 # Run directory and logging
 # ----------------------------------------------------------------------------------------------
 
-TRACKERS = ("csv", "tensorboard", "wandb")
-"""What `log.trackers` chooses among: metrics.csv, TensorBoard under <run>/tb, Weights & Biases under <run>/wandb."""
-TAG_GROUPS = (("reward_", "reward/"), ("value_", "reward/value_"), ("time_", "time/"), ("eval_", "eval/"),
-              ("peak_mem", "system/peak_mem"))
+TAG_GROUPS = (("reward_", "reward/"), ("value_", "reward/value_"), ("time_", "time/"), ("peak_mem", "system/peak_mem"))
 """metrics.csv column prefix -> the tag group TensorBoard and W&B show it under; other columns go to the stage's own."""
 
 
@@ -351,24 +348,15 @@ def tracker_tag(key: str, group: str) -> str:
     return f"{group}/{key}"
 
 
-def flat_hparams(tree: dict, prefix: str = "") -> dict[str, bool | int | float | str | None]:
+def flat_hparams(tree: dict) -> dict[str, bool | int | float | str | None]:
     """A nested config as the flat {a.b: value} hyperparameters trackers take (sequences written out as text)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat_hparams(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-    return out
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_keys(tree).items()}
 
 
 class CSVTracker:
-    """metrics.csv as an accelerate tracker: one row per logged step, the header the union of the keys seen so far
-    (a new key rewrites the file with the wider header). On resume, rows after the checkpoint's step are dropped so
-    that the file matches an uninterrupted run."""
-
-    name = "csv"
-    requires_logging_directory = True
+    """metrics.csv, with the columns' flat names: one row per logged step, the header the union of the keys seen so
+    far (a new key rewrites the file with the wider header). On resume, rows after the checkpoint's step are dropped
+    so that the file matches an uninterrupted run (accelerate has no CSV tracker)."""
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.csv"
@@ -382,10 +370,6 @@ class CSVTracker:
             self._rewrite()
         elif self.path.exists():
             self.path.unlink()
-
-    @property
-    def tracker(self) -> Path:
-        return self.path
 
     def _rewrite(self) -> None:
         with replaced_file(self.path) as tmp, open(tmp, "w", newline="") as f:
@@ -416,9 +400,12 @@ def _wandb_tracker(run_dir: Path, project: str, mode: str, resume: bool):
         raise CraterdiffError("log.trackers has wandb but the wandb package is not installed: pip install wandb, or "
                           "drop wandb from log.trackers")
     id_file = run_dir / "wandb" / "run_id"
-    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(6)
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(id_file, run_id + "\n")
+    if resume and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(6)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(id_file, run_id + "\n")
     return WandBTracker(project, mode=mode, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
 
 
@@ -438,10 +425,7 @@ class RunLogger:
         from accelerate.tracking import TensorBoardTracker
 
         run_dir, self.group = Path(run_dir), group
-        trackers = ("csv", "tensorboard") if settings is None else settings.trackers
-        unknown = sorted(set(trackers) - set(TRACKERS))
-        if unknown:
-            raise CraterdiffError(f"unknown tracker(s) {unknown}; choose among {list(TRACKERS)}")
+        trackers = ("csv", "tensorboard") if settings is None else settings.trackers  # names checked by config
         self.csv = CSVTracker(run_dir, resume_step=resume_step) if "csv" in trackers else None
         self.trackers = []
         if "tensorboard" in trackers:
@@ -483,10 +467,3 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.6g}"
     return v
-
-
-# ----------------------------------------------------------------------------------------------
-# Script entry points
-# ----------------------------------------------------------------------------------------------
-
-

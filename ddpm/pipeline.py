@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from basics import CraterdiffError, first_line
-from ddpm.schedulers import make_ddim_scheduler
+from ddpm.schedulers import sampler_scheduler
 from utils import atomic_directory
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "mars32"
@@ -49,6 +49,18 @@ def load_sampler_call(model_dir: str | Path) -> dict | None:
     if steps < 1 or not eta >= 0:
         raise CraterdiffError(f"'{path}' holds {steps} steps and eta {eta}; delete it or retrain")
     return call
+
+
+def trained_sampler_overrides(model_dir: str | Path, scheduler_config) -> list[str]:
+    """`--set` overrides giving a `SamplerConfig` the chain a fine-tuned model was trained on: steps and η from its
+    sampler.json, clipping from its saved DDIM scheduler's config; none for a model without sampler.json. Given
+    before the user's own, so that theirs win."""
+    call = load_sampler_call(model_dir)
+    if call is None:
+        return []
+    return [f"sampler.num_steps={int(call['num_inference_steps'])}", f"sampler.eta={float(call['eta'])!r}",
+            f"sampler.clip_sample={str(bool(scheduler_config.clip_sample)).lower()}",
+            f"sampler.clip_range={float(scheduler_config.clip_sample_range)!r}"]
 
 
 def unet_folder(unet) -> str | None:
@@ -92,9 +104,7 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path,
         if sampler is None:
             DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         else:
-            ddim = make_ddim_scheduler(scheduler.config, num_steps=sampler.num_steps,
-                                       clip_sample=sampler.clip_sample, clip_range=sampler.clip_range)
-            DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(tmp, safe_serialization=True)
+            DDIMPipeline(unet=unet, scheduler=sampler_scheduler(scheduler.config, sampler)).save_pretrained(tmp, safe_serialization=True)
             save_sampler_call(tmp, sampler)
         if step_scales is not None:
             save_step_scales(tmp, step_scales.cpu())

@@ -64,8 +64,13 @@ def ddim_schedule(scheduler: DDIMScheduler) -> DDIMSchedule:
                         prediction_type=scheduler.config.prediction_type)
 
 
+def sampler_scheduler(train_config, sampler) -> DDIMScheduler:
+    """The DDIM scheduler of a `SamplerConfig` (steps, clipping) on a model's training scheduler config: the chain a
+    policy samples, and the scheduler a fine-tuned model is saved with."""
+    return make_ddim_scheduler(train_config, num_steps=sampler.num_steps, clip_sample=sampler.clip_sample,
+                               clip_range=sampler.clip_range)
+
+
 def sampler_schedule(train_config, sampler) -> DDIMSchedule:
     """The DDIM table for a `SamplerConfig` (steps, clipping) on a model's training scheduler config."""
-    ddim = make_ddim_scheduler(train_config, num_steps=sampler.num_steps, clip_sample=sampler.clip_sample,
-                               clip_range=sampler.clip_range)
-    return ddim_schedule(ddim)
+    return ddim_schedule(sampler_scheduler(train_config, sampler))

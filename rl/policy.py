@@ -283,8 +283,9 @@ class DiffusionPolicy(nn.Module):
         return copy.deepcopy(self.unet).merge_and_unload()
 
     def save(self, path: str | Path, *, pipeline: bool = True) -> None:
-        """`path/model/`: the (merged) pipeline; LoRA also `path/adapter/` (peft adapter_config.json +
-        adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
+        """`path/model/`: the (merged) UNet as a DDIMPipeline of the trained chain with its sampler.json
+        (ddpm.pipeline.save_pipeline); LoRA also `path/adapter/` (peft, its base UNet's folder recorded: loadable with
+        peft.PeftModel.from_pretrained(base_unet, path/adapter))."""
         path = Path(path)
         if pipeline:
             save_pipeline(self.merged_unet(), self.scheduler, path / "model", sampler=self.sampler,

@@ -23,7 +23,7 @@ from torch import Tensor
 from config import LoRASettings, SamplerConfig
 from ddpm.pipeline import save_sampler_call, save_step_scales
 from ddpm.sampling import Trajectory
-from ddpm.schedulers import make_ddim_scheduler
+from ddpm.schedulers import sampler_scheduler
 from ddpm.stable_diffusion import StableDiffusionParts, decode_latents, encode_prompts, to_channels
 from rl.policy import DiffusionPolicy
 
@@ -126,15 +126,13 @@ class StableDiffusionPolicy(DiffusionPolicy):
             self.unet.save_pretrained(path / "adapter", safe_serialization=True)
             save_diffusers_lora(self.unet, path / "adapter")
         if pipeline:
-            s = self.sampler
-            ddim = make_ddim_scheduler(self.scheduler.config, num_steps=s.num_steps, clip_sample=s.clip_sample,
-                                       clip_range=s.clip_range)
             with atomic_directory(path / "model") as tmp:
                 StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                        unet=self.merged_unet(), scheduler=ddim, safety_checker=None,
+                                        unet=self.merged_unet(), safety_checker=None,
+                                        scheduler=sampler_scheduler(self.scheduler.config, self.sampler),
                                         feature_extractor=None, requires_safety_checker=False
                                         ).save_pretrained(tmp, safe_serialization=True)
-                save_sampler_call(tmp, s, guidance_scale=self.guidance_scale)
+                save_sampler_call(tmp, self.sampler, guidance_scale=self.guidance_scale)
                 if self.log_noise_scale is not None:
                     save_step_scales(tmp, self.step_scales().cpu())
 

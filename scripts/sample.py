@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> None:
         raise CraterdiffError(f"--n must be at least 1, got {args.n}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise CraterdiffError(f"--seed must be 0 to {MAX_SEED}, got {args.seed}")
-    cfg = load_config(args.cfg or PROJECT_ROOT / "configs" / "default.yaml", args.overrides)
+    cfg_path = args.cfg or PROJECT_ROOT / "configs" / "default.yaml"
+    cfg = load_config(cfg_path, args.overrides)
     out = ensure_writable_dir(Path(args.out) if args.out else PROJECT_ROOT / "runs" / "samples", "--out")
     # the heavy modules (torch, diffusers) only now: a bad config or argument is reported before their import
     import torch
 
-    from ddpm.pipeline import load_pipeline, load_sampler_call, load_step_scales
+    from ddpm.pipeline import load_pipeline, load_step_scales, trained_sampler_overrides
     from ddpm.sampling import model_image_batches
     from utils import apply_threads, resolve_device, save_image_grid, save_images, seed_everything
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                      "lower --n or free space")
     device = resolve_device(cfg.device)
     unet.to(device).eval()
-    s = trained_sampler(cfg.sampler, load_sampler_call(model_dir), scheduler.config, args.overrides)
+    # a fine-tuned model's own chain, unless --set says otherwise (later overrides win)
+    s = load_config(cfg_path, [*trained_sampler_overrides(model_dir, scheduler.config), *args.overrides]).sampler
     gen = seed_everything(cfg.seed if args.seed is None else args.seed)
     written, first = 0, []
     for batch in model_image_batches(unet, scheduler.config, s, n=args.n, generator=gen, device=device, progress=True,
@@ -57,20 +59,6 @@ def main(argv: list[str] | None = None) -> None:
         written += batch.shape[0]
     grid = save_image_grid(torch.cat(first), out / "grid.png", scale=2)
     print(f"wrote {args.n} samples and {grid} ({c}x{size}x{size}, {s.num_steps} DDIM steps, eta={s.eta})")
-
-
-def trained_sampler(sampler, call: dict | None, scheduler_config, overrides: list[str]):
-    """`sampler` with the chain a fine-tuned model was trained on, where --set does not give it: steps and eta from
-    its sampler.json `call` (None: a model without one), clipping from its DDIM scheduler's config."""
-    import dataclasses
-
-    if call is None:
-        return sampler
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    trained = {"num_steps": int(call["num_inference_steps"]), "eta": float(call["eta"]),
-               "clip_sample": bool(scheduler_config.clip_sample), "clip_range": float(scheduler_config.clip_sample_range)}
-    return dataclasses.replace(sampler, **{k: v for k, v in trained.items()
-                                           if f"sampler.{k}" not in given and "sampler" not in given})
 
 
 if __name__ == "__main__":

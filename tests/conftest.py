@@ -236,7 +236,7 @@ else:  # a SAC run: the scheduler's own loop, each step's noise times its learne
     images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
 np.save(out, images)
 """
-"""Sampling a fine-tuned RUN/model with diffusers alone, as docs/design.md ("The run directory") shows."""
+"""Sampling a fine-tuned RUN/model with diffusers alone, as docs/design.md ("Config, CLI, run directory") shows."""
 
 
 def assert_plain_diffusers_reproduces_sample(model_dir: Path, tmp: Path, *, n: int = 4, seed: int = 7) -> None:
